@@ -1,0 +1,49 @@
+"""The Python API: ``load``, ``apply_``, ``measure``, ``calibration``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import methods  # noqa: F401  (registers built-in methods)
+from .config import BaseConfig, config_from_dict, lookup
+from .data.calib import Calibration, calibration  # noqa: F401
+from .errors import LeanfmError
+from .measure.run import measure  # noqa: F401
+from .models.load import load  # noqa: F401
+from .recipe import Recipe, load_recipe
+
+
+def _calib_tensor(model: nn.Module, calib):
+    if calib is None or isinstance(calib, torch.Tensor):
+        return calib
+    if isinstance(calib, Calibration):
+        tok = getattr(model, "leanfm_info", {}).get("tokenizer")
+        if tok is None:
+            raise LeanfmError("calibration by dataset name needs the model's tokenizer: load the model with leanfm.load, or pass token ids")
+        return calib.tokens(tok)
+    raise LeanfmError(f"calib must be leanfm.calibration(...) or a LongTensor of token ids, got {type(calib).__name__}")
+
+
+def apply_(model: nn.Module, config: BaseConfig | Recipe | dict | str, calib=None) -> nn.Module:
+    """Apply a technique (config, dict, recipe or recipe name) to ``model`` in place; return it.
+
+    Each applied step is recorded in ``model.leanfm_info["steps"]`` with ``simulated`` and
+    ``kernel``, which the measurement reports as the run's flags.
+    """
+    if isinstance(config, (Recipe, str)):
+        recipe = load_recipe(config)
+        torch.manual_seed(recipe.seed)
+        for step in recipe.steps:
+            apply_(model, step, calib)
+        return model
+    if isinstance(config, dict):
+        config = config_from_dict(config)
+    config.validate()
+    _, handler = lookup(config.method)
+    if config.needs_calibration and calib is None:
+        raise LeanfmError(f"method {config.method} needs calibration data: pass calib=leanfm.calibration(...)")
+    info = handler(model, config, _calib_tensor(model, calib) if config.needs_calibration else None)
+    if not hasattr(model, "leanfm_info"):
+        model.leanfm_info = {"steps": []}
+    model.leanfm_info["steps"].append({**config.to_dict(), **info})
+    return model

@@ -1,0 +1,216 @@
+"""The ``leanfm`` command line. Bad input -> one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import LeanfmError
+
+DEFAULT_RECIPES = ["baseline", "rtn-w8", "rtn-w4", "rtn-w4g64"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage + message)
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _max_tokens(v: str) -> int | None:
+    if v.lower() in ("all", "0"):
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'all', got {v!r}") from None
+
+
+def _groups(v: str) -> list[str]:
+    return [g.strip() for g in v.split(",") if g.strip()]
+
+
+def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> None:
+    g = p.add_argument_group("measurement protocol")
+    g.add_argument("--dataset", default="wikitext2", help="evaluation text: wikitext2, gensim-wiki, or a .txt path")
+    g.add_argument("--split", default="test", help="dataset split (wikitext2: test or valid)")
+    g.add_argument("--data-dir", default=None, help="folder holding wikitext-2/{test,valid}.txt (default $LEANFM_DATA_DIR)")
+    g.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window (default 2048)")
+    g.add_argument("--max-eval-tokens", type=_max_tokens, default=32768, help="evaluate at most this many tokens, or 'all' (default 32768)")
+    g.add_argument("--metrics", type=_groups, action="extend", default=None,
+                   help="metric groups to measure, comma-separated: quality,speed,memory,energy (default all)")
+    g.add_argument("--batch", type=int, default=1, help="decode batch size (default 1)")
+    g.add_argument("--prompt", type=int, default=128, help="prompt tokens for the speed test (default 128)")
+    g.add_argument("--gen", type=int, default=64, help="decode steps per speed repeat (default 64)")
+    g.add_argument("--repeats", type=int, default=5, help="recorded speed repeats (default 5)")
+    g.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up repeats (default 1)")
+    g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, pinned (default: all cores)")
+    g.add_argument("--hardware-profile", default=None, help="YAML with power_w, usd_per_hour, grid_gco2_per_kwh (default: built-in local)")
+
+
+def _add_calib(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration (for methods that need it)")
+    g.add_argument("--calib-dataset", default="gensim-wiki", help="calibration text (default gensim-wiki)")
+    g.add_argument("--calib-samples", type=int, default=128, help="number of calibration windows (default 128)")
+    g.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+
+
+def _protocol(a):
+    from .measure.protocol import GROUPS, Protocol
+
+    return Protocol(dataset=a.dataset, split=a.split, data_dir=a.data_dir, seqlen=a.seqlen, max_eval_tokens=a.max_eval_tokens,
+                    batch=a.batch, prompt=a.prompt, gen=a.gen, repeats=a.repeats, warmup=a.warmup, threads=a.threads,
+                    groups=tuple(a.metrics) if a.metrics else GROUPS)
+
+
+def _calib(a):
+    from .data.calib import calibration
+
+    return calibration(a.calib_dataset, a.calib_samples, a.calib_seqlen, data_dir=a.data_dir)
+
+
+def _default_out(kind: str) -> Path:
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_models(a) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .models.cache import is_cached
+    from .models.registry import ALIASES, DEFAULT_MODEL
+
+    t = Table(title="leanfm models (aliases; any local HF directory or hub id also works)")
+    for col in ("alias", "model", "params", "license", "installed", "cached fp32", "install"):
+        t.add_column(col)
+    for s in ALIASES.values():
+        inst = s.installed()
+        t.add_row(s.alias + (" (default)" if s.alias == DEFAULT_MODEL else ""), s.title, s.params, s.license,
+                  "yes" if inst else "no", "yes" if is_cached(s.alias) else "no", "" if inst else s.install)
+    from rich.console import Console as _C
+
+    _C(width=200).print(t)
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from .bench import bench
+    from .report import print_table, write_report
+
+    out = Path(a.out) if a.out else _default_out("bench")
+    results = bench(a.model, a.recipe or DEFAULT_RECIPES, _protocol(a), out, calib=_calib(a), profile_path=a.hardware_profile)
+    print_table(results)
+    report = write_report(results, out)
+    print(f"results: {out / 'results.json'}\nreport:  {report}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .bench import bench
+    from .report import print_table, write_report
+
+    out = Path(a.out) if a.out else _default_out("eval")
+    results = bench(a.model, ["baseline"], _protocol(a), out, profile_path=a.hardware_profile)
+    print_table(results)
+    print(f"results: {out / 'results.json'}\nreport:  {write_report(results, out)}")
+    return 0
+
+
+def cmd_compress(a) -> int:
+    import torch
+
+    from .api import apply_, load
+    from .recipe import load_recipe
+
+    recipe = load_recipe(a.recipe)
+    out = Path(a.out)
+    torch.set_num_threads(a.threads)
+    model, tok = load(a.model)
+    needs = any(s.needs_calibration for s in recipe.steps)
+    calib = dataclasses.replace(_calib(a), seed=recipe.seed).tokens(tok) if needs else None
+    apply_(model, recipe, calib=calib)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    recipe.save(out / "recipe.yaml")
+    steps = [{k: v for k, v in s.items()} for s in model.leanfm_info["steps"]]
+    simulated = any(s.get("simulated") for s in steps)
+    print(f"saved {recipe.name} of {a.model} to {out}" + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else ""))
+    return 0
+
+
+def cmd_report(a) -> int:
+    from . import results as res
+    from .report import print_table, write_report
+
+    data = res.read(a.dir)
+    print_table(data)
+    print(f"report: {write_report(data, a.dir)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .models.registry import DEFAULT_MODEL
+
+    p = _Parser(prog="leanfm", description="Make foundation models resource-efficient and prove it with measurements.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("models", help="list model aliases, their size, license and install state")
+    s.set_defaults(fn=cmd_models)
+
+    s = sub.add_parser("bench", help="apply recipes and measure each against the baseline (the main job)")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local HF directory or hub id (default {DEFAULT_MODEL})")
+    s.add_argument("--recipe", action="append", help=f"built-in name or YAML path; repeatable (default: {' '.join(DEFAULT_RECIPES)})")
+    s.add_argument("--out", default=None, help="output directory (default runs/bench-<timestamp>)")
+    _add_protocol(s)
+    _add_calib(s)
+    s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("eval", help="measure an existing checkpoint (no recipe applied)")
+    s.add_argument("--model", required=True, help="checkpoint directory, alias or hub id")
+    s.add_argument("--out", default=None, help="output directory (default runs/eval-<timestamp>)")
+    _add_protocol(s)
+    s.set_defaults(fn=cmd_eval)
+
+    s = sub.add_parser("compress", help="apply a recipe and save a checkpoint that loads in plain transformers")
+    s.add_argument("--model", required=True, help="alias, local HF directory or hub id")
+    s.add_argument("--recipe", required=True, help="built-in name or YAML path")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    s.add_argument("--data-dir", default=None, help="folder holding local datasets (default $LEANFM_DATA_DIR)")
+    _add_calib(s)
+    s.set_defaults(fn=cmd_compress)
+
+    s = sub.add_parser("report", help="(re)build report.html from a results directory")
+    s.add_argument("dir", help="directory holding results.json")
+    s.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from . import methods  # noqa: F401  (register built-in methods)
+
+        return args.fn(args)
+    except LeanfmError as e:
+        sys.stderr.write(f"leanfm: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("leanfm: interrupted\n")
+        return 130
+    except MemoryError:
+        sys.stderr.write("leanfm: error: out of memory; lower --batch/--seqlen/--max-eval-tokens or use a smaller model\n")
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug: one line unless debugging
+        if os.environ.get("LEANFM_DEBUG"):
+            raise
+        sys.stderr.write(f"leanfm: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (set LEANFM_DEBUG=1 for the traceback)\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Seeded calibration sampler: ``n`` random windows of ``seqlen`` tokens from a corpus.
+
+As in the GPTQ reference code, the corpus is tokenized once and window starts are drawn
+uniformly; here the draw uses its own ``torch.Generator`` so global RNG state is untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import LeanfmError
+from .text import load_text
+
+
+@dataclass
+class Calibration:
+    """A calibration request; ``tokens(tokenizer)`` materializes the ``[n, seqlen]`` ids."""
+
+    dataset: str = "gensim-wiki"
+    n: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    data_dir: str | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def describe(self) -> dict:
+        return {"dataset": self.dataset, "n": self.n, "seqlen": self.seqlen, "seed": self.seed}
+
+    def tokens(self, tokenizer) -> torch.Tensor:
+        key = (getattr(tokenizer, "name_or_path", id(tokenizer)), self.dataset, self.n, self.seqlen, self.seed)
+        if key not in self._cache:
+            self._cache[key] = sample_windows(
+                encode(tokenizer, load_text(self.dataset, "test", self.data_dir)), self.n, self.seqlen, self.seed, self.dataset
+            )
+        return self._cache[key]
+
+
+def calibration(dataset: str = "gensim-wiki", n: int = 128, seqlen: int = 2048, seed: int = 0, data_dir: str | None = None) -> Calibration:
+    if n < 1 or seqlen < 2:
+        raise LeanfmError(f"calibration needs n >= 1 samples of seqlen >= 2 tokens (got n={n}, seqlen={seqlen})")
+    return Calibration(dataset, n, seqlen, seed, data_dir)
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize a whole corpus once, without special tokens (the protocol adds BOS itself)."""
+    from transformers.utils import logging as hf_logging
+
+    prev = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # silence "sequence longer than max length": we window it
+    try:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    finally:
+        hf_logging.set_verbosity(prev)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int, name: str = "corpus") -> torch.Tensor:
+    if ids.numel() <= seqlen:
+        raise LeanfmError(f"calibration corpus {name} has {ids.numel()} tokens, fewer than one window of {seqlen}; use a larger corpus or a smaller --calib-seqlen")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

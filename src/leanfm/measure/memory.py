@@ -1,0 +1,84 @@
+"""Memory metrics: bytes really held by the weights, checkpoint size, peak RSS, KV cache."""
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+
+import torch
+from torch import nn
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers as stored now (shared/tied storage counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def model_size_on_disk_bytes(model: nn.Module) -> int:
+    """Size of the model's safetensors file, written for real to a temporary directory."""
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory(prefix="leanfm-size-") as d:
+        path = os.path.join(d, "model.safetensors")
+        save_model(model, path)
+        return os.path.getsize(path)
+
+
+def tensor_bytes(obj, _seen=None) -> int:
+    """Bytes of every tensor reachable from ``obj`` (a transformers Cache, list, dict...)."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple, set)):
+        return sum(tensor_bytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(o, seen) for o in obj.values())
+    if hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        return sum(tensor_bytes(o, seen) for o in vars(obj).values())
+    return 0
+
+
+class PeakRSS:
+    """Peak resident set size over a block: resets the kernel's high-water mark when allowed.
+
+    Linux resets ``VmHWM`` on ``echo 5 > /proc/self/clear_refs``; elsewhere (or if denied) the
+    process-lifetime peak from ``getrusage`` is used and ``scope`` says so.
+    """
+
+    def __enter__(self):
+        self.scope = "process-lifetime"
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.scope = "measured-block"
+        except OSError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.bytes = _vm_hwm() if self.scope == "measured-block" else None
+        if self.bytes is None:
+            self.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.scope = "process-lifetime"
+        return False
+
+
+def _vm_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

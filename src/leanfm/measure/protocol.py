@@ -1,0 +1,51 @@
+"""The fixed, documented measurement settings shared by ``measure`` and ``bench``."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import LeanfmError
+
+GROUPS = ("quality", "speed", "memory", "energy")
+
+
+@dataclass
+class Protocol:
+    """Measurement settings; the defaults are the documented protocol (docs/results-schema.md).
+
+    quality: ``seqlen`` tokens per window (BOS included where the model needs it), at most
+    ``max_eval_tokens`` text tokens (None = the whole split). speed: batch ``batch``, a prompt of
+    ``prompt`` tokens, ``gen`` greedy decode steps with the KV cache, ``warmup`` unrecorded
+    repeats then ``repeats`` recorded ones, on ``threads`` torch threads.
+    """
+
+    dataset: str = "wikitext2"
+    split: str = "test"
+    data_dir: str | None = None
+    seqlen: int = 2048
+    max_eval_tokens: int | None = None
+    batch: int = 1
+    prompt: int = 128
+    gen: int = 64
+    repeats: int = 5
+    warmup: int = 1
+    threads: int = 2
+    groups: tuple[str, ...] = GROUPS
+
+    def validate(self) -> None:
+        bad = [g for g in self.groups if g not in GROUPS]
+        if bad:
+            raise LeanfmError(f"unknown metric group '{bad[0]}'; choose from: {', '.join(GROUPS)}")
+        for name in ("seqlen", "batch", "prompt", "gen", "repeats", "threads"):
+            if getattr(self, name) < 1:
+                raise LeanfmError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.seqlen < 2:
+            raise LeanfmError("--seqlen must be at least 2")
+        if self.max_eval_tokens is not None and self.max_eval_tokens < 1:
+            raise LeanfmError(f"--max-eval-tokens must be positive (got {self.max_eval_tokens})")
+        if self.warmup < 0:
+            raise LeanfmError("--warmup must be 0 or more")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["groups"] = list(self.groups)
+        return d

@@ -1,0 +1,91 @@
+"""``measure``: run the protocol's metric groups on one model and return metrics + details."""
+from __future__ import annotations
+
+import torch
+
+from ..data.calib import encode
+from ..data.text import load_text
+from ..models.family import needs_bos
+from . import memory as mem
+from .cost import cost_metrics, load_profile
+from .energy import EnergyMeter
+from .flops import flops_per_token
+from .protocol import Protocol
+from .quality import evaluate, make_windows
+from .speed import decode_benchmark
+
+
+def eval_ids(tok, protocol: Protocol) -> torch.Tensor:
+    """The evaluation corpus tokenized once (reuse it across runs of one invocation)."""
+    return encode(tok, load_text(protocol.dataset, protocol.split, protocol.data_dir))
+
+
+def flags(model) -> dict:
+    """``simulated`` and ``kernel`` from the steps applied to the model."""
+    steps = getattr(model, "leanfm_info", {}).get("steps", [])
+    kernels = [s["kernel"] for s in steps if s.get("kernel")]
+    return {
+        "simulated": any(s.get("simulated") for s in steps),
+        "kernel": kernels[-1] if kernels else "torch-dense-fp32",
+    }
+
+
+def _prompt(ids: torch.Tensor, protocol: Protocol) -> torch.Tensor:
+    """Real text as the prompt: ``batch`` different slices of the evaluation corpus."""
+    need = protocol.batch * protocol.prompt
+    reps = -(-need // ids.numel())
+    src = ids.repeat(reps) if reps > 1 else ids
+    return src[:need].view(protocol.batch, protocol.prompt)
+
+
+def measure(model, tok, protocol: Protocol | None = None, reference=None, profile: dict | None = None,
+            ids: torch.Tensor | None = None) -> dict:
+    """Measure ``model`` under ``protocol``; returns ``{"metrics", "details", "flags"}``.
+
+    ``reference``: the unmodified model, for ``top1_agreement`` / ``kl_to_baseline``.
+    ``ids``: the pre-tokenized evaluation corpus (else it is loaded and tokenized here).
+    """
+    protocol = protocol or Protocol()
+    protocol.validate()
+    profile = profile or load_profile()
+    torch.set_num_threads(protocol.threads)
+    ids = eval_ids(tok, protocol) if ids is None else ids
+    groups = set(protocol.groups)
+    metrics: dict = {}
+    details: dict = {"protocol": protocol.to_dict(), "hardware_profile": profile.get("source")}
+
+    if groups & {"speed", "memory", "energy"}:
+        meter = EnergyMeter(profile["power_w"])
+        with mem.PeakRSS() as peak:
+            meter.begin()
+            sp = decode_benchmark(model, _prompt(ids, protocol), protocol.gen, protocol.repeats, protocol.warmup,
+                                  on_timed=meter.add)
+        context = protocol.prompt + (protocol.gen + 1) / 2
+        if "speed" in groups:
+            metrics.update(sp["metrics"])
+            details.update(sp["details"])
+            metrics["flops_per_token"] = flops_per_token(model, context)
+        if "memory" in groups:
+            metrics["kv_cache_bytes"] = mem.tensor_bytes(sp["cache"])
+            metrics["peak_rss_bytes"] = peak.bytes
+            details["peak_rss_scope"] = peak.scope
+        if "energy" in groups:
+            metrics.update(meter.metrics())
+            metrics.update(cost_metrics(sp["metrics"]["decode_tokens_per_s"], metrics.get("energy_j_per_token"), profile))
+        del sp
+    if "memory" in groups:
+        metrics["weight_bytes"] = mem.weight_bytes(model)
+        metrics["model_size_on_disk_bytes"] = mem.model_size_on_disk_bytes(model)
+    if "quality" in groups:
+        bos = tok.bos_token_id if needs_bos(model) else None
+        if needs_bos(model) and bos is None:
+            from ..errors import LeanfmError
+
+            raise LeanfmError("this model needs a BOS token per window but its tokenizer defines none")
+        windows = make_windows(ids, protocol.seqlen, protocol.max_eval_tokens, bos)
+        q = evaluate(model, windows, reference=reference)
+        details["eval_windows"] = q.pop("eval_windows")
+        details["nll_per_token"] = q.pop("nll_per_token")
+        details["bos_per_window"] = bos is not None
+        metrics.update(q)
+    return {"metrics": metrics, "details": details, "flags": flags(model)}

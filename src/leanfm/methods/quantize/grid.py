@@ -1,0 +1,110 @@
+"""Uniform integer quantization grids: the pure tensor math shared by RTN (and later GPTQ/AWQ).
+
+A weight matrix ``W`` of shape ``[out, in]`` is split along ``in`` into groups of ``group_size``
+columns (``None`` = one group per output channel, "per-channel"). Each (row, group) gets a scale
+``s`` and an integer zero point ``z``; codes are ``q = clamp(round(w / s) + z, 0, 2^b - 1)`` and
+the dequantized value is ``s * (q - z)``.
+
+Conventions follow the GPTQ reference quantizer (Frantar et al., 2023, and its code):
+- asymmetric: the range ``[min(w, 0), max(w, 0)]`` is mapped onto ``[0, 2^b - 1]``;
+  ``s = (max - min) / (2^b - 1)``, ``z = round(-min / s)``.
+- symmetric: ``max = max|w|``, ``min = -max``, and ``z = 2^(b-1)`` (the grid's midpoint), so zero
+  is exactly representable and only ``s`` needs storing.
+An all-zero group gets the range [-1, 1] so its scale is never 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ...errors import LeanfmError
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes plus per-(row, group) scale and zero point."""
+
+    codes: torch.Tensor  # uint8 [out, in]
+    scale: torch.Tensor  # float32 [out, n_groups]
+    zero: torch.Tensor  # float32 [out, n_groups] (integer-valued)
+    bits: int
+    group_size: int  # columns per group (== in_features for per-channel)
+
+
+def check_bits(bits: int, lo: int = 2, hi: int = 8) -> None:
+    if not isinstance(bits, int) or not lo <= bits <= hi:
+        raise LeanfmError(f"bits={bits} is not supported; use an integer from {lo} to {hi}")
+
+
+def resolve_group_size(in_features: int, group_size: int | None, layer: str = "weight") -> int:
+    """Return the effective group size, or raise naming the layer and a valid divisor."""
+    if group_size is None or group_size == -1:
+        return in_features
+    if group_size <= 0:
+        raise LeanfmError(f"group_size={group_size} must be positive (or null for per-channel)")
+    if in_features % group_size:
+        divs = [d for d in range(8, in_features + 1) if in_features % d == 0 and d % 8 == 0]
+        near = sorted(divs, key=lambda d: (abs(d - group_size), d))[:2]
+        hint = " or ".join(str(d) for d in sorted(near)) if near else "null (per-channel)"
+        raise LeanfmError(
+            f"group_size {group_size} does not divide in_features {in_features} of layer {layer}; "
+            f"use a divisor such as {hint}"
+        )
+    return group_size
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out, inf = w.shape
+    return w.reshape(out, inf // group_size, group_size)
+
+
+def choose_qparams(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per (row, group) for a 2-D weight; shapes ``[out, in // group_size]``."""
+    g = _grouped(w.float(), group_size)
+    maxq = 2**bits - 1
+    xmin = g.amin(dim=-1).clamp(max=0)
+    xmax = g.amax(dim=-1).clamp(min=0)
+    if symmetric:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
+    scale = (xmax - xmin) / maxq
+    if symmetric:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Integer codes (uint8) of ``w`` on the given grid."""
+    g = _grouped(w.float(), group_size)
+    q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 2**bits - 1)
+    return q.reshape(w.shape).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Float32 weight ``s * (q - z)`` from codes and per-group parameters."""
+    g = _grouped(codes.float(), group_size)
+    return ((g - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(codes.shape)
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True) -> QuantizedWeight:
+    """Round-to-nearest quantization of a 2-D weight (no calibration data)."""
+    check_bits(bits)
+    if w.dim() != 2:
+        raise LeanfmError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    gs = resolve_group_size(w.shape[1], group_size)
+    scale, zero = choose_qparams(w, bits, gs, symmetric)
+    return QuantizedWeight(quantize(w, scale, zero, bits, gs), scale, zero, bits, gs)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True) -> torch.Tensor:
+    """``dequantize(rtn_quantize(w))`` in the weight's dtype: the values a real kernel would use."""
+    qw = rtn_quantize(w, bits, group_size, symmetric)
+    return dequantize(qw.codes, qw.scale, qw.zero, qw.group_size).to(w.dtype)

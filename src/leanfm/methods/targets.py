@@ -1,0 +1,23 @@
+"""Which modules a technique touches: a generic walk over a model's ``nn.Linear`` layers.
+
+No per-family code: any decoder that uses ``nn.Linear`` projections is covered. ``skip`` holds
+name patterns (fnmatch-style, matched against the last name component and the full name).
+"""
+from __future__ import annotations
+
+from fnmatch import fnmatch
+from typing import Iterator, Sequence
+
+from torch import nn
+
+
+def _skipped(name: str, skip: Sequence[str]) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return any(fnmatch(name, p) or fnmatch(leaf, p) for p in skip)
+
+
+def iter_linears(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> Iterator[tuple[str, nn.Linear]]:
+    """Yield ``(qualified_name, module)`` for each ``nn.Linear`` not matched by ``skip``."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and not _skipped(name, skip):
+            yield name, mod

