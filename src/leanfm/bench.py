@@ -58,6 +58,9 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
     model, tok = load(model_name)
     if protocol.seqlen > max_context(model):
         raise LeanfmError(f"--seqlen {protocol.seqlen} exceeds the model's context of {max_context(model)} tokens; lower --seqlen")
+    for r in recipes:  # fail on an impossible recipe before measuring anything
+        for step in r.steps:
+            step.check_model(model)
     ids = eval_ids(tok, protocol)
     speed_groups = tuple(g for g in protocol.groups if g != "quality")
     for i, recipe in enumerate(recipes):

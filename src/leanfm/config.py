@@ -23,6 +23,9 @@ class BaseConfig:
     def validate(self) -> None:  # pragma: no cover - default accepts everything
         """Raise LeanfmError if the parameters are inconsistent."""
 
+    def check_model(self, model) -> None:
+        """Raise LeanfmError if this config cannot apply to ``model`` (checked before any work)."""
+
     def to_dict(self) -> dict[str, Any]:
         d = {"method": self.method}
         for f in dataclasses.fields(self):

@@ -38,6 +38,9 @@ def build_cache(spec: ModelSpec) -> Path:
     if is_cached(spec.alias):
         return dest
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # the one slow step: let transformers show its GGUF progress
 
     work = cache_root() / "assemble" / spec.alias
     path = gguf_path(spec, work)

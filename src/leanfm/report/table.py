@@ -8,7 +8,7 @@ from .columns import COLUMNS, cell, flag_text
 
 
 def print_table(results: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 200))
     env = results.get("environment", {})
     title = f"leanfm bench · {results.get('model', '')} · {results.get('protocol', {}).get('dataset', '')} · {env.get('threads')} threads"
     t = Table(title=title, show_lines=False)

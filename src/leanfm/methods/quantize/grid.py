@@ -37,6 +37,14 @@ def check_bits(bits: int, lo: int = 2, hi: int = 8) -> None:
         raise LeanfmError(f"bits={bits} is not supported; use an integer from {lo} to {hi}")
 
 
+def _suggest_divisors(n: int, g: int) -> str:
+    """Nearest kernel-friendly divisors of ``n`` around ``g``: a power of two below, a multiple of 32 above."""
+    below = [d for d in (2**k for k in range(3, 16)) if d < g and n % d == 0]
+    above = [d for d in range(32, n + 1, 32) if d > g and n % d == 0]
+    picks = ([below[-1]] if below else []) + ([above[0]] if above else [])
+    return " or ".join(map(str, picks)) if picks else "null (per-channel)"
+
+
 def resolve_group_size(in_features: int, group_size: int | None, layer: str = "weight") -> int:
     """Return the effective group size, or raise naming the layer and a valid divisor."""
     if group_size is None or group_size == -1:
@@ -44,12 +52,9 @@ def resolve_group_size(in_features: int, group_size: int | None, layer: str = "w
     if group_size <= 0:
         raise LeanfmError(f"group_size={group_size} must be positive (or null for per-channel)")
     if in_features % group_size:
-        divs = [d for d in range(8, in_features + 1) if in_features % d == 0 and d % 8 == 0]
-        near = sorted(divs, key=lambda d: (abs(d - group_size), d))[:2]
-        hint = " or ".join(str(d) for d in sorted(near)) if near else "null (per-channel)"
         raise LeanfmError(
             f"group_size {group_size} does not divide in_features {in_features} of layer {layer}; "
-            f"use a divisor such as {hint}"
+            f"use a divisor such as {_suggest_divisors(in_features, group_size)}"
         )
     return group_size
 

@@ -37,15 +37,18 @@ class RTNConfig(BaseConfig):
         if self.group_size is not None and self.group_size != -1 and self.group_size <= 0:
             raise LeanfmError(f"group_size={self.group_size} must be positive (or null for per-channel)")
 
+    def check_model(self, model: nn.Module) -> None:
+        layers = list(iter_linears(model, self.skip))
+        if not layers:
+            raise LeanfmError("rtn found no nn.Linear layers to quantize (check 'skip')")
+        for name, mod in layers:
+            resolve_group_size(mod.in_features, self.group_size, name)
+
 
 @register(RTNConfig)
 def apply_rtn(model: nn.Module, cfg: RTNConfig, calib=None) -> dict:
+    cfg.check_model(model)  # every layer is validated before any is touched
     layers = list(iter_linears(model, cfg.skip))
-    if not layers:
-        raise LeanfmError("rtn found no nn.Linear layers to quantize (check 'skip')")
-    # Validate every layer before touching any, so a bad group size leaves the model intact.
-    for name, mod in layers:
-        resolve_group_size(mod.in_features, cfg.group_size, name)
     with torch.no_grad():
         for _, mod in layers:
             mod.weight.copy_(fake_quantize(mod.weight, cfg.bits, cfg.group_size, cfg.symmetric))

