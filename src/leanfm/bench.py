@@ -21,6 +21,7 @@ from .errors import LeanfmError
 from .measure.cost import load_profile
 from .measure.environment import environment
 from .measure.protocol import Protocol
+from .measure.quality import make_windows
 from .measure.run import eval_ids, measure
 from .models.family import max_context
 from .models.load import load
@@ -62,6 +63,8 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
         for step in r.steps:
             step.check_model(model)
     ids = eval_ids(tok, protocol)
+    if "quality" in protocol.groups:  # a too-small --max-eval-tokens fails now, not after the speed runs
+        make_windows(ids, protocol.seqlen, protocol.max_eval_tokens, None)
     speed_groups = tuple(g for g in protocol.groups if g != "quality")
     for i, recipe in enumerate(recipes):
         run = {"id": i, "model": model_name, "recipe": recipe.to_dict(), "status": "running"}

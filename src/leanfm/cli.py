@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import LeanfmError
 
-DEFAULT_RECIPES = ["baseline", "rtn-w8", "rtn-w4", "rtn-w4g64"]
+DEFAULT_RECIPES = ["baseline", "rtn-w8", "rtn-w4g64"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +38,7 @@ def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> Non
     g.add_argument("--split", default="test", help="dataset split (wikitext2: test or valid)")
     g.add_argument("--data-dir", default=None, help="folder holding wikitext-2/{test,valid}.txt (default $LEANFM_DATA_DIR)")
     g.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window (default 2048)")
-    g.add_argument("--max-eval-tokens", type=_max_tokens, default=32768, help="evaluate at most this many tokens, or 'all' (default 32768)")
+    g.add_argument("--max-eval-tokens", type=_max_tokens, default=16384, help="evaluate at most this many tokens, or all (default 16384)")
     g.add_argument("--metrics", type=_groups, action="extend", default=None,
                    help="metric groups to measure, comma-separated: quality,speed,memory,energy (default all)")
     g.add_argument("--batch", type=int, default=1, help="decode batch size (default 1)")

