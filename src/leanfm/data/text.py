@@ -58,7 +58,7 @@ def _wikitext2(split: str, ddir: Path | None) -> str:
 def _gensim_wiki() -> str:
     from ..models.cache import cache_root
 
-    cached = cache_root() / "data" / "gensim-wiki.txt"
+    cached = cache_root() / "data" / "gensim-wiki-v1.txt"  # bump when the cleaning changes
     if cached.exists():
         return cached.read_text(encoding="utf-8")
     try:
@@ -73,7 +73,7 @@ def _gensim_wiki() -> str:
         for title, text, _pageid in extract_pages(f):
             if not text or text.lower().startswith("#redirect"):
                 continue
-            clean = filter_wiki(text)
+            clean = re.sub(r"'{2,}", "", filter_wiki(text))  # bold/italic quote markup survives filter_wiki
             clean = re.sub(r"\n{3,}", "\n\n", clean).strip()
             if len(clean) > 200:
                 articles.append(f"{title}\n\n{clean}")
