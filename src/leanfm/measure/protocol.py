@@ -25,8 +25,8 @@ class Protocol:
     max_eval_tokens: int | None = None
     batch: int = 1
     prompt: int = 128
-    gen: int = 64
-    repeats: int = 5
+    gen: int = 32
+    repeats: int = 10
     warmup: int = 1
     threads: int = 2
     groups: tuple[str, ...] = GROUPS
