@@ -42,7 +42,7 @@ def _oom(e: BaseException) -> bool:
 
 
 def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol, out: str | Path,
-          calib: Calibration | None = None, profile_path: str | None = None, on_run=None) -> dict:
+          calib: Calibration | None = None, profile_path: str | None = None) -> dict:
     protocol.validate()
     recipes = order_recipes(recipe_names)
     profile = load_profile(profile_path)
@@ -103,8 +103,6 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
                 raise LeanfmError(f"{e} (runs so far saved in {out}/results.json)") from None
             raise
         write(results, out)
-        if on_run:
-            on_run(run)
         del model
         gc.collect()
     results["environment"]["load_average_after"] = list(os.getloadavg())

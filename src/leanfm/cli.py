@@ -89,9 +89,7 @@ def cmd_models(a) -> int:
         inst = s.installed()
         t.add_row(s.alias + (" (default)" if s.alias == DEFAULT_MODEL else ""), s.title, s.params, s.license,
                   "yes" if inst else "no", "yes" if is_cached(s.alias) else "no", "" if inst else s.install)
-    from rich.console import Console as _C
-
-    _C(width=200).print(t)
+    Console(width=200).print(t)
     return 0
 
 
@@ -135,8 +133,7 @@ def cmd_compress(a) -> int:
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     recipe.save(out / "recipe.yaml")
-    steps = [{k: v for k, v in s.items()} for s in model.leanfm_info["steps"]]
-    simulated = any(s.get("simulated") for s in steps)
+    simulated = any(s.get("simulated") for s in model.leanfm_info["steps"])
     print(f"saved {recipe.name} of {a.model} to {out}" + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else ""))
     return 0
 

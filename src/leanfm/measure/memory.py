@@ -56,6 +56,7 @@ class PeakRSS:
     """
 
     def __enter__(self):
+        _release_free_heap()
         self.scope = "process-lifetime"
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -71,6 +72,18 @@ class PeakRSS:
             self.bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             self.scope = "process-lifetime"
         return False
+
+
+def _release_free_heap() -> None:
+    """Return memory freed by earlier runs to the OS (glibc keeps it mapped), so the peak reflects this run."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _vm_hwm() -> int | None:

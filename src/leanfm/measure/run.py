@@ -5,6 +5,7 @@ import torch
 
 from ..data.calib import encode
 from ..data.text import load_text
+from ..errors import LeanfmError
 from ..models.family import needs_bos
 from . import memory as mem
 from .cost import cost_metrics, load_profile
@@ -79,8 +80,6 @@ def measure(model, tok, protocol: Protocol | None = None, reference=None, profil
     if "quality" in groups:
         bos = tok.bos_token_id if needs_bos(model) else None
         if needs_bos(model) and bos is None:
-            from ..errors import LeanfmError
-
             raise LeanfmError("this model needs a BOS token per window but its tokenizer defines none")
         windows = make_windows(ids, protocol.seqlen, protocol.max_eval_tokens, bos)
         q = evaluate(model, windows, reference=reference)
