@@ -28,13 +28,17 @@ def _scatter(runs: list[dict], xkey: str, xlabel: str, scale: float = 1.0) -> st
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    for x, y, r in pts:
+    for k, (x, y, r) in enumerate(pts):
         sim = (r.get("flags") or {}).get("simulated")
+        d = r.get("details") or {}
+        if f"{xkey}_min" in d:  # spread over repeats, so noise is visible next to the median
+            ax.errorbar([x], [y], xerr=[[x - d[f"{xkey}_min"] / scale], [d[f"{xkey}_max"] / scale - x]], color="tab:blue", alpha=0.4)
         ax.scatter([x], [y], s=60, facecolors="none" if sim else "tab:blue", edgecolors="tab:blue")
-        ax.annotate(r["recipe"]["name"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # stagger labels so coinciding points stay readable
+        ax.annotate(r["recipe"]["name"], (x, y), textcoords="offset points", xytext=(5, 4 - 11 * (k % 3)), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(f"perplexity vs {xlabel}  (hollow = simulated)", fontsize=9)
+    ax.set_title(f"perplexity vs {xlabel}  (hollow = simulated; bars = min-max over repeats)", fontsize=9)
     ax.grid(alpha=0.3)
     buf = io.BytesIO()
     fig.tight_layout()
