@@ -123,3 +123,9 @@ def test_max_eval_tokens_smaller_than_window(tiny_model_dir, tiny_text, tmp_path
 def test_other_bad_input(args, needle, capsys):
     code, _, err = run_cli(args, capsys)
     assert_one_line_error(code, err, needle)
+
+
+def test_seqlen_beyond_model_context(tiny_model_dir, tiny_text, tmp_path, capsys):
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--seqlen", "4096",
+                            "--out", str(tmp_path / "o")], capsys)
+    assert_one_line_error(code, err, "--seqlen 4096 exceeds the model's context of 512 tokens")

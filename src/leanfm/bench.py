@@ -22,8 +22,7 @@ from .measure.cost import load_profile
 from .measure.environment import environment
 from .measure.protocol import Protocol
 from .measure.quality import make_windows
-from .measure.run import eval_ids, measure
-from .models.family import max_context
+from .measure.run import check_seqlen, eval_ids, measure
 from .models.load import load
 from .recipe import Recipe, load_recipe
 from .results import add_relative_metrics, new_results, write
@@ -57,8 +56,7 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
         r.save(out / "recipes" / f"{r.name}.yaml")
 
     model, tok = load(model_name)
-    if protocol.seqlen > max_context(model):
-        raise LeanfmError(f"--seqlen {protocol.seqlen} exceeds the model's context of {max_context(model)} tokens; lower --seqlen")
+    check_seqlen(model, protocol)
     for r in recipes:  # fail on an impossible recipe before measuring anything
         for step in r.steps:
             step.check_model(model)

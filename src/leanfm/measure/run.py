@@ -6,7 +6,7 @@ import torch
 from ..data.calib import encode
 from ..data.text import load_text
 from ..errors import LeanfmError
-from ..models.family import needs_bos
+from ..models.family import max_context, needs_bos
 from . import memory as mem
 from .cost import cost_metrics, load_profile
 from .energy import EnergyMeter
@@ -19,6 +19,11 @@ from .speed import decode_benchmark
 def eval_ids(tok, protocol: Protocol) -> torch.Tensor:
     """The evaluation corpus tokenized once (reuse it across runs of one invocation)."""
     return encode(tok, load_text(protocol.dataset, protocol.split, protocol.data_dir))
+
+
+def check_seqlen(model, protocol: Protocol) -> None:
+    if "quality" in protocol.groups and protocol.seqlen > max_context(model):
+        raise LeanfmError(f"--seqlen {protocol.seqlen} exceeds the model's context of {max_context(model)} tokens; lower --seqlen")
 
 
 def flags(model) -> dict:
@@ -48,6 +53,7 @@ def measure(model, tok, protocol: Protocol | None = None, reference=None, profil
     """
     protocol = protocol or Protocol()
     protocol.validate()
+    check_seqlen(model, protocol)
     profile = profile or load_profile()
     torch.set_num_threads(protocol.threads)
     ids = eval_ids(tok, protocol) if ids is None else ids
