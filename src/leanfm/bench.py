@@ -72,11 +72,9 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
             if i > 0:
                 model, _ = load(model_name)
             t0 = time.perf_counter()
-            needs_calib = any(s.needs_calibration for s in recipe.steps)
-            calib_ids = calib.tokens(tok) if needs_calib else None
+            calib_ids, run["calibration"] = recipe.calibration(calib, tok)
             apply_(model, recipe, calib=calib_ids)
             run["apply_seconds"] = round(time.perf_counter() - t0, 3)
-            run["calibration"] = calib.describe() if needs_calib else None
             res = {"metrics": {}, "details": {}, "flags": {}}
             if speed_groups:
                 res = measure(model, tok, dataclasses.replace(protocol, groups=speed_groups), profile=profile, ids=ids)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -126,9 +125,7 @@ def cmd_compress(a) -> int:
     out = Path(a.out)
     torch.set_num_threads(a.threads)
     model, tok = load(a.model)
-    needs = any(s.needs_calibration for s in recipe.steps)
-    calib = dataclasses.replace(_calib(a), seed=recipe.seed).tokens(tok) if needs else None
-    apply_(model, recipe, calib=calib)
+    apply_(model, recipe, calib=recipe.calibration(_calib(a), tok)[0])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))

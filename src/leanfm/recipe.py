@@ -11,6 +11,7 @@ argument is read as a path. Every error names the file and line.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,13 @@ class Recipe:
     steps: list[BaseConfig] = field(default_factory=list)
     description: str = ""
     source: str = ""
+
+    def calibration(self, calib, tokenizer):
+        """``(token ids, description)`` drawn with the recipe's seed; ``(None, None)`` if no step needs calibration."""
+        if not any(s.needs_calibration for s in self.steps):
+            return None, None
+        seeded = dataclasses.replace(calib, seed=self.seed)
+        return seeded.tokens(tokenizer), seeded.describe()
 
     def to_dict(self) -> dict:
         d = {"name": self.name, "seed": self.seed, "steps": [s.to_dict() for s in self.steps]}

@@ -35,9 +35,7 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
     name = str(name_or_path)
     if name in ALIASES:
         spec = ALIASES[name]
-        missing = spec.missing_packages()
-        if missing:
-            raise LeanfmError(f"model '{name}' is not installed (missing {missing[0]}); install it with: {spec.install}")
+        spec.require_installed()
         path, source = str(build_cache(spec)), "packaged"
     elif os.path.isdir(name):
         if not (Path(name) / "config.json").exists():

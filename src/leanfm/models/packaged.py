@@ -44,16 +44,14 @@ def _concat(parts: list[Path], dest: Path) -> None:
 
 def gguf_path(spec: ModelSpec, workdir: Path) -> Path:
     """Return the path of the model's single GGUF file, assembling it into ``workdir`` if split."""
-    missing = spec.missing_packages()
-    if missing:
-        raise LeanfmError(f"model '{spec.alias}' is not installed (missing {missing[0]}); install it with: {spec.install}")
-    workdir.mkdir(parents=True, exist_ok=True)
-    dest = workdir / spec.gguf_name
+    spec.require_installed()
     if spec.layout == "file":
         direct = _package_dir(spec.packages[0]) / spec.gguf_name
         if not direct.exists():
             raise LeanfmError(f"{direct} is missing; reinstall with: {spec.install}")
         return direct
+    workdir.mkdir(parents=True, exist_ok=True)
+    dest = workdir / spec.gguf_name
     if spec.layout == "assemble":
         # The package joins its chunk packages itself and checks their sha256.
         mod = importlib.import_module(spec.packages[0])

