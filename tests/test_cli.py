@@ -33,11 +33,12 @@ def test_bench_tiny_end_to_end(tiny_model_dir, tiny_text, tmp_path, capsys):
     assert res["schema_version"] == "1.0"
     assert [r["recipe"]["name"] for r in res["runs"]] == ["baseline", "rtn-w4"]
     base, w4 = res["runs"]
-    assert base["flags"]["simulated"] is False and w4["flags"]["simulated"] is True
+    assert base["flags"]["simulated"] is False and w4["flags"]["simulated"] is False
+    assert "tinygemm-int4" in w4["flags"]["kernel"]
     assert w4["metrics"]["perplexity"] != base["metrics"]["perplexity"]
     assert w4["metrics"]["ppl_increase"] == pytest.approx(w4["metrics"]["perplexity"] / base["metrics"]["perplexity"] - 1)
     assert 0 <= w4["metrics"]["top1_agreement"] <= 1 and w4["metrics"]["kl_to_baseline"] > 0
-    assert w4["metrics"]["weight_bytes"] == base["metrics"]["weight_bytes"]  # fake-quant holds fp32
+    assert w4["metrics"]["weight_bytes"] < base["metrics"]["weight_bytes"]  # packed int4 linears
     assert {"threads", "load_average_before", "load_average_after", "versions", "cpu_model"} <= set(res["environment"])
     assert (out / "report.html").exists() and (out / "recipes" / "rtn-w4.yaml").exists()
     assert "report.html" in stdout and "rtn-w4" in stdout
@@ -49,9 +50,23 @@ def test_compress_then_eval(tiny_model_dir, tiny_text, tmp_path, capsys):
     ck = tmp_path / "ck"
     code, stdout, err = run_cli(["compress", "--model", str(tiny_model_dir), "--recipe", "rtn-w8", "--out", str(ck)], capsys)
     assert code == 0, err
-    assert (ck / "recipe.yaml").exists() and (ck / "config.json").exists() and "simulated" in stdout
+    assert (ck / "recipe.yaml").exists() and (ck / "config.json").exists() and (ck / "leanfm-quant.json").exists()
+    assert "simulated" not in stdout
     code, _, err = run_cli(["eval", "--model", str(ck), "--dataset", str(tiny_text), "--out", str(tmp_path / "ev"), "--metrics", "quality", *FAST], capsys)
     assert code == 0, err
+    run = json.loads((tmp_path / "ev" / "results.json").read_text())["runs"][0]
+    assert run["flags"]["simulated"] is False and "int8pack" in run["flags"]["kernel"]
+
+
+def test_compress_fake_quant_recipe_says_simulated(tiny_model_dir, tmp_path, capsys):
+    recipe = tmp_path / "fake.yaml"
+    recipe.write_text("name: fake-w4\nseed: 0\nsteps:\n  - {method: rtn, bits: 4, group_size: 64, backend: fake}\n")
+    code, stdout, err = run_cli(["compress", "--model", str(tiny_model_dir), "--recipe", str(recipe), "--out", str(tmp_path / "ck")], capsys)
+    assert code == 0, err
+    assert "simulated" in stdout and not (tmp_path / "ck" / "leanfm-quant.json").exists()
+    code, _, err = run_cli(["compress", "--model", str(tiny_model_dir), "--recipe", str(recipe), "--format", "compressed-tensors",
+                            "--out", str(tmp_path / "ct")], capsys)
+    assert code == 2 and "no packed quantized layers" in err
 
 
 @pytest.mark.parametrize("cmd", [[], ["models"], ["bench"], ["eval"], ["compress"], ["report"]])

@@ -54,7 +54,10 @@ def test_config_from_dict_and_apply_records_flags():
     assert isinstance(cfg, leanfm.RTNConfig)
     leanfm.apply_(m, cfg)
     step = m.leanfm_info["steps"][0]
-    assert step["method"] == "rtn" and step["simulated"] is True
+    assert step["method"] == "rtn" and step["simulated"] is False and "int8pack" in step["kernel"]
+    m2 = tiny_llama()
+    leanfm.apply_(m2, config_from_dict({"method": "rtn", "bits": 8, "backend": "fake"}))
+    assert m2.leanfm_info["steps"][0]["simulated"] is True
 
 
 def test_rtn_apply_quantizes_all_linears_but_lm_head():

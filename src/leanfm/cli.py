@@ -38,6 +38,8 @@ def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> Non
     g.add_argument("--data-dir", default=None, help="folder holding wikitext-2/{test,valid}.txt (default $LEANFM_DATA_DIR)")
     g.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window (default 2048)")
     g.add_argument("--max-eval-tokens", type=_max_tokens, default=16384, help="evaluate at most this many tokens, or all (default 16384)")
+    g.add_argument("--max-fidelity-tokens", type=_max_tokens, default=None,
+                   help="compute top1_agreement/kl_to_baseline on the first windows covering this many tokens (default: all evaluated)")
     g.add_argument("--metrics", type=_groups, action="extend", default=None,
                    help="metric groups to measure, comma-separated: quality,speed,memory,energy (default all)")
     g.add_argument("--batch", type=int, default=1, help="decode batch size (default 1)")
@@ -60,6 +62,7 @@ def _protocol(a):
     from .measure.protocol import GROUPS, Protocol
 
     return Protocol(dataset=a.dataset, split=a.split, data_dir=a.data_dir, seqlen=a.seqlen, max_eval_tokens=a.max_eval_tokens,
+                    max_fidelity_tokens=a.max_fidelity_tokens,
                     batch=a.batch, prompt=a.prompt, gen=a.gen, repeats=a.repeats, warmup=a.warmup, threads=a.threads,
                     groups=tuple(a.metrics) if a.metrics else GROUPS)
 
@@ -126,12 +129,26 @@ def cmd_compress(a) -> int:
     torch.set_num_threads(a.threads)
     model, tok = load(a.model)
     apply_(model, recipe, calib=recipe.calibration(_calib(a), tok)[0])
+    from .kernels.checkpoint import _dense_state, quantized_layers, save_quantized
+
+    qlayers = quantized_layers(model)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
+    if a.format == "compressed-tensors":
+        from .kernels.export_ct import export_compressed_tensors
+
+        if not qlayers:
+            raise LeanfmError(f"recipe {recipe.name} leaves no packed quantized layers; compressed-tensors export needs a quantizing recipe without backend: fake")
+        export_compressed_tensors(model.config, _dense_state(model, qlayers), {n: q.quantized_weight() for n, q in qlayers.items()}, out, tok)
+    elif qlayers:
+        save_quantized(model, out, tok)
+    else:
+        model.save_pretrained(str(out))
+        tok.save_pretrained(str(out))
     recipe.save(out / "recipe.yaml")
     simulated = any(s.get("simulated") for s in model.leanfm_info["steps"])
-    print(f"saved {recipe.name} of {a.model} to {out}" + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else ""))
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"saved {recipe.name} of {a.model} to {out} ({a.format}, {size / 1e6:.1f} MB of tensors)"
+          + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else ""))
     return 0
 
 
@@ -169,10 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protocol(s)
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("compress", help="apply a recipe and save a checkpoint that loads in plain transformers")
+    s = sub.add_parser("compress", help="apply a recipe and save a checkpoint (packed quantized layers reload without calibration)")
     s.add_argument("--model", required=True, help="alias, local HF directory or hub id")
     s.add_argument("--recipe", required=True, help="built-in name or YAML path")
     s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--format", choices=["leanfm", "compressed-tensors"], default="leanfm",
+                   help="leanfm: packed layers + leanfm-quant.json (reload with leanfm); compressed-tensors: the "
+                        "pack-quantized format vLLM and transformers (with compressed-tensors installed) read")
     s.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     s.add_argument("--data-dir", default=None, help="folder holding local datasets (default $LEANFM_DATA_DIR)")
     _add_calib(s)

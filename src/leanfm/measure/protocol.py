@@ -13,7 +13,8 @@ class Protocol:
     """Measurement settings; the defaults are the documented protocol (docs/results-schema.md).
 
     quality: ``seqlen`` tokens per window (BOS included where the model needs it), at most
-    ``max_eval_tokens`` text tokens (None = the whole split). speed: batch ``batch``, a prompt of
+    ``max_eval_tokens`` text tokens (None = the whole split); fidelity to the baseline
+    (top-1 agreement, KL) on the first windows covering ``max_fidelity_tokens`` (None = all). speed: batch ``batch``, a prompt of
     ``prompt`` tokens, ``gen`` greedy decode steps with the KV cache, ``warmup`` unrecorded
     repeats then ``repeats`` recorded ones, on ``threads`` torch threads.
     """
@@ -23,6 +24,7 @@ class Protocol:
     data_dir: str | None = None
     seqlen: int = 2048
     max_eval_tokens: int | None = None
+    max_fidelity_tokens: int | None = None
     batch: int = 1
     prompt: int = 128
     gen: int = 32
@@ -40,6 +42,8 @@ class Protocol:
                 raise LeanfmError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.seqlen < 2:
             raise LeanfmError("--seqlen must be at least 2")
+        if self.max_fidelity_tokens is not None and self.max_fidelity_tokens < 1:
+            raise LeanfmError(f"--max-fidelity-tokens must be positive (got {self.max_fidelity_tokens})")
         if self.max_eval_tokens is not None and self.max_eval_tokens < 1:
             raise LeanfmError(f"--max-eval-tokens must be positive (got {self.max_eval_tokens})")
         if self.warmup < 0:

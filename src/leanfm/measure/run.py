@@ -88,8 +88,11 @@ def measure(model, tok, protocol: Protocol | None = None, reference=None, profil
         if needs_bos(model) and bos is None:
             raise LeanfmError("this model needs a BOS token per window but its tokenizer defines none")
         windows = make_windows(ids, protocol.seqlen, protocol.max_eval_tokens, bos)
-        q = evaluate(model, windows, reference=reference)
+        fw = None if protocol.max_fidelity_tokens is None else max(1, protocol.max_fidelity_tokens // windows.shape[1])
+        q = evaluate(model, windows, reference=reference, fidelity_windows=fw)
         details["eval_windows"] = q.pop("eval_windows")
+        if "fidelity_tokens" in q:
+            details["fidelity_tokens"] = q.pop("fidelity_tokens")
         details["nll_per_token"] = q.pop("nll_per_token")
         details["bos_per_window"] = bos is not None
         metrics.update(q)

@@ -19,7 +19,11 @@ def _from_dir(path: str, dtype: torch.dtype):
 
     hf_logging.disable_progress_bar()  # leanfm shows its own progress; per-load bars are noise
 
+    from ..kernels.checkpoint import is_quantized_checkpoint, load_quantized
+
     tok = AutoTokenizer.from_pretrained(path)
+    if is_quantized_checkpoint(path):
+        return load_quantized(path), tok
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tok
 
@@ -59,4 +63,8 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
         "name": name, "path": path, "source": source, "tokenizer": tok,
         "load_seconds": round(time.perf_counter() - t0, 2), "steps": [],
     }
+    from ..kernels.checkpoint import kernel_summary, quantized_layers
+
+    if quantized_layers(model):  # a packed checkpoint: record what runs it
+        model.leanfm_info["steps"].append({"method": "load-quantized", "simulated": False, "kernel": kernel_summary(model)})
     return model, tok

@@ -1,0 +1,1 @@
+"""Packed weight formats, execution backends and exporters."""

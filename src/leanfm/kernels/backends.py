@@ -1,0 +1,169 @@
+"""Execution backends for packed integer weights: one storage layout + one forward each.
+
+The algorithm that chose a layer's codes (RTN, GPTQ, AWQ, HQQ) hands over a
+:class:`~leanfm.methods.quantize.grid.QuantizedWeight`; a backend packs it into the tensors its
+kernel reads, runs the forward, and unpacks it back exactly (for checkpoints and export).
+
+- ``reference``: portable nibble/int8 storage; every call dequantizes to fp32 and runs a dense
+  GEMM. Correct everywhere, the yardstick for the others, not fast.
+- ``tinygemm-int4``: ``aten._weight_int4pack_mm_for_cpu`` (the CPU port of the tinygemm int4
+  kernel that torchao's int4 weight-only path uses). It reads bf16 activations and bf16
+  scale/zero, so its outputs differ from the fp32 reference by bf16 rounding. Used for small
+  token counts (decode); for prefill (more than ``DECODE_MAX_TOKENS`` rows) the packed codes are
+  dequantized to fp32 and multiplied densely, which is faster on this CPU.
+- ``int8pack``: ``aten._weight_int8pack_mm`` (int8 per-channel symmetric weights, bf16
+  activations), same decode/prefill split.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import LeanfmError
+from ..methods.quantize.grid import QuantizedWeight
+from . import packing
+
+DECODE_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Layout:
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+
+
+def _dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    n, k = codes.shape
+    g = codes.reshape(n, k // group_size, group_size).float()
+    return ((g - zero.float().unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
+
+
+class Backend:
+    name = ""
+    kernel = ""
+
+    def unsupported(self, lay: Layout, symmetric: bool) -> str | None:
+        """Why this backend cannot run the layout (None when it can)."""
+        return None
+
+    def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def codes(self, bufs: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
+        raise NotImplementedError
+
+    def unpack(self, bufs: dict[str, torch.Tensor], lay: Layout) -> QuantizedWeight:
+        return QuantizedWeight(self.codes(bufs, lay), bufs["scale"].float(), bufs["zero"].float(), lay.bits, lay.group_size)
+
+    def dequantize(self, bufs: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
+        return _dequant(self.codes(bufs, lay), bufs["scale"], bufs["zero"], lay.group_size)
+
+    def forward(self, x: torch.Tensor, bufs: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
+        return F.linear(x, self.dequantize(bufs, lay).to(x.dtype))
+
+
+def _canonical(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """fp32 scales; integer zero points as uint8, fractional ones (HQQ) as fp32."""
+    z = qw.zero.float()
+    integral = bool(torch.equal(z, z.round())) and float(z.min()) >= 0 and float(z.max()) <= 255
+    return {"scale": qw.scale.float().contiguous(), "zero": (z.to(torch.uint8) if integral else z).contiguous()}
+
+
+class Reference(Backend):
+    name = "reference"
+    kernel = "reference dequant + dense fp32 GEMM"
+
+    def pack(self, qw):
+        return {"qweight": packing.pack_codes(qw.codes, qw.bits), **_canonical(qw)}
+
+    def codes(self, bufs, lay):
+        return packing.unpack_codes(bufs["qweight"], lay.bits)
+
+
+def _kernel_group(lay: Layout) -> int | None:
+    """Group size the int4 kernel runs: the layer's own, or a divisor with repeated scales."""
+    for g in (256, 128, 64, 32):
+        if lay.group_size % g == 0 and lay.in_features % g == 0:
+            return lay.group_size if lay.group_size == g else g
+    return None
+
+
+class TinyGemmInt4(Backend):
+    name = "tinygemm-int4"
+    kernel = "aten._weight_int4pack_mm_for_cpu (tinygemm int4, bf16 activations) for decode; dequant + fp32 GEMM for prefill"
+
+    def unsupported(self, lay, symmetric):
+        if lay.bits > 4:
+            return f"{self.name} runs codes of at most 4 bits, not {lay.bits}"
+        if lay.out_features % 32:
+            return f"{self.name} needs out_features divisible by 32, got {lay.out_features}"
+        if _kernel_group(lay) is None:
+            return f"{self.name} needs a group size that is a multiple of 32, got {lay.group_size}"
+        return None
+
+    def pack(self, qw):
+        lay = Layout(qw.bits, qw.group_size, qw.codes.shape[1], qw.codes.shape[0])
+        kg = _kernel_group(lay)
+        rep = qw.group_size // kg
+        scale = qw.scale.float().repeat_interleave(rep, dim=1)  # [N, K/kg]
+        zero = qw.zero.float().repeat_interleave(rep, dim=1)
+        # Kernel computes (q - 8) * s + z'; ours is (q - z) * s, so z' = (8 - z) * s.
+        sz = torch.stack([scale.t(), ((8 - zero) * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
+        return {"qweight": packing.pack_int4_tiled(qw.codes), "scale_zero_bf16": sz, **_canonical(qw)}
+
+    def codes(self, bufs, lay):
+        return packing.unpack_int4_tiled(bufs["qweight"])
+
+    def forward(self, x, bufs, lay):
+        rows = x.numel() // lay.in_features
+        if rows > DECODE_MAX_TOKENS:
+            return super().forward(x, bufs, lay)
+        x2 = x.reshape(rows, lay.in_features).to(torch.bfloat16)
+        kg = lay.in_features // bufs["scale_zero_bf16"].shape[0]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, bufs["qweight"], kg, bufs["scale_zero_bf16"])
+        return y.to(x.dtype).reshape(*x.shape[:-1], lay.out_features)
+
+
+class Int8Pack(Backend):
+    name = "int8pack"
+    kernel = "aten._weight_int8pack_mm (int8 weight-only, bf16 activations) for decode; dequant + fp32 GEMM for prefill"
+
+    def unsupported(self, lay, symmetric):
+        if lay.bits != 8 or lay.group_size != lay.in_features or not symmetric:
+            return f"{self.name} runs 8-bit symmetric per-channel weights only (got {lay.bits} bits, group {lay.group_size}, symmetric={symmetric})"
+        return None
+
+    def pack(self, qw):
+        return {"qweight": packing.pack_int8(qw.codes), "scale_bf16": qw.scale[:, 0].to(torch.bfloat16), **_canonical(qw)}
+
+    def codes(self, bufs, lay):
+        return packing.unpack_int8(bufs["qweight"])
+
+    def forward(self, x, bufs, lay):
+        rows = x.numel() // lay.in_features
+        if rows > DECODE_MAX_TOKENS:
+            return super().forward(x, bufs, lay)
+        x2 = x.reshape(rows, lay.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x2, bufs["qweight"], bufs["scale_bf16"])
+        return y.to(x.dtype).reshape(*x.shape[:-1], lay.out_features)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Reference(), TinyGemmInt4(), Int8Pack())}
+
+
+def get(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise LeanfmError(f"unknown kernel backend '{name}'; known: {', '.join(sorted(BACKENDS))}, auto, fake")
+    return BACKENDS[name]
+
+
+def auto(lay: Layout, symmetric: bool) -> Backend:
+    """Fastest backend that runs the layout on this machine (reference as the fallback)."""
+    for name in ("tinygemm-int4", "int8pack"):
+        if BACKENDS[name].unsupported(lay, symmetric) is None:
+            return BACKENDS[name]
+    return BACKENDS["reference"]

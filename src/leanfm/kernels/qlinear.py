@@ -1,0 +1,68 @@
+"""``QuantLinear``: an ``nn.Linear`` replacement holding packed integer weights.
+
+Its buffers are exactly what its backend stores (packed codes, scale, zero point, any
+kernel-specific copy such as bf16 scales), so ``weight_bytes`` counts the real footprint.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..methods.quantize.grid import QuantizedWeight
+from . import backends as B
+
+
+def is_symmetric(qw: QuantizedWeight) -> bool:
+    return bool((qw.zero == 2 ** (qw.bits - 1)).all())
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, backend: str = "auto"):
+        super().__init__()
+        out_f, in_f = qw.codes.shape
+        self.layout = B.Layout(qw.bits, qw.group_size, in_f, out_f)
+        self.in_features, self.out_features = in_f, out_f
+        sym = is_symmetric(qw)
+        be = B.auto(self.layout, sym) if backend == "auto" else B.get(backend)
+        why = be.unsupported(self.layout, sym)
+        if why:
+            from ..errors import LeanfmError
+
+            raise LeanfmError(why)
+        self.backend = be
+        self._names = []
+        for k, v in be.pack(qw).items():
+            self.register_buffer(k, v)
+            self._names.append(k)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+
+    def _bufs(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in self._names}
+
+    @property
+    def bits(self) -> int:
+        return self.layout.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.layout.group_size
+
+    def quantized_weight(self) -> QuantizedWeight:
+        return self.backend.unpack(self._bufs(), self.layout)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.backend.dequantize(self._bufs(), self.layout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.backend.forward(x, self._bufs(), self.layout)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, backend={self.backend.name}"
+
+
+def replace_linear(parent: nn.Module, child_name: str, qw: QuantizedWeight, backend: str) -> QuantLinear:
+    lin = getattr(parent, child_name)
+    q = QuantLinear(qw, lin.bias, backend)
+    setattr(parent, child_name, q)
+    return q

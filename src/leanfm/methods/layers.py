@@ -1,0 +1,121 @@
+"""Generic access to a decoder's layer stack and layer-by-layer calibration.
+
+``decoder_layers(model)`` finds the ``nn.ModuleList`` of decoder layers (the longest one whose
+length matches ``config.num_hidden_layers``), without per-family code.
+
+``LayerwiseRunner`` implements the sequential calibration loop used by GPTQ (Frantar et al.,
+2023, §4 / reference ``llama_sequential``), AWQ and SmoothQuant: the calibration batch runs
+through the embeddings once; then, layer by layer, the algorithm observes the layer's inputs
+(through hooks), changes the layer, and the layer's outputs *after* the change become the next
+layer's inputs. Only one layer's inputs and outputs are held at a time.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import progress
+from ..errors import LeanfmError
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    best = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (n is None or len(mod) == n):
+            if best is None or len(mod) > len(best):
+                best = mod
+    if best is None:
+        raise LeanfmError("could not find the decoder layer stack (an nn.ModuleList of num_hidden_layers layers)")
+    return best
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first_out(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class LayerwiseRunner:
+    """Feeds calibration ids ``[n, seqlen]`` through the decoder one layer at a time."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor):
+        if ids.dim() != 2 or ids.shape[0] < 1:
+            raise LeanfmError("calibration must be a [n_samples, seqlen] tensor with at least one sample")
+        self.model, self.ids = model, ids
+        self.layers = decoder_layers(model)
+        self.kwargs = self._layer_kwargs()
+        self.hidden = self._layer0_inputs()
+
+    @torch.no_grad()
+    def _layer_kwargs(self) -> list[dict]:
+        """Per-layer keyword arguments (masks, rotary tables) for one sample of this length."""
+        recorded: list[dict] = [None] * len(self.layers)
+
+        def rec(i):
+            def hook(mod, args, kwargs):
+                recorded[i] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "hidden_states")}
+
+            return hook
+
+        hs = [layer.register_forward_pre_hook(rec(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        try:
+            self.model(input_ids=self.ids[:1], use_cache=False)
+        finally:
+            for h in hs:
+                h.remove()
+        return recorded
+
+    @torch.no_grad()
+    def _layer0_inputs(self) -> torch.Tensor:
+        store = []
+
+        def grab(mod, args, kwargs):
+            store.append((args[0] if args else kwargs["hidden_states"]).detach())
+            raise _Stop
+
+        h = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            for i in range(self.ids.shape[0]):
+                try:
+                    self.model(input_ids=self.ids[i : i + 1], use_cache=False)
+                except _Stop:
+                    pass
+        finally:
+            h.remove()
+        return torch.cat(store, dim=0)
+
+    @torch.no_grad()
+    def run_layer(self, i: int) -> torch.Tensor:
+        """Outputs of layer ``i`` for every calibration sample, from the current inputs."""
+        layer = self.layers[i]
+        outs = torch.empty_like(self.hidden)
+        for s in range(self.hidden.shape[0]):
+            outs[s : s + 1] = _first_out(layer(self.hidden[s : s + 1], use_cache=False, **self.kwargs[i]))
+        return outs
+
+    def run(self, process: Callable[[int, nn.Module], None], desc: str) -> None:
+        """For each layer: ``process(i, layer)`` (it may run :meth:`run_layer` with hooks), then
+        recompute that layer's outputs with its new weights and advance."""
+        with progress.bar(desc, len(self.layers)) as adv:
+            for i, layer in enumerate(self.layers):
+                process(i, layer)
+                self.hidden = self.run_layer(i)
+                adv()
+
+
+def capture_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
+    """Register forward hooks calling ``fn(name, input_2d)`` for each module; returns the handles."""
+
+    def make(name):
+        def hook(mod, args, out):
+            x = args[0]
+            fn(name, x.detach().reshape(-1, x.shape[-1]))
+
+        return hook
+
+    return [m.register_forward_hook(make(n)) for n, m in modules.items()]

@@ -1,0 +1,95 @@
+"""GPTQ model glue: layer-by-layer Hessians from calibration activations, then
+:func:`.gptq_math.gptq_quantize` per linear layer.
+
+As in the reference (``llama_sequential``), each decoder layer's inputs are the outputs of the
+already-quantized previous layers, and only one layer's activations are held at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...config import register
+from ...errors import LeanfmError
+from ..layers import LayerwiseRunner, capture_inputs
+from ..targets import iter_linears
+from .common import WeightQuantConfig, install
+from .gptq_math import HessianAccumulator, gptq_quantize
+from .grid import rtn_quantize
+
+
+@dataclass
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ (Frantar et al., 2023). Besides the WeightQuantConfig fields:
+
+    damp: fraction of the mean Hessian diagonal added for stability (paper: 0.01).
+    act_order: quantize columns by decreasing activation energy (the reference's --act-order).
+    block_size: columns per lazy batch update (paper: 128).
+    Layers outside the decoder stack (e.g. an unskipped lm_head) fall back to RTN.
+    """
+
+    method = "gptq"
+    needs_calibration = True
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.damp < 1:
+            raise LeanfmError(f"damp={self.damp} must be in [0, 1)")
+        if self.block_size < 1:
+            raise LeanfmError(f"block_size={self.block_size} must be >= 1")
+
+
+def check_calibration(calib: torch.Tensor, method: str, min_tokens: int = 256) -> None:
+    if calib is None or not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.numel() == 0:
+        raise LeanfmError(f"{method} needs calibration token ids [n_samples, seqlen]; got an empty or missing set")
+    if calib.numel() < min_tokens:
+        raise LeanfmError(
+            f"{method} calibration set has only {calib.numel()} tokens; it needs at least {min_tokens} "
+            "(raise --calib-n or --calib-seqlen)"
+        )
+
+
+@register(GPTQConfig)
+def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
+    cfg.check_model(model)
+    check_calibration(calib, "gptq")
+    targets = dict(iter_linears(model, cfg.skip))
+    runner = LayerwiseRunner(model, calib)
+    qws = {}
+    in_layers = set()
+
+    def process(i: int, layer: nn.Module) -> None:
+        mods = {f"{p}": m for p, m in targets.items() if any(m is x for x in layer.modules())}
+        in_layers.update(mods)
+        hess = {n: HessianAccumulator(m.in_features) for n, m in mods.items()}
+        handles = capture_inputs(mods, lambda n, x: hess[n].add(x))
+        try:
+            runner.run_layer(i)
+        finally:
+            for h in handles:
+                h.remove()
+        layer_q = {}
+        for n, m in mods.items():
+            layer_q[n] = gptq_quantize(
+                m.weight.detach(), hess[n].H, cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.block_size, cfg.act_order
+            )
+            del hess[n]
+        # the next layer must see this layer's *quantized* outputs: fake-quant now, pack at the end
+        with torch.no_grad():
+            from .grid import dequantize
+
+            for n, qw in layer_q.items():
+                targets[n].weight.copy_(dequantize(qw.codes, qw.scale, qw.zero, qw.group_size))
+        qws.update(layer_q)
+
+    runner.run(process, "gptq (layer by layer)")
+    for n, m in targets.items():  # e.g. lm_head when not skipped: no layer inputs collected
+        if n not in in_layers:
+            qws[n] = rtn_quantize(m.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric)
+    del runner
+    return {**install(model, qws, cfg.backend), "calibration_tokens": int(calib.numel())}

@@ -1,0 +1,110 @@
+"""Packed formats and execution backends: exact round trips, kernels against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanfm.errors import LeanfmError
+from leanfm.kernels import backends, packing
+from leanfm.kernels.qlinear import QuantLinear
+from leanfm.measure.memory import weight_bytes
+from leanfm.methods.quantize.grid import dequantize, rtn_quantize
+
+
+def test_int4_nibble_pack_roundtrip_exact():
+    q = torch.randint(0, 16, (7, 20), dtype=torch.uint8)
+    p = packing.pack_int4(q)
+    assert p.shape == (7, 10) and p.dtype == torch.uint8
+    assert torch.equal(packing.unpack_int4(p), q)
+    assert int(p[0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)
+
+
+@pytest.mark.parametrize("shape", [(32, 64), (192, 576), (96, 128)])
+def test_int4_tiled_layout_matches_aten_and_roundtrips(shape):
+    q = torch.randint(0, 16, shape, dtype=torch.uint8)
+    ours = packing.pack_int4_tiled(q)
+    assert torch.equal(ours, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+    assert torch.equal(packing.unpack_int4_tiled(ours), q)
+
+
+def test_int8_roundtrip_exact():
+    q = torch.randint(0, 256, (5, 9), dtype=torch.uint8)
+    assert torch.equal(packing.unpack_int8(packing.pack_int8(q)), q)
+    assert packing.pack_int8(torch.tensor([[128]], dtype=torch.uint8)).item() == 0
+
+
+def test_bad_pack_input():
+    with pytest.raises(LeanfmError, match="even number of columns"):
+        packing.pack_int4(torch.zeros(2, 3, dtype=torch.uint8))
+    with pytest.raises(LeanfmError, match="rows divisible by 32"):
+        packing.pack_int4_tiled(torch.zeros(16, 4, dtype=torch.uint8))
+
+
+CASES = [  # backend, bits, group, symmetric
+    ("reference", 4, 64, False), ("reference", 3, None, True), ("reference", 8, None, True), ("reference", 6, 32, False),
+    ("tinygemm-int4", 4, 64, False), ("tinygemm-int4", 4, None, True), ("tinygemm-int4", 3, 192, True), ("tinygemm-int4", 2, 32, False),
+    ("int8pack", 8, None, True),
+]
+
+
+@pytest.mark.parametrize("backend,bits,group,sym", CASES)
+def test_backend_unpacks_exactly_and_matches_reference(backend, bits, group, sym):
+    torch.manual_seed(0)
+    w = torch.randn(96, 576)
+    qw = rtn_quantize(w, bits, group, sym)
+    ql = QuantLinear(qw, None, backend)
+    assert ql.backend.name == backend
+    back = ql.quantized_weight()
+    assert torch.equal(back.codes, qw.codes) and torch.equal(back.scale, qw.scale) and torch.equal(back.zero, qw.zero)
+    ref_w = dequantize(qw.codes, qw.scale, qw.zero, qw.group_size)
+    assert torch.equal(ql.dequantized_weight(), ref_w)
+    for rows in (1, 5, backends.DECODE_MAX_TOKENS + 1, 40):
+        x = torch.randn(1, rows, 576)
+        ref = F.linear(x, ref_w)
+        got = ql(x)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        rel = ((got - ref).norm() / ref.norm()).item()
+        if backend == "reference" or rows > backends.DECODE_MAX_TOKENS:
+            assert rel < 1e-6, rel  # fp32 dequant path: same numbers as the reference
+        else:
+            # bf16 activations and bf16 scale/zero: 2^-8 relative rounding each. The kernel's zero
+            # term (8 - z) * s is up to 8 steps for a grid whose codes span 2^bits steps, so its
+            # rounding weighs more on a 2-bit grid than on a 4-bit one.
+            assert rel < (1.5e-2 if bits >= 3 else 3e-2), rel
+
+
+def test_bias_is_kept():
+    lin = torch.nn.Linear(64, 32)
+    qw = rtn_quantize(lin.weight.detach(), 4, 32, True)
+    ql = QuantLinear(qw, lin.bias, "reference")
+    x = torch.randn(3, 64)
+    ref = F.linear(x, dequantize(qw.codes, qw.scale, qw.zero, 32), lin.bias)
+    assert torch.allclose(ql(x), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,bits,group,sym,why", [
+    ("tinygemm-int4", 8, None, True, "at most 4 bits"),
+    ("tinygemm-int4", 4, 48, True, "multiple of 32"),
+    ("int8pack", 4, None, True, "8-bit symmetric per-channel"),
+    ("int8pack", 8, 32, True, "8-bit symmetric per-channel"),
+])
+def test_backend_refuses_layouts_it_cannot_run(backend, bits, group, sym, why):
+    qw = rtn_quantize(torch.randn(64, 96), bits, group, sym)
+    with pytest.raises(LeanfmError, match=why):
+        QuantLinear(qw, None, backend)
+
+
+def test_unknown_backend():
+    with pytest.raises(LeanfmError, match="unknown kernel backend 'cuda-magic'"):
+        backends.get("cuda-magic")
+
+
+@pytest.mark.parametrize("bits,group,limit", [(4, 64, 0.3), (4, None, 0.3), (8, None, 0.3)])
+def test_packed_weight_bytes_really_shrink(bits, group, limit):
+    lin = torch.nn.Linear(576, 1536, bias=False)
+    fp32 = weight_bytes(lin)
+    ql = QuantLinear(rtn_quantize(lin.weight.detach(), bits, group, bits == 8), None, "auto")
+    ratio = weight_bytes(ql) / fp32
+    expect = (0.5 if bits == 4 else 1.0) / 4
+    assert expect <= ratio <= limit, ratio  # codes alone, plus scales/zeros that must be counted
