@@ -29,6 +29,11 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def _act_bits(model: nn.Module) -> dict[str, int]:
+    """Layers wrapped with activation fake-quant (SmoothQuant): outer name -> bits."""
+    return {n: m.bits for n, m in model.named_modules() if type(m).__name__ == "ActQuant"}
+
+
 def kernel_summary(model: nn.Module) -> str:
     from . import backends
 
@@ -43,8 +48,10 @@ def _dense_state(model: nn.Module, qlayers: dict[str, QuantLinear]) -> dict[str,
     prefixes = tuple(n + "." for n in qlayers)
     out, seen = {}, {}
     for k, v in model.state_dict().items():
-        if k.startswith(prefixes) and not k.endswith(".bias"):
-            continue
+        if k.startswith(prefixes):
+            if not k.endswith(".bias"):
+                continue
+            k = k.replace(".inner.bias", ".bias")  # SmoothQuant's ActQuant wrapper: store under the layer's own name
         key = (v.untyped_storage().data_ptr(), v.dtype, tuple(v.shape))
         if key in seen:  # tied (e.g. lm_head.weight = embed_tokens.weight): transformers re-ties on load
             continue
@@ -61,13 +68,16 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
     qlayers = quantized_layers(model)
     tensors = _dense_state(model, qlayers)
     layers = {}
-    for name, q in qlayers.items():
+    acts = _act_bits(model)
+    for inner_name, q in qlayers.items():
+        name = inner_name[: -len(".inner")] if inner_name.endswith(".inner") and inner_name[: -len(".inner")] in acts else inner_name
         qw = q.quantized_weight()
         tensors[f"{name}.qweight"] = packing.pack_codes(qw.codes, qw.bits)
         tensors[f"{name}.scale"] = q.scale.float().contiguous()
         tensors[f"{name}.zero"] = q.zero.contiguous()
         layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "in_features": q.in_features,
-                        "out_features": q.out_features, "bias": q.bias is not None, "backend": q.backend.name}
+                        "out_features": q.out_features, "bias": q.bias is not None, "backend": q.backend.name,
+                        "act_bits": acts.get(name)}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(str(out))
     (out / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "layers": layers}, indent=1))
@@ -111,7 +121,12 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
             backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]), is_symmetric(qw)
         ):
             be = "auto"
-        setattr(parent, child, QuantLinear(qw, bias, be))
+        layer = QuantLinear(qw, bias, be)
+        if spec.get("act_bits"):
+            from ..methods.quantize.smoothquant import ActQuant
+
+            layer = ActQuant(layer, spec["act_bits"])
+        setattr(parent, child, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     qnames = tuple(man["layers"])
     missing = [k for k in missing if not k.startswith(qnames)]

@@ -1,2 +1,2 @@
 """Technique implementations. Importing this package registers every built-in method."""
-from .quantize import gptq, hqq, rtn  # noqa: F401
+from .quantize import awq, gptq, hqq, rtn, smoothquant  # noqa: F401

@@ -63,8 +63,10 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
         "name": name, "path": path, "source": source, "tokenizer": tok,
         "load_seconds": round(time.perf_counter() - t0, 2), "steps": [],
     }
-    from ..kernels.checkpoint import kernel_summary, quantized_layers
+    from ..kernels.checkpoint import _act_bits, kernel_summary, quantized_layers
 
     if quantized_layers(model):  # a packed checkpoint: record what runs it
-        model.leanfm_info["steps"].append({"method": "load-quantized", "simulated": False, "kernel": kernel_summary(model)})
+        acts = _act_bits(model)  # SmoothQuant activations are fake-quantized: simulated
+        kernel = kernel_summary(model) + ("; fake-quant activations" if acts else "")
+        model.leanfm_info["steps"].append({"method": "load-quantized", "simulated": bool(acts), "kernel": kernel})
     return model, tok

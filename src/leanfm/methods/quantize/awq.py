@@ -1,0 +1,144 @@
+"""AWQ model glue: per decoder layer, activation-aware scales folded into the producing op,
+then clipping, then round-to-nearest on the scaled, clipped weights.
+
+Simplification vs the reference: the scale search scores the group's own linear outputs rather
+than the whole attention/MLP block output (the reference's ``module2inspect``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...config import register
+from ...errors import LeanfmError
+from ..fold import divide_output, find_producer
+from ..layers import LayerwiseRunner
+from ..targets import iter_linears
+from .awq_math import apply_clip, search_clip, search_scale
+from .common import WeightQuantConfig, install
+from .gptq import check_calibration
+from .grid import dequantize, resolve_group_size, rtn_quantize
+
+
+@dataclass
+class AWQConfig(WeightQuantConfig):
+    """AWQ (Lin et al., 2024). Besides the WeightQuantConfig fields:
+
+    n_grid: points of the α grid in [0, 1) (paper: 20). clip: search a per-group clipping range.
+    scale_tokens / clip_tokens: calibration rows used by the scale / clip searches.
+    """
+
+    method = "awq"
+    needs_calibration = True
+    symmetric: bool = False
+    n_grid: int = 20
+    clip: bool = True
+    scale_tokens: int = 4096
+    clip_tokens: int = 512
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_grid < 1 or self.scale_tokens < 1 or self.clip_tokens < 1:
+            raise LeanfmError("awq needs n_grid, scale_tokens and clip_tokens >= 1")
+
+
+class _Rows:
+    """Collects a fixed subset of rows of each linear's input (same rows for shared inputs)."""
+
+    def __init__(self, per_call: int):
+        self.per_call, self.calls, self.x = per_call, {}, {}
+
+    def hook(self, name):
+        def fn(mod, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            c = self.calls.get(name, 0)
+            self.calls[name] = c + 1
+            g = torch.Generator().manual_seed(c)
+            idx = torch.randperm(x.shape[0], generator=g)[: self.per_call]
+            self.x.setdefault(name, []).append(x[idx].float())
+
+        return fn
+
+    def get(self, name) -> torch.Tensor:
+        return torch.cat(self.x[name])
+
+
+@register(AWQConfig)
+def apply_awq(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor) -> dict:
+    cfg.check_model(model)
+    check_calibration(calib, "awq")
+    targets = dict(iter_linears(model, cfg.skip))
+    runner = LayerwiseRunner(model, calib)
+    qws, alphas, folded, unfolded = {}, [], 0, []
+    per_call = -(-cfg.scale_tokens // calib.shape[0])
+
+    def process(i: int, layer: nn.Module) -> None:
+        nonlocal folded
+        mods = {n: m for n, m in targets.items() if any(m is x for x in layer.modules())}
+        rows = _Rows(per_call)
+        hs = [m.register_forward_hook(rows.hook(n)) for n, m in mods.items()]
+        try:
+            runner.run_layer(i)
+        finally:
+            for h in hs:
+                h.remove()
+        xs = {n: rows.get(n) for n in mods}
+        groups: list[list[str]] = []
+        for n in mods:  # linears that saw the same input share one scale
+            for g in groups:
+                if xs[g[0]].shape == xs[n].shape and torch.equal(xs[g[0]], xs[n]):
+                    g.append(n)
+                    break
+            else:
+                groups.append([n])
+
+        def observer(names):
+            def observe():
+                grab = {}
+                h = mods[names[0]].register_forward_hook(lambda m, a, o: grab.update(x=a[0].detach()))  # returns None: output untouched
+                try:
+                    with torch.no_grad():
+                        layer(runner.hidden[:1], use_cache=False, **runner.kwargs[i])
+                finally:
+                    h.remove()
+                return grab["x"].reshape(-1, grab["x"].shape[-1])
+
+            return observe
+
+        scaled_x = {}
+        for names in groups:  # 1) all scale searches and folds (on fp weights)
+            lins = [mods[n] for n in names]
+            gs = resolve_group_size(lins[0].in_features, cfg.group_size, names[0])
+            prod = find_producer(layer, lins, observer(names))
+            x = xs[names[0]]
+            if prod is not None:
+                s, a = search_scale(x, [m.weight for m in lins], cfg.bits, gs, cfg.symmetric, cfg.n_grid)
+                divide_output(prod[0], s, prod[1])
+                with torch.no_grad():
+                    for m in lins:
+                        m.weight.mul_(s)
+                x = x / s
+                alphas.append(a)
+                folded += 1
+            else:
+                unfolded.append(names[0])
+            scaled_x.update({n: x for n in names})
+        for n, m in mods.items():  # 2) clip and quantize the final (scaled, folded) weights
+            gs = resolve_group_size(m.in_features, cfg.group_size, n)
+            w = m.weight.detach()
+            if cfg.clip:
+                w = apply_clip(w, search_clip(scaled_x[n][: cfg.clip_tokens], w, cfg.bits, gs, cfg.symmetric, cfg.n_grid), gs)
+            qws[n] = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.symmetric)
+            with torch.no_grad():  # the next layer sees this layer quantized
+                m.weight.copy_(dequantize(qws[n].codes, qws[n].scale, qws[n].zero, qws[n].group_size))
+
+    runner.run(process, "awq (layer by layer)")
+    for n, m in targets.items():
+        if n not in qws:
+            qws[n] = rtn_quantize(m.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric)
+    del runner
+    info = install(model, qws, cfg.backend)
+    return {**info, "scaled_groups": folded, "unscaled_groups": len(unfolded),
+            "mean_alpha": round(sum(alphas) / len(alphas), 3) if alphas else None, "calibration_tokens": int(calib.numel())}

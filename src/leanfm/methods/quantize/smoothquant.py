@@ -1,0 +1,148 @@
+"""SmoothQuant (Xiao et al., 2023): migrate activation outliers into the weights, then W8A8.
+
+Per input channel j of the linears sharing one input (Eq. 4):
+    s_j = max|X_j|^α / max|W_:,j|^(1-α)
+the producing op's output is divided by ``s`` and the weight columns multiplied by ``s``, which
+leaves the float model's outputs unchanged while flattening the activation ranges, so both
+weights and activations quantize to int8.
+
+Execution here: weights are packed int8 (per output channel) and run on a real kernel; the
+int8 activation quantization (per token, dynamic) is applied as fake-quant in front of each
+linear because this CPU has no fast int8 x int8 GEMM path in torch (``torch._int_mm`` is slow
+here). The step is therefore recorded as ``simulated: true``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...config import register
+from ...errors import LeanfmError
+from ..fold import divide_output, find_producer
+from ..layers import LayerwiseRunner
+from ..targets import iter_linears
+from .common import WeightQuantConfig, install
+from .gptq import check_calibration
+from .grid import rtn_quantize
+
+
+def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant Eq. 4 for linears sharing an input with per-channel max ``act_max [in]``."""
+    w_max = torch.cat([w.detach().abs().float() for w in weights], dim=0).amax(dim=0).clamp(min=1e-5)
+    return (act_max.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def fake_quant_act(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Symmetric per-token dynamic activation quantization (round trip)."""
+    qmax = 2 ** (bits - 1) - 1
+    s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
+    return torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s
+
+
+class ActQuant(nn.Module):
+    """Fake-quantizes a linear's input activations, then runs the (packed) linear."""
+
+    def __init__(self, inner: nn.Module, bits: int):
+        super().__init__()
+        self.inner, self.bits = inner, bits
+
+    def forward(self, x):
+        return self.inner(fake_quant_act(x, self.bits))
+
+
+@dataclass
+class SmoothQuantConfig(WeightQuantConfig):
+    """SmoothQuant W8A8. alpha: migration strength in [0, 1] (paper: 0.5 for most models).
+    act_bits: activation bits (per-token dynamic). Weights: ``bits`` per output channel, symmetric."""
+
+    method = "smoothquant"
+    needs_calibration = True
+    bits: int = 8
+    alpha: float = 0.5
+    act_bits: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.alpha <= 1:
+            raise LeanfmError(f"alpha={self.alpha} must be in [0, 1]")
+        if not 2 <= self.act_bits <= 8:
+            raise LeanfmError(f"act_bits={self.act_bits} is not supported; use 2..8")
+
+
+def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head",)) -> dict:
+    """Fold SmoothQuant scales into the model in place (no quantization); returns counts."""
+    targets = dict(iter_linears(model, skip))
+    runner = LayerwiseRunner(model, calib)
+    done = {"smoothed_groups": 0, "unsmoothed_groups": 0}
+
+    def process(i: int, layer: nn.Module) -> None:
+        mods = {n: m for n, m in targets.items() if any(m is x for x in layer.modules())}
+        amax, first = {}, {}
+
+        def hook(name):
+            def fn(mod, args, out):
+                x = args[0].detach()
+                a = x.reshape(-1, x.shape[-1]).abs().amax(dim=0)
+                amax[name] = torch.maximum(amax[name], a) if name in amax else a
+                first.setdefault(name, x[0, :4].clone())
+
+            return fn
+
+        hs = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+        try:
+            runner.run_layer(i)
+        finally:
+            for h in hs:
+                h.remove()
+        groups: list[list[str]] = []
+        for n in mods:
+            for g in groups:
+                if first[g[0]].shape == first[n].shape and torch.equal(first[g[0]], first[n]):
+                    g.append(n)
+                    break
+            else:
+                groups.append([n])
+        for names in groups:
+            lins = [mods[n] for n in names]
+
+            def observe(lin=lins[0]):
+                grab = {}
+                h = lin.register_forward_hook(lambda m, a, o: grab.update(x=a[0].detach()))
+                try:
+                    with torch.no_grad():
+                        layer(runner.hidden[:1], use_cache=False, **runner.kwargs[i])
+                finally:
+                    h.remove()
+                return grab["x"].reshape(-1, grab["x"].shape[-1])
+
+            prod = find_producer(layer, lins, observe)
+            if prod is None:
+                done["unsmoothed_groups"] += 1
+                continue
+            s = smooth_scales(amax[names[0]], [m.weight for m in lins], alpha)
+            divide_output(prod[0], s, prod[1])
+            with torch.no_grad():
+                for m in lins:
+                    m.weight.mul_(s)
+            done["smoothed_groups"] += 1
+
+    runner.run(process, "smoothquant (layer by layer)")
+    return done
+
+
+@register(SmoothQuantConfig)
+def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor) -> dict:
+    cfg.check_model(model)
+    check_calibration(calib, "smoothquant")
+    counts = smooth_(model, calib, cfg.alpha, cfg.skip)
+    names = [n for n, _ in iter_linears(model, cfg.skip)]
+    qws = {n: rtn_quantize(model.get_submodule(n).weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric) for n in names}
+    info = install(model, qws, cfg.backend)
+    for n in names:
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, ActQuant(getattr(parent, child), cfg.act_bits))
+    return {**info, **counts, "simulated": True,
+            "kernel": f"W{cfg.bits}: {info['kernel']}; A{cfg.act_bits}: fake-quant per-token activations (no int8 GEMM)"}
