@@ -16,8 +16,9 @@ def _skipped(name: str, skip: Sequence[str]) -> bool:
     return any(fnmatch(name, p) or fnmatch(leaf, p) for p in skip)
 
 
-def iter_linears(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> Iterator[tuple[str, nn.Linear]]:
-    """Yield ``(qualified_name, module)`` for each ``nn.Linear`` not matched by ``skip``."""
+def iter_linears(model: nn.Module, skip: Sequence[str] = ("lm_head",), only: Sequence[str] = ()) -> Iterator[tuple[str, nn.Linear]]:
+    """Yield ``(qualified_name, module)`` for each ``nn.Linear`` not matched by ``skip``
+    (and, when ``only`` is given, matched by one of its patterns)."""
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and not _skipped(name, skip):
+        if isinstance(mod, nn.Linear) and not _skipped(name, skip) and (not only or _skipped(name, only)):
             yield name, mod

@@ -15,7 +15,6 @@ from ...config import register
 from ...errors import LeanfmError
 from ..fold import divide_output, find_producer
 from ..layers import LayerwiseRunner
-from ..targets import iter_linears
 from .awq_math import apply_clip, search_clip, search_scale
 from .common import WeightQuantConfig, install
 from .gptq import check_calibration
@@ -69,7 +68,7 @@ class _Rows:
 def apply_awq(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
     check_calibration(calib, "awq")
-    targets = dict(iter_linears(model, cfg.skip))
+    targets = cfg.targets(model)
     runner = LayerwiseRunner(model, calib)
     qws, alphas, folded, unfolded = {}, [], 0, []
     per_call = -(-cfg.scale_tokens // calib.shape[0])

@@ -33,6 +33,7 @@ class WeightQuantConfig(BaseConfig):
     bits: 2..8. group_size: columns sharing one scale (null = per output channel; must divide
     each layer's in_features). symmetric: zero point fixed at the grid midpoint.
     skip: linear layers left in full precision (names or fnmatch patterns; lm_head by default).
+    only: if given, quantize just the linears matching these patterns (e.g. [lm_head]).
     backend: auto | fake | reference | tinygemm-int4 | int8pack (see the module docstring).
     """
 
@@ -40,7 +41,11 @@ class WeightQuantConfig(BaseConfig):
     group_size: int | None = None
     symmetric: bool = True
     skip: tuple[str, ...] = ("lm_head",)
+    only: tuple[str, ...] = ()
     backend: str = "auto"
+
+    def targets(self, model: nn.Module) -> dict[str, nn.Linear]:
+        return dict(iter_linears(model, self.skip, self.only))
 
     def validate(self) -> None:
         check_bits(self.bits)
@@ -50,10 +55,10 @@ class WeightQuantConfig(BaseConfig):
             raise LeanfmError(f"unknown backend '{self.backend}' for {self.method}; use one of: {', '.join(BACKEND_CHOICES)}")
 
     def check_model(self, model: nn.Module) -> None:
-        check_not_quantized(model, self.method)
-        layers = list(iter_linears(model, self.skip))
+        layers = list(self.targets(model).items())
+        check_not_quantized(model, self.method, bool(layers))
         if not layers:
-            raise LeanfmError(f"{self.method} found no nn.Linear layers to quantize (check 'skip')")
+            raise LeanfmError(f"{self.method} found no nn.Linear layers to quantize (check 'skip' and 'only')")
         for name, mod in layers:
             gs = resolve_group_size(mod.in_features, self.group_size, name)
             if self.backend not in ("auto", "fake"):
@@ -66,15 +71,18 @@ class WeightQuantConfig(BaseConfig):
 QUANT_METHODS = {"rtn", "gptq", "awq", "hqq", "smoothquant"}
 
 
-def check_not_quantized(model: nn.Module, method: str) -> None:
-    """Quantizing twice compounds rounding on an already-rounded grid: refuse it."""
+def check_not_quantized(model: nn.Module, method: str, has_targets: bool = False) -> None:
+    """Quantizing twice compounds rounding on an already-rounded grid: refuse it. Packed layers
+    are never targets (they are not nn.Linear), so a later step may quantize the linears an
+    earlier one left in full precision; fake-quantized steps leave no trace on the layers, so
+    any later quantization is refused."""
     for name, mod in model.named_modules():
-        if isinstance(mod, QuantLinear):
+        if isinstance(mod, QuantLinear) and not has_targets:
             raise LeanfmError(
                 f"cannot apply {method}: the model is already quantized (layer {name} holds {mod.bits}-bit packed weights); "
                 "start from the full-precision checkpoint"
             )
-    done = [s["method"] for s in getattr(model, "leanfm_info", {}).get("steps", []) if s.get("method") in QUANT_METHODS]
+    done = [s["method"] for s in getattr(model, "leanfm_info", {}).get("steps", []) if s.get("method") in QUANT_METHODS and s.get("simulated")]
     if done:
         raise LeanfmError(f"cannot apply {method}: the model's weights were already quantized by {done[-1]}; start from the full-precision checkpoint")
 

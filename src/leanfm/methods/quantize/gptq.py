@@ -14,7 +14,6 @@ from torch import nn
 from ...config import register
 from ...errors import LeanfmError
 from ..layers import LayerwiseRunner, capture_inputs
-from ..targets import iter_linears
 from .common import WeightQuantConfig, install
 from .gptq_math import HessianAccumulator, gptq_quantize
 from .grid import rtn_quantize
@@ -58,7 +57,7 @@ def check_calibration(calib: torch.Tensor, method: str, min_tokens: int = 256) -
 def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
     check_calibration(calib, "gptq")
-    targets = dict(iter_linears(model, cfg.skip))
+    targets = cfg.targets(model)
     runner = LayerwiseRunner(model, calib)
     qws = {}
     in_layers = set()

@@ -16,7 +16,6 @@ from torch import nn
 
 from ...config import register
 from ...errors import LeanfmError
-from ..targets import iter_linears
 from .common import WeightQuantConfig, install
 from .grid import QuantizedWeight, check_bits, choose_qparams, resolve_group_size
 
@@ -90,6 +89,6 @@ def apply_hqq(model: nn.Module, cfg: HQQConfig, calib=None) -> dict:
     cfg.check_model(model)
     qws = {
         n: hqq_quantize(m.weight.detach(), cfg.bits, cfg.group_size, cfg.iters, cfg.p, cfg.beta, cfg.kappa)
-        for n, m in iter_linears(model, cfg.skip)
+        for n, m in cfg.targets(model).items()
     }
     return install(model, qws, cfg.backend)

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...config import register
-from ..targets import iter_linears
 from .common import WeightQuantConfig, install
 from .grid import rtn_quantize
 
@@ -25,5 +24,5 @@ class RTNConfig(WeightQuantConfig):
 @register(RTNConfig)
 def apply_rtn(model: nn.Module, cfg: RTNConfig, calib=None) -> dict:
     cfg.check_model(model)  # every layer is validated before any is touched
-    qws = {name: rtn_quantize(mod.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric) for name, mod in iter_linears(model, cfg.skip)}
+    qws = {name: rtn_quantize(mod.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric) for name, mod in cfg.targets(model).items()}
     return install(model, qws, cfg.backend)

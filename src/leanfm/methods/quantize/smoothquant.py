@@ -71,9 +71,9 @@ class SmoothQuantConfig(WeightQuantConfig):
             raise LeanfmError(f"act_bits={self.act_bits} is not supported; use 2..8")
 
 
-def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head",)) -> dict:
+def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head",), only=()) -> dict:
     """Fold SmoothQuant scales into the model in place (no quantization); returns counts."""
-    targets = dict(iter_linears(model, skip))
+    targets = dict(iter_linears(model, skip, only))
     runner = LayerwiseRunner(model, calib)
     done = {"smoothed_groups": 0, "unsmoothed_groups": 0}
 
@@ -136,8 +136,8 @@ def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head"
 def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
     check_calibration(calib, "smoothquant")
-    counts = smooth_(model, calib, cfg.alpha, cfg.skip)
-    names = [n for n, _ in iter_linears(model, cfg.skip)]
+    counts = smooth_(model, calib, cfg.alpha, cfg.skip, cfg.only)
+    names = list(cfg.targets(model))
     qws = {n: rtn_quantize(model.get_submodule(n).weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric) for n in names}
     info = install(model, qws, cfg.backend)
     for n in names:
