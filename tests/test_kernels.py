@@ -108,3 +108,17 @@ def test_packed_weight_bytes_really_shrink(bits, group, limit):
     ratio = weight_bytes(ql) / fp32
     expect = (0.5 if bits == 4 else 1.0) / 4
     assert expect <= ratio <= limit, ratio  # codes alone, plus scales/zeros that must be counted
+
+
+def test_memory_metrics_count_packed_linears():
+    import leanfm
+    from leanfm.measure.memory import model_size_on_disk_bytes, quantized_linear_bytes
+    from tests.conftest import tiny_llama
+
+    dense = tiny_llama(hidden=128, inter=256)
+    size0 = model_size_on_disk_bytes(dense)
+    m = leanfm.apply_(tiny_llama(hidden=128, inter=256), {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False})
+    packed, fp32 = quantized_linear_bytes(m)
+    assert fp32 == 4 * sum(p.numel() for n, p in dense.named_parameters() if n.endswith("proj.weight"))
+    assert 0.125 < packed / fp32 <= 0.3
+    assert model_size_on_disk_bytes(m) < size0

@@ -21,13 +21,31 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
+def quantized_linear_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the packed linears hold, bytes the same linears hold in fp32); (0, 0) if none."""
+    from ..kernels.qlinear import QuantLinear
+
+    packed = fp32 = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            packed += sum(t.untyped_storage().nbytes() for t in list(m.buffers()) + list(m.parameters()))
+            fp32 = fp32 + 4 * m.in_features * m.out_features + (4 * m.out_features if m.bias is not None else 0)
+    return packed, fp32
+
+
 def model_size_on_disk_bytes(model: nn.Module) -> int:
-    """Size of the model's safetensors file, written for real to a temporary directory."""
+    """Size of the model's safetensors file, written for real to a temporary directory (packed
+    models in the leanfm checkpoint format that ``leanfm compress`` writes)."""
     from safetensors.torch import save_model
+
+    from ..kernels.checkpoint import quantized_layers, save_quantized
 
     with tempfile.TemporaryDirectory(prefix="leanfm-size-") as d:
         path = os.path.join(d, "model.safetensors")
-        save_model(model, path)
+        if quantized_layers(model):
+            save_quantized(model, d)
+        else:
+            save_model(model, path)
         return os.path.getsize(path)
 
 

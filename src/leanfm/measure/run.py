@@ -82,6 +82,9 @@ def measure(model, tok, protocol: Protocol | None = None, reference=None, profil
         del sp
     if "memory" in groups:
         metrics["weight_bytes"] = mem.weight_bytes(model)
+        packed, fp32 = mem.quantized_linear_bytes(model)
+        if fp32:
+            details.update(quantized_linear_bytes=packed, quantized_linear_fp32_bytes=fp32, linear_bytes_ratio=packed / fp32)
         metrics["model_size_on_disk_bytes"] = mem.model_size_on_disk_bytes(model)
     if "quality" in groups:
         bos = tok.bos_token_id if needs_bos(model) else None
