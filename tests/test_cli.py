@@ -144,3 +144,32 @@ def test_seqlen_beyond_model_context(tiny_model_dir, tiny_text, tmp_path, capsys
     code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--seqlen", "4096",
                             "--out", str(tmp_path / "o")], capsys)
     assert_one_line_error(code, err, "--seqlen 4096 exceeds the model's context of 512 tokens")
+
+
+def test_quantizing_a_quantized_checkpoint_is_refused(tiny_model_dir, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    code, _, err = run_cli(["compress", "--model", str(tiny_model_dir), "--recipe", "rtn-w4", "--out", str(ck)], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["compress", "--model", str(ck), "--recipe", "rtn-w8", "--out", str(tmp_path / "again")], capsys)
+    assert code == 2 and "already quantized" in err and "full-precision checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compress_to_compressed_tensors_reloads_in_transformers(tiny_model_dir, tmp_path, capsys):
+    pytest.importorskip("compressed_tensors")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import leanfm
+
+    ct = tmp_path / "ct"
+    code, stdout, err = run_cli(["compress", "--model", str(tiny_model_dir), "--recipe", "rtn-w4g64", "--format", "compressed-tensors",
+                                 "--out", str(ct)], capsys)
+    assert code == 0, err
+    assert "compressed-tensors" in stdout and (ct / "recipe.yaml").exists()
+    ours, _ = leanfm.load(str(tiny_model_dir))
+    leanfm.apply_(ours, "rtn-w4g64")
+    theirs = AutoModelForCausalLM.from_pretrained(str(ct), dtype=torch.float32).eval()
+    ids = torch.randint(3, 250, (1, 40))  # > 16 rows: leanfm runs the exact fp32 dequant path
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
