@@ -11,11 +11,16 @@ from .api import Calibration, apply_, calibration, load, measure
 from .config import BaseConfig, methods
 from .errors import LeanfmError
 from .measure.protocol import Protocol
+from .methods.quantize.awq import AWQConfig
+from .methods.quantize.gptq import GPTQConfig
+from .methods.quantize.hqq import HQQConfig
 from .methods.quantize.rtn import RTNConfig
+from .methods.quantize.smoothquant import SmoothQuantConfig
 from .recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
 __all__ = [
-    "BaseConfig", "Calibration", "LeanfmError", "Protocol", "RTNConfig", "Recipe",
+    "AWQConfig", "BaseConfig", "Calibration", "GPTQConfig", "HQQConfig", "LeanfmError", "Protocol", "RTNConfig", "Recipe",
+    "SmoothQuantConfig",
     "apply_", "calibration", "load", "load_recipe", "measure", "methods",
 ]
