@@ -107,3 +107,8 @@ def test_quantizing_an_already_quantized_model_is_refused(second):
     leanfm.apply_(model, {"method": "rtn", "bits": 4, "group_size": 32}, calib=None)
     with pytest.raises(LeanfmError, match="already quantized"):
         leanfm.apply_(model, {"method": second, "bits": 4}, calib=torch.randint(3, 250, (4, 128)))
+
+
+def test_calibration_longer_than_the_context_is_refused():
+    with pytest.raises(LeanfmError, match="exceed the model's context of 512; lower --calib-seqlen"):
+        leanfm.apply_(tiny_llama(), {"method": "gptq", "bits": 4}, calib=torch.randint(3, 250, (1, 600)))

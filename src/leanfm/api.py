@@ -42,7 +42,15 @@ def apply_(model: nn.Module, config: BaseConfig | Recipe | dict | str, calib=Non
     _, handler = lookup(config.method)
     if config.needs_calibration and calib is None:
         raise LeanfmError(f"method {config.method} needs calibration data: pass calib=leanfm.calibration(...)")
-    info = handler(model, config, _calib_tensor(model, calib) if config.needs_calibration else None)
+    ids = _calib_tensor(model, calib) if config.needs_calibration else None
+    if ids is not None and hasattr(model, "config") and ids.dim() == 2:
+        from .models.family import max_context
+
+        if ids.shape[1] > max_context(model):
+            raise LeanfmError(
+                f"calibration windows of {ids.shape[1]} tokens exceed the model's context of {max_context(model)}; lower --calib-seqlen"
+            )
+    info = handler(model, config, ids)
     if not hasattr(model, "leanfm_info"):
         model.leanfm_info = {"steps": []}
     model.leanfm_info["steps"].append({**config.to_dict(), **info})
