@@ -65,6 +65,17 @@ class Backend:
     def forward(self, x: torch.Tensor, bufs: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
         return F.linear(x, self.dequantize(bufs, lay).to(x.dtype))
 
+    def _decode_kernel(self, x2: torch.Tensor, bufs: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _split_forward(self, x: torch.Tensor, bufs: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
+        """The packed kernel for decode-sized inputs, dequant + dense GEMM above DECODE_MAX_TOKENS rows."""
+        rows = x.numel() // lay.in_features
+        if rows > DECODE_MAX_TOKENS:
+            return Backend.forward(self, x, bufs, lay)
+        y = self._decode_kernel(x.reshape(rows, lay.in_features).to(torch.bfloat16), bufs, lay)
+        return y.to(x.dtype).reshape(*x.shape[:-1], lay.out_features)
+
 
 def _canonical(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """fp32 scales; integer zero points as uint8, fractional ones (HQQ) as fp32."""
@@ -118,14 +129,11 @@ class TinyGemmInt4(Backend):
     def codes(self, bufs, lay):
         return packing.unpack_int4_tiled(bufs["qweight"])
 
-    def forward(self, x, bufs, lay):
-        rows = x.numel() // lay.in_features
-        if rows > DECODE_MAX_TOKENS:
-            return super().forward(x, bufs, lay)
-        x2 = x.reshape(rows, lay.in_features).to(torch.bfloat16)
+    forward = Backend._split_forward
+
+    def _decode_kernel(self, x2, bufs, lay):
         kg = lay.in_features // bufs["scale_zero_bf16"].shape[0]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, bufs["qweight"], kg, bufs["scale_zero_bf16"])
-        return y.to(x.dtype).reshape(*x.shape[:-1], lay.out_features)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, bufs["qweight"], kg, bufs["scale_zero_bf16"])
 
 
 class Int8Pack(Backend):
@@ -143,13 +151,10 @@ class Int8Pack(Backend):
     def codes(self, bufs, lay):
         return packing.unpack_int8(bufs["qweight"])
 
-    def forward(self, x, bufs, lay):
-        rows = x.numel() // lay.in_features
-        if rows > DECODE_MAX_TOKENS:
-            return super().forward(x, bufs, lay)
-        x2 = x.reshape(rows, lay.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int8pack_mm(x2, bufs["qweight"], bufs["scale_bf16"])
-        return y.to(x.dtype).reshape(*x.shape[:-1], lay.out_features)
+    forward = Backend._split_forward
+
+    def _decode_kernel(self, x2, bufs, lay):
+        return torch.ops.aten._weight_int8pack_mm(x2, bufs["qweight"], bufs["scale_bf16"])
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Reference(), TinyGemmInt4(), Int8Pack())}

@@ -98,6 +98,30 @@ class LayerwiseRunner:
             outs[s : s + 1] = _first_out(layer(self.hidden[s : s + 1], use_cache=False, **self.kwargs[i]))
         return outs
 
+    def run_layer_with_hooks(self, i: int, hooks: dict[nn.Module, Callable]) -> None:
+        """Run layer ``i`` on all samples with forward hooks ``{module: hook}`` attached."""
+        hs = [m.register_forward_hook(h) for m, h in hooks.items()]
+        try:
+            self.run_layer(i)
+        finally:
+            for h in hs:
+                h.remove()
+
+    def input_observer(self, i: int, lin: nn.Module) -> Callable[[], torch.Tensor]:
+        """A function that runs layer ``i`` on the first sample and returns ``lin``'s input ``[T, in]``."""
+
+        def observe() -> torch.Tensor:
+            grab = {}
+            h = lin.register_forward_hook(lambda m, a, o: grab.update(x=a[0].detach()))  # returns None: output untouched
+            try:
+                with torch.no_grad():
+                    self.layers[i](self.hidden[:1], use_cache=False, **self.kwargs[i])
+            finally:
+                h.remove()
+            return grab["x"].reshape(-1, grab["x"].shape[-1])
+
+        return observe
+
     def run(self, process: Callable[[int, nn.Module], None], desc: str) -> None:
         """For each layer: ``process(i, layer)`` (it may run :meth:`run_layer` with hooks), then
         recompute that layer's outputs with its new weights and advance."""
@@ -106,6 +130,25 @@ class LayerwiseRunner:
                 process(i, layer)
                 self.hidden = self.run_layer(i)
                 adv()
+
+
+def targets_in(layer: nn.Module, targets: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The subset of ``targets`` (name -> module) that lives inside ``layer``."""
+    inside = {id(m) for m in layer.modules()}
+    return {n: m for n, m in targets.items() if id(m) in inside}
+
+
+def group_by_input(seen: dict[str, torch.Tensor]) -> list[list[str]]:
+    """Names whose recorded inputs are identical (e.g. q/k/v, gate/up), in first-seen order."""
+    groups: list[list[str]] = []
+    for n, x in seen.items():
+        for g in groups:
+            if seen[g[0]].shape == x.shape and torch.equal(seen[g[0]], x):
+                g.append(n)
+                break
+        else:
+            groups.append([n])
+    return groups
 
 
 def capture_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):

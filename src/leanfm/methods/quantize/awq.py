@@ -14,7 +14,7 @@ from torch import nn
 from ...config import register
 from ...errors import LeanfmError
 from ..fold import divide_output, find_producer
-from ..layers import LayerwiseRunner
+from ..layers import LayerwiseRunner, group_by_input, targets_in
 from .awq_math import apply_clip, search_clip, search_scale
 from .common import WeightQuantConfig, install
 from .gptq import check_calibration
@@ -75,42 +75,17 @@ def apply_awq(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor) -> dict:
 
     def process(i: int, layer: nn.Module) -> None:
         nonlocal folded
-        mods = {n: m for n, m in targets.items() if any(m is x for x in layer.modules())}
+        mods = targets_in(layer, targets)
         rows = _Rows(per_call)
-        hs = [m.register_forward_hook(rows.hook(n)) for n, m in mods.items()]
-        try:
-            runner.run_layer(i)
-        finally:
-            for h in hs:
-                h.remove()
+        runner.run_layer_with_hooks(i, {m: rows.hook(n) for n, m in mods.items()})
         xs = {n: rows.get(n) for n in mods}
-        groups: list[list[str]] = []
-        for n in mods:  # linears that saw the same input share one scale
-            for g in groups:
-                if xs[g[0]].shape == xs[n].shape and torch.equal(xs[g[0]], xs[n]):
-                    g.append(n)
-                    break
-            else:
-                groups.append([n])
-
-        def observer(names):
-            def observe():
-                grab = {}
-                h = mods[names[0]].register_forward_hook(lambda m, a, o: grab.update(x=a[0].detach()))  # returns None: output untouched
-                try:
-                    with torch.no_grad():
-                        layer(runner.hidden[:1], use_cache=False, **runner.kwargs[i])
-                finally:
-                    h.remove()
-                return grab["x"].reshape(-1, grab["x"].shape[-1])
-
-            return observe
+        groups = group_by_input(xs)  # linears that saw the same input share one scale
 
         scaled_x = {}
         for names in groups:  # 1) all scale searches and folds (on fp weights)
             lins = [mods[n] for n in names]
             gs = resolve_group_size(lins[0].in_features, cfg.group_size, names[0])
-            prod = find_producer(layer, lins, observer(names))
+            prod = find_producer(layer, lins, runner.input_observer(i, lins[0]))
             x = xs[names[0]]
             if prod is not None:
                 s, a = search_scale(x, [m.weight for m in lins], cfg.bits, gs, cfg.symmetric, cfg.n_grid)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ...config import register
 from ...errors import LeanfmError
-from ..layers import LayerwiseRunner, capture_inputs
+from ..layers import LayerwiseRunner, capture_inputs, targets_in
 from .common import WeightQuantConfig, install
 from .gptq_math import HessianAccumulator, gptq_quantize
 from .grid import rtn_quantize
@@ -63,7 +63,7 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
     in_layers = set()
 
     def process(i: int, layer: nn.Module) -> None:
-        mods = {f"{p}": m for p, m in targets.items() if any(m is x for x in layer.modules())}
+        mods = targets_in(layer, targets)
         in_layers.update(mods)
         hess = {n: HessianAccumulator(m.in_features) for n, m in mods.items()}
         handles = capture_inputs(mods, lambda n, x: hess[n].add(x))

@@ -21,7 +21,7 @@ from torch import nn
 from ...config import register
 from ...errors import LeanfmError
 from ..fold import divide_output, find_producer
-from ..layers import LayerwiseRunner
+from ..layers import LayerwiseRunner, group_by_input, targets_in
 from ..targets import iter_linears
 from .common import WeightQuantConfig, install
 from .gptq import check_calibration
@@ -78,7 +78,7 @@ def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head"
     done = {"smoothed_groups": 0, "unsmoothed_groups": 0}
 
     def process(i: int, layer: nn.Module) -> None:
-        mods = {n: m for n, m in targets.items() if any(m is x for x in layer.modules())}
+        mods = targets_in(layer, targets)
         amax, first = {}, {}
 
         def hook(name):
@@ -90,34 +90,10 @@ def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head"
 
             return fn
 
-        hs = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-        try:
-            runner.run_layer(i)
-        finally:
-            for h in hs:
-                h.remove()
-        groups: list[list[str]] = []
-        for n in mods:
-            for g in groups:
-                if first[g[0]].shape == first[n].shape and torch.equal(first[g[0]], first[n]):
-                    g.append(n)
-                    break
-            else:
-                groups.append([n])
-        for names in groups:
+        runner.run_layer_with_hooks(i, {m: hook(n) for n, m in mods.items()})
+        for names in group_by_input(first):
             lins = [mods[n] for n in names]
-
-            def observe(lin=lins[0]):
-                grab = {}
-                h = lin.register_forward_hook(lambda m, a, o: grab.update(x=a[0].detach()))
-                try:
-                    with torch.no_grad():
-                        layer(runner.hidden[:1], use_cache=False, **runner.kwargs[i])
-                finally:
-                    h.remove()
-                return grab["x"].reshape(-1, grab["x"].shape[-1])
-
-            prod = find_producer(layer, lins, observe)
+            prod = find_producer(layer, lins, runner.input_observer(i, lins[0]))
             if prod is None:
                 done["unsmoothed_groups"] += 1
                 continue
