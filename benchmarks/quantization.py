@@ -3,6 +3,7 @@
     python benchmarks/quantization.py --phase quality --tag a --recipes baseline,rtn-w4,gptq-w4
     python benchmarks/quantization.py --phase speed               # run alone on an idle machine
     python benchmarks/quantization.py --phase peer-data           # calibration + eval ids for the peer script
+    python benchmarks/quantization.py --phase compress-time --recipes gptq-w4   # idle machine, beside the peer's timing
     python benchmarks/quantization.py --phase table --write docs/benchmarks.md
 
 Quality phase: ``leanfm.bench`` with metrics=quality on WikiText-2 test (``--eval-tokens``,
@@ -60,6 +61,27 @@ def _peer_data(a) -> None:
     print(f"{out}: calib {tuple(calib.shape)}, eval {tuple(windows.shape)}")
 
 
+def _compress_time(a) -> None:
+    """Wall time of leanfm's apply_ alone on the peer's calibration ids (compare with the peer's
+    wall_s_compress measured on the same idle machine)."""
+    import time
+
+    import torch
+
+    import leanfm
+
+    data = torch.load(Path(a.out_dir) / "peer-data.pt")
+    torch.set_num_threads(a.threads)
+    for name in a.recipes.split(","):
+        model, _ = leanfm.load(a.model)
+        t0 = time.perf_counter()
+        leanfm.apply_(model, name, calib=data["calib"])
+        wall = time.perf_counter() - t0
+        tag = Path(name).stem
+        (Path(a.out_dir) / f"time-{tag}.json").write_text(json.dumps({"recipe": tag, "wall_s_compress": wall, "threads": a.threads}))
+        print(f"{tag}: {wall:.1f} s")
+
+
 def _runs(out_dir: Path, kind: str) -> dict[str, dict]:
     runs = {}
     for p in sorted(out_dir.glob(f"{kind}*/results.json")):
@@ -72,6 +94,28 @@ def _runs(out_dir: Path, kind: str) -> dict[str, dict]:
 
 def _fmt(v, f):
     return "–" if v is None else format(v, f)
+
+
+PEER_MATCH = {"w4": "gptq-w4", "w4g64": "gptq-w4g64-sym", "w3": "gptq-w3"}
+
+
+def _peer_table(out: Path, q: dict, peer: list[dict]) -> str:
+    rows = ["| scheme (symmetric) | llm-compressor actorder | leanfm recipe | leanfm ppl | llm-compressor ppl | ratio | leanfm compress s | llm-compressor compress s | time ratio |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for pr in peer:
+        name = PEER_MATCH.get(pr["scheme"], "?")
+        ours = q.get(name, {}).get("metrics", {}).get("perplexity")
+        tfile = out / f"time-{name}.json"
+        t_ours = json.loads(tfile.read_text())["wall_s_compress"] if tfile.exists() else q.get(name, {}).get("apply_seconds")
+        t_peer = pr.get("wall_s_compress")
+        rows.append(f"| {pr['scheme']} | {pr['actorder']} | {name} | {_fmt(ours, '.3f')} | {pr['ppl_quant']:.3f} | "
+                    f"{_fmt(ours / pr['ppl_quant'] if ours else None, '.4f')} | {_fmt(t_ours, '.0f')} | {_fmt(t_peer, '.0f')} | "
+                    f"{_fmt(t_ours / t_peer if t_ours and t_peer else None, '.2f')} |")
+    v = peer[0].get("versions", {})
+    fp = next((p["ppl_fp32"] for p in peer if p.get("ppl_fp32")), None)
+    return (f"Peer comparison: llm-compressor {v.get('llmcompressor')} (transformers {v.get('transformers')}, own venv), GPTQ "
+            f"dampening 0.01, block 128, lm_head ignored, the same calibration ids and evaluation windows "
+            f"(its fp32 perplexity on them: {_fmt(fp, '.4f')}).\n\n" + "\n".join(rows))
 
 
 def _table(a) -> str:
@@ -96,7 +140,7 @@ def _table(a) -> str:
             f"| {n} | {_fmt(qm.get('perplexity'), '.3f')} | {_fmt(qm.get('ppl_increase'), '+.2%') if n != 'baseline' else '–'} | "
             f"{_fmt(qm.get('top1_agreement'), '.4f')} | {_fmt(sm.get('weight_bytes') and sm['weight_bytes'] / 1e6, '.1f')} | "
             f"{_fmt(lin, '.3f')} | {_fmt(tps, '.2f')}{spread} | "
-            f"{_fmt(tps / base_s['decode_tokens_per_s'] if tps and base_s.get('decode_tokens_per_s') else None, '.2f')}× | "
+            f"{_fmt(tps / base_s['decode_tokens_per_s'] if tps and base_s.get('decode_tokens_per_s') else None, '.2f')} | "
             f"{_fmt(sm.get('roofline_fraction'), '.3f')} | {_fmt(q.get(n, sr).get('apply_seconds'), '.0f')} | "
             f"{'simulated' if steps.get('simulated') else 'real'}: {steps.get('kernel', '–')} |"
         )
@@ -105,23 +149,26 @@ def _table(a) -> str:
     head = []
     if any_q:
         p, env = any_q["_protocol"], any_q["_env"]
-        cal = any_q.get("calibration") or next((r.get("calibration") for r in q.values() if r.get("calibration")), None)
+        cal = next((r.get("calibration") for r in q.values() if r.get("calibration")), None)
+        cal = f"{cal['dataset']} {cal['n']} x {cal['seqlen']} tokens (seed {cal['seed']})" if cal else "none needed"
+        fid = next((r["details"]["fidelity_tokens"] for r in q.values() if r["details"].get("fidelity_tokens")), None)
         head.append(f"Quality: WikiText-2 {p['split']}, {any_q['metrics'].get('eval_tokens')} scored tokens, seqlen {p['seqlen']}; "
-                    f"top1 on the first {any_q['details'].get('fidelity_tokens', 'all')} tokens; calibration {cal}; threads {env.get('threads')}.")
+                    f"top1_agreement on the first {fid} of them; calibration {cal}; threads {env.get('threads')}. "
+                    "Caveat: the packaged SmolLM2 baseline was published as 4-bit GGUF (Q4_1, blocks of 32), so its fp32 "
+                    "weights already sit on a 4-bit grid; group 32 would look falsely lossless, hence per-channel, group 64 and 3-bit.")
     if any_s:
         p, env = any_s["_protocol"], any_s["_env"]
         head.append(f"Speed: one run, batch {p['batch']}, prompt {p['prompt']}, {p['gen']} decode steps × {p['repeats']} repeats after "
                     f"{p['warmup']} warm-up, {env.get('threads')} threads, load average before/after "
                     f"{env.get('load_average_before')} / {env.get('load_average_after')}.")
-    for pr in peer:
-        head.append(f"Peer: llm-compressor {pr.get('versions', {}).get('llmcompressor')} GPTQ {pr['scheme']} actorder={pr['actorder']}: "
-                    f"ppl {pr['ppl_quant']:.3f} (its fp32 ppl {pr['ppl_fp32'] if pr.get('ppl_fp32') else '–'}), compress {pr['wall_s_compress']:.0f} s.")
+    if peer:
+        head.append(_peer_table(out, q, peer))
     return "\n\n".join(head + ["\n".join(lines)])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=["quality", "speed", "peer-data", "table"], required=True)
+    ap.add_argument("--phase", choices=["quality", "speed", "peer-data", "compress-time", "table"], required=True)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recipes", default=None, help="comma-separated recipe names")
     ap.add_argument("--tag", default="a", help="name of this quality batch (results in OUT/quality-TAG)")
@@ -140,6 +187,8 @@ def main() -> int:
         _speed(a)
     elif a.phase == "peer-data":
         _peer_data(a)
+    elif a.phase == "compress-time":
+        _compress_time(a)
     else:
         body = _table(a)
         print(body)
