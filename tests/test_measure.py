@@ -138,3 +138,24 @@ def test_cost_from_profile():
     out = cost_metrics(10.0, 2.0, {"usd_per_hour": 3.6, "grid_gco2_per_kwh": 500, "power_w": 1})
     assert out["usd_per_million_tokens"] == pytest.approx(3.6 / 3600 / 10 * 1e6)
     assert out["co2_g_per_million_tokens"] == pytest.approx(2.0 * 1e6 / 3.6e6 * 500)
+
+
+def test_flops_and_decode_bytes_count_packed_linears():
+    import leanfm
+    from leanfm.measure.flops import linear_flops_per_token
+    from leanfm.measure.roofline import decode_weight_bytes, roofline_metrics
+
+    dense = tiny_llama()
+    q = leanfm.apply_(tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32})
+    assert linear_flops_per_token(q) == linear_flops_per_token(dense)
+    emb = dense.model.embed_tokens.weight.numel() * 4  # tied lm_head reads the embedding matrix
+    proj = sum(p.numel() * 4 for n, p in dense.named_parameters() if n.endswith("proj.weight"))
+    assert decode_weight_bytes(dense) == emb + proj
+    qbytes = sum(t.untyped_storage().nbytes() for m in q.modules() if type(m).__name__ == "QuantLinear" for t in m.buffers())
+    assert decode_weight_bytes(q) == emb + qbytes < decode_weight_bytes(dense)
+    prof = {"memory_bandwidth_gbps": 10.0, "peak_gflops_fp32": 100.0}
+    r = roofline_metrics(dense, tokens_per_s=1000.0, batch=1, flops_per_token=1e6, kv_bytes_mean=1e5, profile=prof)
+    nbytes = emb + proj + 1e5
+    assert r["achieved_gbps"] == pytest.approx(nbytes * 1000 / 1e9)
+    assert r["roofline_fraction"] == pytest.approx(max(nbytes / 10e9, 1e6 / 100e9) * 1000)
+    assert roofline_metrics(dense, 1000.0, 1, 1e6, 0, {}) == {}

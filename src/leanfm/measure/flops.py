@@ -14,11 +14,9 @@ from ..models.family import decoder_config
 
 
 def linear_flops_per_token(model: nn.Module) -> int:
-    total = 0
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            total += 2 * mod.in_features * mod.out_features
-    return total
+    from .roofline import linear_like  # nn.Linear and packed QuantLinear alike
+
+    return sum(2 * mod.in_features * mod.out_features for mod in linear_like(model))
 
 
 def attention_flops_per_token(model: nn.Module, context: float) -> float:

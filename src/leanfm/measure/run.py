@@ -13,6 +13,7 @@ from .energy import EnergyMeter
 from .flops import flops_per_token
 from .protocol import Protocol
 from .quality import evaluate, make_windows
+from .roofline import roofline_metrics
 from .speed import decode_benchmark
 
 
@@ -72,6 +73,10 @@ def measure(model, tok, protocol: Protocol | None = None, reference=None, profil
             metrics.update(sp["metrics"])
             details.update(sp["details"])
             metrics["flops_per_token"] = flops_per_token(model, context)
+            kv_mean = mem.tensor_bytes(sp["cache"]) * context / (protocol.prompt + protocol.gen)
+            roof = roofline_metrics(model, metrics["decode_tokens_per_s"], protocol.batch, metrics["flops_per_token"], kv_mean, profile)
+            details["decode_bytes_per_step"] = roof.pop("decode_bytes_per_step", None)
+            metrics.update(roof)
         if "memory" in groups:
             metrics["kv_cache_bytes"] = mem.tensor_bytes(sp["cache"])
             metrics["peak_rss_bytes"] = peak.bytes
