@@ -28,7 +28,7 @@ from leanfm.bench import bench  # noqa: E402
 from leanfm.data.calib import calibration  # noqa: E402
 from leanfm.measure.protocol import Protocol  # noqa: E402
 
-SPEED_RECIPES = "baseline,rtn-w8,rtn-w4g64,gptq-w4g64,int4-fast"
+SPEED_RECIPES = "baseline,rtn-w8,rtn-w4,rtn-w4g64,hqq-w4g64,int4-fast,smoothquant-w8a8"
 
 
 def _quality(a) -> None:
