@@ -34,7 +34,8 @@ SPEED_RECIPES = "baseline,rtn-w8,rtn-w4,rtn-w4g64,hqq-w4g64,int4-fast,smoothquan
 def _quality(a) -> None:
     proto = Protocol(groups=("quality",), threads=a.threads, max_eval_tokens=a.eval_tokens, max_fidelity_tokens=a.fidelity_tokens)
     cal = calibration("gensim-wiki", a.calib_n, a.calib_seqlen)
-    bench(a.model, a.recipes.split(","), proto, Path(a.out_dir) / f"quality-{a.tag}", calib=cal)
+    bench(a.model, a.recipes.split(","), proto, Path(a.out_dir) / f"quality-{a.tag}", calib=cal,
+          reuse_baseline=Path(a.out_dir) / f"quality-{a.reuse_baseline}" if a.reuse_baseline else None)
 
 
 def _speed(a) -> None:
@@ -171,6 +172,7 @@ def main() -> int:
     ap.add_argument("--phase", choices=["quality", "speed", "peer-data", "compress-time", "table"], required=True)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recipes", default=None, help="comma-separated recipe names")
+    ap.add_argument("--reuse-baseline", default=None, help="TAG of an earlier quality batch whose baseline run to reuse")
     ap.add_argument("--tag", default="a", help="name of this quality batch (results in OUT/quality-TAG)")
     ap.add_argument("--out-dir", default="runs/bench-quant")
     ap.add_argument("--threads", type=int, default=2)

@@ -173,3 +173,20 @@ def test_compress_to_compressed_tensors_reloads_in_transformers(tiny_model_dir, 
     with torch.no_grad():
         a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (a - b).abs().max()
+
+
+def test_bench_reuses_a_matching_baseline(tiny_model_dir, tiny_text, tmp_path):
+    from leanfm.bench import bench
+    from leanfm.errors import LeanfmError
+    from leanfm.measure.protocol import Protocol
+
+    proto = Protocol(dataset=str(tiny_text), seqlen=64, groups=("quality",), threads=1)
+    first = bench(str(tiny_model_dir), ["baseline"], proto, tmp_path / "a")
+    second = bench(str(tiny_model_dir), ["rtn-w4"], proto, tmp_path / "b", reuse_baseline=tmp_path / "a")
+    base, w4 = second["runs"]
+    assert base["reused_from"] == str(tmp_path / "a") and base["metrics"] == first["runs"][0]["metrics"]
+    assert w4["metrics"]["ppl_increase"] == pytest.approx(w4["metrics"]["perplexity"] / base["metrics"]["perplexity"] - 1)
+    assert w4["metrics"]["top1_agreement"] < 1
+    with pytest.raises(LeanfmError, match="another model or protocol"):
+        bench(str(tiny_model_dir), ["rtn-w4"], Protocol(dataset=str(tiny_text), seqlen=32, groups=("quality",), threads=1),
+              tmp_path / "c", reuse_baseline=tmp_path / "a")

@@ -40,8 +40,24 @@ def _oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "not enough memory" in str(e) or "out of memory" in str(e).lower()
 
 
+def _reused_baseline(path: str | Path, model_name: str, protocol: Protocol) -> dict:
+    """The baseline run of an earlier results.json with the same model and protocol."""
+    from .results import read
+
+    prev = read(path)
+    if prev.get("model") != model_name or prev.get("protocol") != protocol.to_dict():
+        raise LeanfmError(f"cannot reuse the baseline in {path}: it was measured with another model or protocol")
+    run = dict(prev["runs"][0])
+    if run.get("status") != "ok" or run["recipe"].get("steps"):
+        raise LeanfmError(f"cannot reuse the baseline in {path}: its first run is not a successful baseline")
+    run["reused_from"] = str(path)
+    return run
+
+
 def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol, out: str | Path,
-          calib: Calibration | None = None, profile_path: str | None = None) -> dict:
+          calib: Calibration | None = None, profile_path: str | None = None, reuse_baseline: str | Path | None = None) -> dict:
+    """Run every recipe on ``model_name`` under ``protocol``; the baseline first (measured, or
+    copied from the results.json directory ``reuse_baseline`` when model and protocol match)."""
     protocol.validate()
     recipes = order_recipes(recipe_names)
     profile = load_profile(profile_path)
@@ -65,6 +81,10 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
         make_windows(ids, protocol.seqlen, protocol.max_eval_tokens, None)
     speed_groups = tuple(g for g in protocol.groups if g != "quality")
     for i, recipe in enumerate(recipes):
+        if i == 0 and reuse_baseline is not None:
+            results["runs"].append({**_reused_baseline(reuse_baseline, model_name, protocol), "id": 0})
+            write(results, out)
+            continue
         run = {"id": i, "model": model_name, "recipe": recipe.to_dict(), "status": "running"}
         results["runs"].append(run)
         try:
