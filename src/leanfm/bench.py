@@ -45,7 +45,10 @@ def _reused_baseline(path: str | Path, model_name: str, protocol: Protocol) -> d
     from .results import read
 
     prev = read(path)
-    if prev.get("model") != model_name or prev.get("protocol") != protocol.to_dict():
+    mine, theirs = protocol.to_dict(), dict(prev.get("protocol") or {})
+    if tuple(protocol.groups) == ("quality",):  # thread count does not change quality metrics
+        mine.pop("threads"), theirs.pop("threads", None)
+    if prev.get("model") != model_name or theirs != mine:
         raise LeanfmError(f"cannot reuse the baseline in {path}: it was measured with another model or protocol")
     run = dict(prev["runs"][0])
     if run.get("status") != "ok" or run["recipe"].get("steps"):
