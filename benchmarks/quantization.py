@@ -108,7 +108,8 @@ def _peer_table(out: Path, q: dict, peer: list[dict]) -> str:
         ours = q.get(name, {}).get("metrics", {}).get("perplexity")
         tfile = out / f"time-{name}.json"
         t_ours = json.loads(tfile.read_text())["wall_s_compress"] if tfile.exists() else q.get(name, {}).get("apply_seconds")
-        t_peer = pr.get("wall_s_compress")
+        pfile = out / f"peer-time-{pr['scheme']}.json"  # a clean re-timing of the peer's oneshot, if taken
+        t_peer = json.loads(pfile.read_text())["wall_s_compress"] if pfile.exists() else pr.get("wall_s_compress")
         rows.append(f"| {pr['scheme']} | {pr['actorder']} | {name} | {_fmt(ours, '.3f')} | {pr['ppl_quant']:.3f} | "
                     f"{_fmt(ours / pr['ppl_quant'] if ours else None, '.4f')} | {_fmt(t_ours, '.0f')} | {_fmt(t_peer, '.0f')} | "
                     f"{_fmt(t_ours / t_peer if t_ours and t_peer else None, '.2f')} |")
