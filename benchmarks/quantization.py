@@ -83,14 +83,34 @@ def _compress_time(a) -> None:
         print(f"{tag}: {wall:.1f} s")
 
 
+def _label(recipe: dict) -> str:
+    """The recipe name, annotated when the built-in of that name has changed since the run."""
+    from leanfm.recipe import builtin_names, load_recipe
+
+    name = recipe["name"]
+    if name not in builtin_names():
+        return name
+    now = load_recipe(name).to_dict()["steps"]
+    diff = [f"{k}: {json.dumps(v)}" for old, new in zip(recipe["steps"], now) for k, v in old.items() if new.get(k) != v]
+    return f"{name} (earlier definition, {', '.join(diff)})" if diff else name
+
+
 def _runs(out_dir: Path, kind: str) -> dict[str, dict]:
     runs = {}
     for p in sorted(out_dir.glob(f"{kind}*/results.json")):
         d = json.loads(p.read_text())
         for r in d["runs"]:
             if r.get("status") == "ok":
-                runs[r["recipe"]["name"]] = {**r, "_env": d["environment"], "_protocol": d["protocol"]}
+                runs[_label(r["recipe"])] = {**r, "_env": d["environment"], "_protocol": d["protocol"]}
     return runs
+
+
+def _short_kernel(k: str) -> str:
+    import re
+
+    found = re.findall(r"\[([\w-]+): (\d+) layers\]", k)
+    extra = " + fake-quant activations" if "fake-quant" in k and found else ""
+    return (", ".join(f"{b} ×{n}" for b, n in found) + extra) if found else k
 
 
 def _fmt(v, f):
@@ -144,7 +164,7 @@ def _table(a) -> str:
             f"{_fmt(lin, '.3f')} | {_fmt(tps, '.2f')}{spread} | "
             f"{_fmt(tps / base_s['decode_tokens_per_s'] if tps and base_s.get('decode_tokens_per_s') else None, '.2f')} | "
             f"{_fmt(sm.get('roofline_fraction'), '.3f')} | {_fmt(q.get(n, sr).get('apply_seconds'), '.0f')} | "
-            f"{'simulated' if steps.get('simulated') else 'real'}: {steps.get('kernel', '–')} |"
+            f"{'simulated' if steps.get('simulated') else 'real'}: {_short_kernel(steps.get('kernel', '–'))} |"
         )
     any_q = next(iter(q.values()), None)
     any_s = next(iter(s.values()), None)
@@ -155,7 +175,8 @@ def _table(a) -> str:
         cal = f"{cal['dataset']} {cal['n']} x {cal['seqlen']} tokens (seed {cal['seed']})" if cal else "none needed"
         fid = next((r["details"]["fidelity_tokens"] for r in q.values() if r["details"].get("fidelity_tokens")), None)
         head.append(f"Quality: WikiText-2 {p['split']}, {any_q['metrics'].get('eval_tokens')} scored tokens, seqlen {p['seqlen']}; "
-                    f"top1_agreement on the first {fid} of them; calibration {cal}; threads {env.get('threads')}. "
+                    f"top1_agreement on the first {fid} of them; calibration {cal}; threads "
+                    f"{'/'.join(sorted({str(r['_env'].get('threads')) for r in q.values()}))} (per batch). "
                     "Caveat: the packaged SmolLM2 baseline was published as 4-bit GGUF (Q4_1, blocks of 32), so its fp32 "
                     "weights already sit on a 4-bit grid; group 32 would look falsely lossless, hence per-channel, group 64 and 3-bit.")
     if any_s:
@@ -165,7 +186,10 @@ def _table(a) -> str:
                     f"{env.get('load_average_before')} / {env.get('load_average_after')}.")
     if peer:
         head.append(_peer_table(out, q, peer))
-    return "\n\n".join(head + ["\n".join(lines)])
+    from leanfm.kernels.backends import BACKENDS
+
+    legend = "Kernels: " + "; ".join(f"`{n}` = {b.kernel}" for n, b in BACKENDS.items()) + "."
+    return "\n\n".join(head + ["\n".join(lines), legend])
 
 
 def main() -> int:
