@@ -143,7 +143,7 @@ def _peer_table(out: Path, q: dict, peer: list[dict]) -> str:
 def _table(a) -> str:
     out = Path(a.out_dir)
     q, s = _runs(out, "quality"), _runs(out, "speed")
-    peer = [json.loads(p.read_text()) for p in sorted(out.glob("peer-*.json"))]
+    peer = [json.loads(p.read_text()) for p in sorted(out.glob("peer-*.json")) if not p.name.startswith("peer-time-")]
     base_s = s.get("baseline", {}).get("metrics", {})
     names = list(q) + [n for n in s if n not in q]
     lines = [
