@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LeanfmError
-from ..methods.quantize.grid import QuantizedWeight
+from ..methods.quantize.grid import QuantizedWeight, dequantize
 from . import packing
 
 DECODE_MAX_TOKENS = 16
@@ -34,12 +34,6 @@ class Layout:
     group_size: int
     in_features: int
     out_features: int
-
-
-def _dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    n, k = codes.shape
-    g = codes.reshape(n, k // group_size, group_size).float()
-    return ((g - zero.float().unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(n, k)
 
 
 class Backend:
@@ -60,7 +54,7 @@ class Backend:
         return QuantizedWeight(self.codes(bufs, lay), bufs["scale"].float(), bufs["zero"].float(), lay.bits, lay.group_size)
 
     def dequantize(self, bufs: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
-        return _dequant(self.codes(bufs, lay), bufs["scale"], bufs["zero"], lay.group_size)
+        return dequantize(self.codes(bufs, lay), bufs["scale"], bufs["zero"].float(), lay.group_size)
 
     def forward(self, x: torch.Tensor, bufs: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
         return F.linear(x, self.dequantize(bufs, lay).to(x.dtype))

@@ -69,16 +69,17 @@ def measure(model, tok, protocol: Protocol | None = None, reference=None, profil
             sp = decode_benchmark(model, _prompt(ids, protocol), protocol.gen, protocol.repeats, protocol.warmup,
                                   on_timed=meter.add)
         context = protocol.prompt + (protocol.gen + 1) / 2
+        kv_bytes = mem.tensor_bytes(sp["cache"])
         if "speed" in groups:
             metrics.update(sp["metrics"])
             details.update(sp["details"])
             metrics["flops_per_token"] = flops_per_token(model, context)
-            kv_mean = mem.tensor_bytes(sp["cache"]) * context / (protocol.prompt + protocol.gen)
+            kv_mean = kv_bytes * context / (protocol.prompt + protocol.gen)
             roof = roofline_metrics(model, metrics["decode_tokens_per_s"], protocol.batch, metrics["flops_per_token"], kv_mean, profile)
             details["decode_bytes_per_step"] = roof.pop("decode_bytes_per_step", None)
             metrics.update(roof)
         if "memory" in groups:
-            metrics["kv_cache_bytes"] = mem.tensor_bytes(sp["cache"])
+            metrics["kv_cache_bytes"] = kv_bytes
             metrics["peak_rss_bytes"] = peak.bytes
             details["peak_rss_scope"] = peak.scope
         if "energy" in groups:

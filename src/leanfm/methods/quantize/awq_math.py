@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .grid import choose_qparams, dequantize, quantize
-
-
-def fake_quant(w: torch.Tensor, bits: int, gs: int, symmetric: bool) -> torch.Tensor:
-    scale, zero = choose_qparams(w, bits, gs, symmetric)
-    return dequantize(quantize(w, scale, zero, bits, gs), scale, zero, gs)
+from .grid import fake_quantize as fake_quant
 
 
 def search_scale(

@@ -49,7 +49,7 @@ def check_calibration(calib: torch.Tensor, method: str, min_tokens: int = 256) -
     if calib.numel() < min_tokens:
         raise LeanfmError(
             f"{method} calibration set has only {calib.numel()} tokens; it needs at least {min_tokens} "
-            "(raise --calib-n or --calib-seqlen)"
+            "(raise --calib-samples or --calib-seqlen)"
         )
 
 
