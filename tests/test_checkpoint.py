@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import leanfm
-from leanfm.kernels.checkpoint import load_quantized, save_quantized
-from leanfm.kernels.qlinear import QuantLinear
+from leanfm.kernels.checkpoint import load_quantized, quantized_layers, save_quantized
 from tests.conftest import tiny_llama
 
 CFGS = [
@@ -26,10 +25,9 @@ def test_leanfm_checkpoint_roundtrip(cfg, tmp_path):
         ref = model(input_ids=ids).logits
     save_quantized(model, tmp_path)
     back = load_quantized(tmp_path)
-    q0 = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    q1 = [m for m in back.modules() if isinstance(m, QuantLinear)]
-    assert len(q0) == len(q1) == 14 and [m.backend.name for m in q0] == [m.backend.name for m in q1]
-    for a, b in zip(q0, q1):
+    q0, q1 = quantized_layers(model), quantized_layers(back)
+    assert len(q0) == 14 and list(q0) == list(q1) and [m.backend.name for m in q0.values()] == [m.backend.name for m in q1.values()]
+    for a, b in zip(q0.values(), q1.values()):
         qa, qb = a.quantized_weight(), b.quantized_weight()
         assert torch.equal(qa.codes, qb.codes) and torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero, qb.zero)
     with torch.no_grad():

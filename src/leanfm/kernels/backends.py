@@ -71,7 +71,7 @@ class Backend:
         return y.to(x.dtype).reshape(*x.shape[:-1], lay.out_features)
 
 
-def _canonical(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+def canonical(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     """fp32 scales; integer zero points as uint8, fractional ones (HQQ) as fp32."""
     z = qw.zero.float()
     integral = bool(torch.equal(z, z.round())) and float(z.min()) >= 0 and float(z.max()) <= 255
@@ -83,7 +83,7 @@ class Reference(Backend):
     kernel = "reference dequant + dense fp32 GEMM"
 
     def pack(self, qw):
-        return {"qweight": packing.pack_codes(qw.codes, qw.bits), **_canonical(qw)}
+        return {"qweight": packing.pack_codes(qw.codes, qw.bits), **canonical(qw)}
 
     def codes(self, bufs, lay):
         return packing.unpack_codes(bufs["qweight"], lay.bits)
@@ -118,7 +118,7 @@ class TinyGemmInt4(Backend):
         zero = qw.zero.float().repeat_interleave(rep, dim=1)
         # Kernel computes (q - 8) * s + z'; ours is (q - z) * s, so z' = (8 - z) * s.
         sz = torch.stack([scale.t(), ((8 - zero) * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
-        return {"qweight": packing.pack_int4_tiled(qw.codes), "scale_zero_bf16": sz, **_canonical(qw)}
+        return {"qweight": packing.pack_int4_tiled(qw.codes), "scale_zero_bf16": sz, **canonical(qw)}
 
     def codes(self, bufs, lay):
         return packing.unpack_int4_tiled(bufs["qweight"])
@@ -140,7 +140,7 @@ class Int8Pack(Backend):
         return None
 
     def pack(self, qw):
-        return {"qweight": packing.pack_int8(qw.codes), "scale_bf16": qw.scale[:, 0].to(torch.bfloat16), **_canonical(qw)}
+        return {"qweight": packing.pack_int8(qw.codes), "scale_bf16": qw.scale[:, 0].to(torch.bfloat16), **canonical(qw)}
 
     def codes(self, bufs, lay):
         return packing.unpack_int8(bufs["qweight"])

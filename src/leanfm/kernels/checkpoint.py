@@ -26,7 +26,12 @@ FORMAT_VERSION = 1
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    """Packed linears by name: each ``QuantLinear``, and each member of a fused group (whose
+    ``quantized_weight()`` gives back that member's own codes), not the group's fused storage."""
+    from .fuse import FusedGroup, FusedSlice
+
+    fused = {n + ".fused" for n, m in model.named_modules() if isinstance(m, FusedGroup)}
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, FusedSlice)) and n not in fused}
 
 
 def _act_bits(model: nn.Module) -> dict[str, int]:
@@ -73,8 +78,7 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
         name = inner_name[: -len(".inner")] if inner_name.endswith(".inner") and inner_name[: -len(".inner")] in acts else inner_name
         qw = q.quantized_weight()
         tensors[f"{name}.qweight"] = packing.pack_codes(qw.codes, qw.bits)
-        tensors[f"{name}.scale"] = q.scale.float().contiguous()
-        tensors[f"{name}.zero"] = q.zero.contiguous()
+        tensors.update({f"{name}.{k}": v for k, v in backends.canonical(qw).items()})
         layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "in_features": q.in_features,
                         "out_features": q.out_features, "bias": q.bias is not None, "backend": q.backend.name,
                         "act_bits": acts.get(name)}
@@ -136,4 +140,7 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
             model.tie_weights()
     if missing or unexpected:
         raise LeanfmError(f"quantized checkpoint {path} does not match its config: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
-    return model.eval()
+    from .fuse import fuse_shared_inputs
+
+    fuse_shared_inputs(model.eval())
+    return model

@@ -17,7 +17,7 @@ def is_symmetric(qw: QuantizedWeight) -> bool:
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, backend: str = "auto"):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, backend: str = "auto", persistent: bool = True):
         super().__init__()
         out_f, in_f = qw.codes.shape
         self.layout = B.Layout(qw.bits, qw.group_size, in_f, out_f)
@@ -32,7 +32,7 @@ class QuantLinear(nn.Module):
         self.backend = be
         self._names = []
         for k, v in be.pack(qw).items():
-            self.register_buffer(k, v)
+            self.register_buffer(k, v, persistent=persistent)
             self._names.append(k)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 

@@ -92,8 +92,11 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def install(model: nn.Module, qws: dict[str, QuantizedWeight], backend: str) -> dict:
-    """Put quantized weights into ``model``; return the step's ``simulated``/``kernel`` info."""
+def install(model: nn.Module, qws: dict[str, QuantizedWeight], backend: str, fuse: bool = True) -> dict:
+    """Put quantized weights into ``model``; return the step's ``simulated``/``kernel`` info.
+
+    With ``fuse``, packed siblings that read the same input (q/k/v, gate/up) then share one
+    kernel call (:mod:`leanfm.kernels.fuse`); the info records how many groups were fused."""
     if backend == "fake":
         from .grid import dequantize
 
@@ -108,4 +111,7 @@ def install(model: nn.Module, qws: dict[str, QuantizedWeight], backend: str) -> 
         parent, child = _parent(model, name)
         lin = getattr(parent, child)
         setattr(parent, child, QuantLinear(qw, lin.bias, backend))
-    return {"simulated": False, "kernel": kernel_summary(model), "layers": len(qws)}
+    from ...kernels.fuse import fuse_shared_inputs
+
+    groups = fuse_shared_inputs(model) if fuse else 0
+    return {"simulated": False, "kernel": kernel_summary(model), "layers": len(qws), "fused_groups": groups}

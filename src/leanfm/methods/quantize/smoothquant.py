@@ -115,7 +115,7 @@ def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Ten
     counts = smooth_(model, calib, cfg.alpha, cfg.skip, cfg.only)
     names = list(cfg.targets(model))
     qws = {n: rtn_quantize(model.get_submodule(n).weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric) for n in names}
-    info = install(model, qws, cfg.backend)
+    info = install(model, qws, cfg.backend, fuse=False)  # each layer fake-quantizes its own input
     for n in names:
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
