@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import LeanfmError
 from ..methods.quantize.grid import QuantizedWeight, dequantize
-from . import packing
+from . import cpp_int4, packing
 
 DECODE_MAX_TOKENS = 16
 
@@ -39,6 +39,7 @@ class Layout:
 class Backend:
     name = ""
     kernel = ""
+    act_dtype = torch.bfloat16  # what the decode kernel reads
 
     def unsupported(self, lay: Layout, symmetric: bool) -> str | None:
         """Why this backend cannot run the layout (None when it can)."""
@@ -67,8 +68,13 @@ class Backend:
         rows = x.numel() // lay.in_features
         if rows > DECODE_MAX_TOKENS:
             return Backend.forward(self, x, bufs, lay)
-        y = self._decode_kernel(x.reshape(rows, lay.in_features).to(torch.bfloat16), bufs, lay)
-        return y.to(x.dtype).reshape(*x.shape[:-1], lay.out_features)
+        x2 = x.reshape(rows, lay.in_features)
+        if x2.dtype != self.act_dtype:
+            x2 = x2.to(self.act_dtype)
+        y = self._decode_kernel(x2, bufs, lay)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(*x.shape[:-1], lay.out_features)
 
 
 def canonical(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -151,7 +157,32 @@ class Int8Pack(Backend):
         return torch.ops.aten._weight_int8pack_mm(x2, bufs["qweight"], bufs["scale_bf16"])
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Reference(), TinyGemmInt4(), Int8Pack())}
+class CppInt4(Backend):
+    name = "cpp-int4"
+    kernel = "leanfm C++ int4 GEMV (AVX2, fp32 activations) for decode; dequant + fp32 GEMM for prefill"
+    act_dtype = torch.float32
+
+    def unsupported(self, lay, symmetric):
+        if lay.bits > 4:
+            return f"{self.name} runs codes of at most 4 bits, not {lay.bits}"
+        if lay.group_size % 2:
+            return f"{self.name} needs an even group size, got {lay.group_size}"
+        op = cpp_int4.load()
+        return f"{self.name} is unavailable here: {op}" if isinstance(op, str) else None
+
+    def pack(self, qw):
+        return {"qweight": cpp_int4.pack(qw.codes, qw.group_size), "minus_sz": (-qw.scale * qw.zero).float().contiguous(), **canonical(qw)}
+
+    def codes(self, bufs, lay):
+        return cpp_int4.unpack(bufs["qweight"], lay.group_size)
+
+    forward = Backend._split_forward
+
+    def _decode_kernel(self, x2, bufs, lay):
+        return cpp_int4.load()(x2, bufs["qweight"], bufs["scale"], bufs["minus_sz"], lay.group_size)
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Reference(), CppInt4(), TinyGemmInt4(), Int8Pack())}
 
 
 def get(name: str) -> Backend:
@@ -162,7 +193,7 @@ def get(name: str) -> Backend:
 
 def auto(lay: Layout, symmetric: bool) -> Backend:
     """Fastest backend that runs the layout on this machine (reference as the fallback)."""
-    for name in ("tinygemm-int4", "int8pack"):
+    for name in ("cpp-int4", "tinygemm-int4", "int8pack"):
         if BACKENDS[name].unsupported(lay, symmetric) is None:
             return BACKENDS[name]
     return BACKENDS["reference"]

@@ -40,21 +40,23 @@ class FusedGroup(nn.Module):
         self.sizes = [m.out_features for m in members]
         self._x: torch.Tensor | None = None
         self._ver = None
-        self._ys: tuple[torch.Tensor, ...] = ()
-        self._pending: set[int] = set()
+        self._ys: list[torch.Tensor | None] = []  # outputs not yet handed to their member
+        self._left = 0
 
     @staticmethod
     def _version(x: torch.Tensor):
         return None if x.is_inference() else x._version
 
     def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        if x is not self._x or i not in self._pending or self._version(x) != self._ver:
-            self._ys = self.fused(x).split(self.sizes, dim=-1)
-            self._x, self._ver, self._pending = x, self._version(x), set(range(len(self.sizes)))
-        self._pending.discard(i)
-        y = self._ys[i]
-        if not self._pending:  # every member served: drop the references
-            self._x, self._ys = None, ()
+        ys = self._ys
+        if x is not self._x or not ys or ys[i] is None or self._version(x) != self._ver:
+            ys = list(self.fused(x).split(self.sizes, dim=-1))
+            self._x, self._ver, self._left = x, self._version(x), len(ys)
+        y, ys[i] = ys[i], None
+        self._left -= 1
+        if self._left == 0:  # every member served: drop the references
+            self._x, ys = None, []
+        self._ys = ys
         return y
 
 
