@@ -24,7 +24,7 @@ from .measure.protocol import Protocol
 from .measure.quality import make_windows
 from .measure.run import check_seqlen, eval_ids, measure
 from .models.load import load
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, recipe_file_stem
 from .results import add_relative_metrics, new_results, write
 
 
@@ -72,7 +72,7 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
     results["model"] = model_name
     results["hardware_profile"] = profile
     for r in recipes:
-        r.save(out / "recipes" / f"{r.name}.yaml")
+        r.save(out / "recipes" / f"{recipe_file_stem(r.name)}.yaml")
 
     model, tok = load(model_name)
     check_seqlen(model, protocol)

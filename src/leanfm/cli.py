@@ -130,6 +130,7 @@ def cmd_compress(a) -> int:
     model, tok = load(a.model)
     apply_(model, recipe, calib=recipe.calibration(_calib(a), tok)[0])
     from .kernels.checkpoint import _dense_state, quantized_layers, save_quantized
+    from .methods.lowrank.module import lowrank_layout, save_lowrank
 
     qlayers = quantized_layers(model)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,6 +142,9 @@ def cmd_compress(a) -> int:
         export_compressed_tensors(model.config, _dense_state(model, qlayers), {n: q.quantized_weight() for n, q in qlayers.items()}, out, tok)
     elif qlayers:
         save_quantized(model, out, tok)
+    elif lowrank_layout(model):  # two smaller linears per layer: plain transformers cannot rebuild them
+        save_lowrank(model, out)
+        tok.save_pretrained(str(out))
     else:
         model.save_pretrained(str(out))
         tok.save_pretrained(str(out))

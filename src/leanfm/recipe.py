@@ -7,7 +7,9 @@ steps:
   - {method: rtn, bits: 4, group_size: 64}
 ```
 Built-in recipes ship in ``leanfm/recipes/*.yaml`` and are addressed by name; any other
-argument is read as a path. Every error names the file and line.
+argument is read as a path. Every error names the file and line. Names may hold characters
+that some file systems forbid (``wanda-2:4``: Windows and git checkouts there reject ':');
+their files spell those characters percent-encoded (``wanda-2%3A4.yaml``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from urllib.parse import unquote
 
 import yaml
 
@@ -22,6 +25,16 @@ from .config import BaseConfig, config_from_dict
 from .errors import LeanfmError
 
 _TOP_KEYS = ("name", "seed", "steps", "description")
+_NOT_IN_FILE_NAMES = '%<>:"/\\|?*'
+
+
+def recipe_file_stem(name: str) -> str:
+    """Built-in recipe name -> file stem (percent-encode characters file systems may forbid)."""
+    return "".join(f"%{ord(c):02X}" if c in _NOT_IN_FILE_NAMES else c for c in name)
+
+
+def _recipe_name(stem: str) -> str:
+    return unquote(stem)
 
 
 @dataclass
@@ -57,7 +70,7 @@ class Recipe:
 
 def builtin_names() -> list[str]:
     root = resources.files("leanfm.recipes")
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    return sorted(_recipe_name(p.name[:-5]) for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
@@ -98,11 +111,21 @@ def load_recipe(name_or_path: str | Recipe) -> Recipe:
         return name_or_path
     arg = str(name_or_path)
     if arg in builtin_names():
-        text = resources.files("leanfm.recipes").joinpath(f"{arg}.yaml").read_text()
+        text = resources.files("leanfm.recipes").joinpath(f"{recipe_file_stem(arg)}.yaml").read_text()
         return parse_recipe(text, source=f"{arg}.yaml")
     p = Path(arg)
+    if "+" in arg and not p.exists() and all(part in builtin_names() for part in arg.split("+")):
+        return compose(arg.split("+"))
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
             raise LeanfmError(f"recipe file '{arg}' does not exist")
         return parse_recipe(p.read_text(), source=str(p))
-    raise LeanfmError(f"unknown recipe '{arg}'; built-in recipes: {', '.join(builtin_names())}; or pass a .yaml file")
+    raise LeanfmError(f"unknown recipe '{arg}'; built-in recipes: {', '.join(builtin_names())}; or pass a .yaml file "
+                      "(or join built-in names with '+' to run them in order, e.g. wanda50+gptq-w4g64)")
+
+
+def compose(names: list[str]) -> Recipe:
+    """Built-in recipes run in order as one recipe named ``a+b`` (the first one's seed)."""
+    parts = [load_recipe(n) for n in names]
+    return Recipe(name="+".join(r.name for r in parts), seed=parts[0].seed, steps=[st for r in parts for st in r.steps],
+                  description=" then ".join(r.name for r in parts), source="+".join(r.source for r in parts))

@@ -13,11 +13,12 @@ from torch import nn
 
 
 def linear_like(model: nn.Module):
-    """Leaf modules that do a per-token matmul: nn.Linear and packed QuantLinear."""
+    """Leaf modules that do a per-token matmul: nn.Linear, packed QuantLinear, CSR SparseLinear."""
     from ..kernels.qlinear import QuantLinear
+    from ..kernels.sparse import SparseLinear
 
     for m in model.modules():
-        if isinstance(m, (nn.Linear, QuantLinear)):
+        if isinstance(m, (nn.Linear, QuantLinear, SparseLinear)):
             yield m
 
 

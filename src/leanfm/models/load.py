@@ -24,6 +24,10 @@ def _from_dir(path: str, dtype: torch.dtype):
     tok = AutoTokenizer.from_pretrained(path)
     if is_quantized_checkpoint(path):
         return load_quantized(path), tok
+    from ..methods.lowrank.module import MANIFEST as LOWRANK_MANIFEST, load_lowrank
+
+    if (Path(path) / LOWRANK_MANIFEST).exists():  # factorized linears: rebuild them before loading
+        return load_lowrank(path), tok
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tok
 

@@ -72,6 +72,10 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order) -> Qua
     maxq = 2**bits - 1
     W = W.detach().float().clone()
     H = H.detach().float().clone()
+    # Weights that are exactly zero (pruned by an earlier step) stay zero: their code is the
+    # zero point (0 is on every integer grid), and the error of pinning them is compensated by
+    # the free weights, as in SparseGPT's fixed-mask OBS update (Frantar & Alistarh, 2023).
+    pruned = W == 0
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -88,6 +92,8 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order) -> Qua
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     W = W[:, perm]
     H = H[perm][:, perm]
+    pruned = pruned[:, perm]
+    any_pruned = bool(pruned.any())
 
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     try:
@@ -115,6 +121,8 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order) -> Qua
             w = W1[:, i]
             d = Hinv1[i, i]
             q = _quant_col(w, scale_g[:, g], zero_g[:, g], maxq)
+            if any_pruned:
+                q = torch.where(pruned[:, c], zero_g[:, g], q)
             codes[:, c] = q.to(torch.uint8)
             dq = scale_g[:, g] * (q - zero_g[:, g])
             err = (w - dq) / d
