@@ -27,6 +27,19 @@ def check_seqlen(model, protocol: Protocol) -> None:
         raise LeanfmError(f"--seqlen {protocol.seqlen} exceeds the model's context of {max_context(model)} tokens; lower --seqlen")
 
 
+def _json_safe(obj):
+    """Step infos as JSON data (tensors to lists, unknown objects to their repr)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
+
+
 def flags(model) -> dict:
     """``simulated`` and ``kernel`` from the steps applied to the model."""
     steps = getattr(model, "leanfm_info", {}).get("steps", [])
@@ -60,7 +73,8 @@ def measure(model, tok, protocol: Protocol | None = None, reference=None, profil
     ids = eval_ids(tok, protocol) if ids is None else ids
     groups = set(protocol.groups)
     metrics: dict = {}
-    details: dict = {"protocol": protocol.to_dict(), "hardware_profile": profile.get("source")}
+    details: dict = {"protocol": protocol.to_dict(), "hardware_profile": profile.get("source"),
+                     "steps": _json_safe(getattr(model, "leanfm_info", {}).get("steps", []))}
 
     if groups & {"speed", "memory", "energy"}:
         meter = EnergyMeter(profile["power_w"])
