@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantization as Q  # noqa: E402
 from _mdsection import write_section  # noqa: E402
 
-SPEED_RECIPES = ("baseline,wanda50,benchmarks/recipes/magnitude50-csr.yaml,benchmarks/recipes/magnitude-2:4-csr.yaml,"
-                 "layerdrop25,width25,svd70,asvd70,layerdrop25+rtn-w8,wanda50+gptq-w4g64")
+SPEED_RECIPES = ("baseline,magnitude50,benchmarks/recipes/magnitude50-csr.yaml,benchmarks/recipes/magnitude-2:4-csr.yaml,"
+                 "layerdrop25,width25,svd70,asvd70,layerdrop25+rtn-w8")
 
 
 def _kernels(a) -> None:
