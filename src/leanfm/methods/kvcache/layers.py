@@ -1,0 +1,283 @@
+"""Per-layer caches for transformers 5.x (``CacheLayerMixin`` / ``DynamicLayer`` subclasses).
+
+Positions. Keys arrive from the model already rotated (post-RoPE: transformers 5 applies rotary
+before ``Cache.update`` and passes no sin/cos to it). The evicting layers keep those keys as they
+are, with their *original* positions, and ``get_seq_length`` reports the number of tokens seen,
+so the next tokens get their true positions too (that is also what ``generate`` does: it derives
+position ids from the attention mask). StreamingLLM's paper instead re-assigns positions inside
+the cache so that streams longer than the trained context stay in range; here the relative
+distances are the true ones, which is exact for streams within the model's context (8k for
+SmolLM2) and RoPE extrapolation beyond it.
+
+Mask. The kept keys are in chronological order with the new tokens last. ``get_mask_sizes``
+tells the mask builder that the cache spans ``[seen - stored, seen + q)``: every kept key sits
+below every query (visible), the new keys get their true positions (causal among themselves).
+This is exact for unpadded input; a 2-D padding mask would be read at those virtual positions.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from ...errors import LeanfmError
+from .policy_math import gather_tokens, group_scores, h2o_keep, snapkv_keep, snapkv_scores
+from .quant_math import dequantize, pack_nibbles, quantize, unpack_nibbles
+
+
+class EvictingLayer(DynamicLayer):
+    """A full-attention layer holding at most ``budget`` tokens after each forward."""
+
+    is_croppable = False
+
+    def __init__(self, budget: int):
+        super().__init__()
+        self.budget = budget
+        self.cumulative_length = 0  # tokens seen (reset() zeroes it)
+
+    def stored_length(self) -> int:
+        return 0 if self.keys is None or self.keys.dim() < 4 else self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.budget
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.stored_length()
+        return stored + query_length, self.cumulative_length - stored
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(f"{type(self).__name__} evicts tokens and cannot be rolled back (crop)")
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.cumulative_length += key_states.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+
+class StreamingLayer(EvictingLayer):
+    """StreamingLLM: ``sinks`` first tokens + the most recent ``budget - sinks`` (no scores needed)."""
+
+    def __init__(self, budget: int, sinks: int):
+        super().__init__(budget)
+        self.sinks = sinks
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = self._append(key_states, value_states)
+        n = keys.shape[-2]
+        if n > self.budget:  # the current queries still see all of (kept + new); store the policy's keep set
+            start = n - (self.budget - self.sinks)
+            self.keys = torch.cat([keys[..., : self.sinks, :], keys[..., start:, :]], dim=-2)
+            self.values = torch.cat([values[..., : self.sinks, :], values[..., start:, :]], dim=-2)
+        return keys, values
+
+
+class ScoredLayer(EvictingLayer):
+    """A layer that evicts after seeing the attention probabilities of the step (``observe``).
+
+    ``update`` stores everything; the score hook (``scores.enable_attention_scores``) then calls
+    ``observe(probs)`` with the eager attention probabilities ``[B, Hq, q, stored]``.
+    """
+
+    def __init__(self, budget: int):
+        super().__init__(budget)
+        self._unobserved = False
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self._unobserved:
+            raise LeanfmError(
+                f"{type(self).__name__} got no attention scores: build it with leanfm.methods.kvcache.make_cache(model) "
+                "or pass the model to the cache, which switches the model to eager attention and hooks it"
+            )
+        self._unobserved = True
+        return self._append(key_states, value_states)
+
+    def observe(self, probs: torch.Tensor) -> None:
+        self._unobserved = False
+        self._evict(probs)
+
+    def _evict(self, probs: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _keep(self, idx: torch.Tensor) -> None:
+        self.keys = gather_tokens(self.keys, idx)
+        self.values = gather_tokens(self.values, idx)
+
+    def reset(self) -> None:
+        super().reset()
+        self._unobserved = False
+
+
+class H2OLayer(ScoredLayer):
+    """H2O: accumulated attention per cached token; keep heavy hitters + ``recent`` newest."""
+
+    def __init__(self, budget: int, recent: int):
+        super().__init__(budget)
+        self.recent = recent
+        self.scores: torch.Tensor | None = None  # [B, Hkv, stored] float32
+
+    def _evict(self, probs: torch.Tensor) -> None:
+        n_kv = self.keys.shape[1]
+        step = group_scores(probs, n_kv)  # attention received in this step, [B, Hkv, stored]
+        old = self.scores if self.scores is not None else step.new_zeros(*step.shape[:2], 0)
+        pad = step.new_zeros(*step.shape[:2], step.shape[-1] - old.shape[-1])
+        self.scores = torch.cat([old, pad], dim=-1) + step
+        if step.shape[-1] > self.budget:
+            idx = h2o_keep(self.scores, self.budget, self.recent)
+            self._keep(idx)
+            self.scores = self.scores.gather(-1, idx)
+
+    def reset(self) -> None:
+        super().reset()
+        self.scores = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.scores is not None:
+            self.scores = self.scores.index_select(0, beam_idx.to(self.scores.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.scores is not None:
+            self.scores = self.scores.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.scores is not None:
+            self.scores = self.scores[indices, ...]
+
+
+class SnapKVLayer(ScoredLayer):
+    """SnapKV: after a multi-token forward (a prefill) that leaves more than ``budget`` tokens,
+    keep the prefix tokens voted for by the last ``window`` queries, plus that window. Single-token
+    decode steps append without compressing, as in the paper (the prompt is what gets compressed)."""
+
+    def __init__(self, budget: int, window: int, kernel: int, pooling: str):
+        super().__init__(budget)
+        self.window, self.kernel, self.pooling = window, kernel, pooling
+
+    def _evict(self, probs: torch.Tensor) -> None:
+        q, n = probs.shape[-2], probs.shape[-1]
+        if q == 1 or n <= self.budget:
+            return
+        w = min(self.window, q)
+        scores = snapkv_scores(probs, self.keys.shape[1], w, self.kernel, self.pooling)
+        self._keep(snapkv_keep(scores, n, self.budget, w))
+
+
+class _QuantStore:
+    """One quantized stream (keys or values) of a layer: codes + scale + zero, and for
+    per-channel groups a full-precision residual of fewer than ``group_size`` tokens (KIVI)."""
+
+    def __init__(self, bits: int, group_size: int, axis: str):
+        self.bits, self.group_size, self.axis = bits, group_size, axis
+        self.codes = self.scale = self.zero = self.residual = None
+
+    def _quantize(self, x: torch.Tensor) -> None:
+        gs = self.group_size or x.shape[-1]
+        codes, scale, zero = quantize(x, self.bits, gs, axis=-1 if self.axis == "token" else -2)
+        codes = pack_nibbles(codes) if self.bits == 4 else codes
+        if self.codes is None:
+            self.codes, self.scale, self.zero = codes, scale, zero
+        else:
+            self.codes = torch.cat([self.codes, codes], dim=-2)
+            self.scale = torch.cat([self.scale, scale], dim=-2)
+            self.zero = torch.cat([self.zero, zero], dim=-2)
+
+    def append(self, x: torch.Tensor) -> None:
+        if self.axis == "token":
+            self._quantize(x)
+            return
+        res = x if self.residual is None else torch.cat([self.residual, x], dim=-2)
+        full = res.shape[-2] // self.group_size * self.group_size
+        if full:
+            self._quantize(res[..., :full, :])
+        self.residual = res[..., full:, :]
+
+    def read(self, like: torch.Tensor) -> torch.Tensor:
+        """All stored tokens, dequantized to ``like``'s dtype: ``[B, H, stored, D]``."""
+        parts = []
+        if self.codes is not None:
+            codes = unpack_nibbles(self.codes) if self.bits == 4 else self.codes
+            gs = self.group_size or codes.shape[-1]
+            parts.append(dequantize(codes, self.scale, self.zero, gs, axis=-1 if self.axis == "token" else -2, dtype=like.dtype))
+        if self.residual is not None:
+            parts.append(self.residual)
+        if not parts:
+            return like[..., :0, :]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+    def map_(self, fn) -> None:
+        for name in ("codes", "scale", "zero", "residual"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+
+class QuantizedKVLayer(DynamicLayer):
+    """Keys and values stored as int8 / packed int4 codes with per-group scale and zero.
+
+    The current forward's own tokens are attended in full precision; everything cached before it
+    is dequantized on read. Only codes, scales, zeros (and a per-channel residual) are held, so
+    ``tensor_bytes`` of the cache counts the real storage.
+    """
+
+    is_croppable = False
+
+    def __init__(self, bits: int, group_size: int, key_axis: str, value_axis: str):
+        super().__init__()
+        self.cumulative_length = 0
+        self.k = _QuantStore(bits, group_size, key_axis)
+        self.v = _QuantStore(bits, group_size, value_axis)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.keys = self.values = None  # nothing full-precision is kept
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old_k, old_v = self.k.read(key_states), self.v.read(value_states)
+        self.k.append(key_states)
+        self.v.append(value_states)
+        self.cumulative_length += key_states.shape[-2]
+        return torch.cat([old_k, key_states], dim=-2), torch.cat([old_v, value_states], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cumulative_length + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length = 0
+        self.k = _QuantStore(self.k.bits, self.k.group_size, self.k.axis)
+        self.v = _QuantStore(self.v.bits, self.v.group_size, self.v.axis)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("QuantizedKVLayer cannot be rolled back (crop)")
+
+    def offload(self) -> None:
+        self._map(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self) -> None:
+        if self.is_initialized:
+            self._map(lambda t: t.to(self.device, non_blocking=True))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def _map(self, fn) -> None:
+        self.k.map_(fn)
+        self.v.map_(fn)
