@@ -107,6 +107,18 @@ class LayerwiseRunner:
             for h in hs:
                 h.remove()
 
+    def collect_inputs(self, i: int, mods: dict[str, nn.Module], make_stat: Callable[[nn.Module], object]) -> dict:
+        """Run layer ``i`` on all samples, feeding each module's 2-D input to ``stat.add``;
+        returns ``{name: stat}`` (a Hessian, input norms, activation statistics...)."""
+        stats = {n: make_stat(m) for n, m in mods.items()}
+        handles = capture_inputs(mods, lambda n, x: stats[n].add(x))
+        try:
+            self.run_layer(i)
+        finally:
+            for h in handles:
+                h.remove()
+        return stats
+
     def input_observer(self, i: int, lin: nn.Module) -> Callable[[], torch.Tensor]:
         """A function that runs layer ``i`` on the first sample and returns ``lin``'s input ``[T, in]``."""
 

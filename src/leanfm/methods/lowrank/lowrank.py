@@ -22,7 +22,7 @@ from torch import nn
 
 from ...config import BaseConfig, register
 from ...errors import LeanfmError
-from ..layers import LayerwiseRunner, capture_inputs, targets_in
+from ..layers import LayerwiseRunner, targets_in
 from ..structured.common import check_calibration, check_fraction, n_params, set_module
 from ..targets import iter_linears
 from .module import LowRankLinear
@@ -148,13 +148,7 @@ def apply_asvd(model: nn.Module, cfg: ASVDConfig, calib: torch.Tensor) -> dict:
 
     def process(i: int, layer: nn.Module) -> None:
         mods = targets_in(layer, todo)
-        stats = {n: ActStats(m.in_features, gram=whiten, magnitude=not whiten) for n, m in mods.items()}
-        handles = capture_inputs(mods, lambda n, x: stats[n].add(x))
-        try:
-            runner.run_layer(i)
-        finally:
-            for h in handles:
-                h.remove()
+        stats = runner.collect_inputs(i, mods, lambda m: ActStats(m.in_features, gram=whiten, magnitude=not whiten))
         for n, m in mods.items():
             w, st = m.weight.detach(), stats.pop(n)
             if whiten:

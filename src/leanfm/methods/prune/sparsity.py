@@ -19,8 +19,8 @@ from torch import nn
 
 from ...config import BaseConfig, register
 from ...errors import LeanfmError
-from ..layers import LayerwiseRunner, capture_inputs, decoder_layers, targets_in
-from ..quantize.gptq import check_calibration
+from ..layers import LayerwiseRunner, decoder_layers, targets_in
+from ..quantize.gptq import check_calibration, check_obs_params
 from ..quantize.gptq_math import HessianAccumulator
 from ..quantize.grid import check_bits, fake_quantize, resolve_group_size
 from ..targets import iter_linears
@@ -164,10 +164,7 @@ class SparseGPTConfig(PruneConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0 <= self.damp < 1:
-            raise LeanfmError(f"damp={self.damp} must be in [0, 1)")
-        if self.block_size < 1:
-            raise LeanfmError(f"block_size={self.block_size} must be >= 1")
+        check_obs_params(self.damp, self.block_size)
         nm = self.nm
         if nm is not None and self.block_size % nm[1]:
             raise LeanfmError(f"block_size={self.block_size} must be a multiple of M={nm[1]} for pattern '{self.pattern}'")
@@ -225,14 +222,7 @@ def _layerwise(model, calib, targets, make_stat: Callable, on_layer: Callable, d
     def process(i: int, layer: nn.Module) -> None:
         mods = targets_in(layer, targets)
         seen.update(mods)
-        stats = {n: make_stat(m) for n, m in mods.items()}
-        handles = capture_inputs(mods, lambda n, x: stats[n].add(x))
-        try:
-            runner.run_layer(i)
-        finally:
-            for h in handles:
-                h.remove()
-        on_layer(mods, stats)
+        on_layer(mods, runner.collect_inputs(i, mods, make_stat))
 
     runner.run(process, desc)
     return [n for n in targets if n not in seen]

@@ -13,7 +13,7 @@ from torch import nn
 
 from ...config import register
 from ...errors import LeanfmError
-from ..layers import LayerwiseRunner, capture_inputs, targets_in
+from ..layers import LayerwiseRunner, targets_in
 from .common import WeightQuantConfig, install
 from .gptq_math import HessianAccumulator, gptq_quantize
 from .grid import rtn_quantize
@@ -37,10 +37,15 @@ class GPTQConfig(WeightQuantConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not 0 <= self.damp < 1:
-            raise LeanfmError(f"damp={self.damp} must be in [0, 1)")
-        if self.block_size < 1:
-            raise LeanfmError(f"block_size={self.block_size} must be >= 1")
+        check_obs_params(self.damp, self.block_size)
+
+
+def check_obs_params(damp: float, block_size: int) -> None:
+    """Shared by the OBS-style solvers (GPTQ, SparseGPT)."""
+    if not 0 <= damp < 1:
+        raise LeanfmError(f"damp={damp} must be in [0, 1)")
+    if block_size < 1:
+        raise LeanfmError(f"block_size={block_size} must be >= 1")
 
 
 def check_calibration(calib: torch.Tensor, method: str, min_tokens: int = 256) -> None:
@@ -65,13 +70,7 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
     def process(i: int, layer: nn.Module) -> None:
         mods = targets_in(layer, targets)
         in_layers.update(mods)
-        hess = {n: HessianAccumulator(m.in_features) for n, m in mods.items()}
-        handles = capture_inputs(mods, lambda n, x: hess[n].add(x))
-        try:
-            runner.run_layer(i)
-        finally:
-            for h in handles:
-                h.remove()
+        hess = runner.collect_inputs(i, mods, lambda m: HessianAccumulator(m.in_features))
         layer_q = {}
         for n, m in mods.items():
             layer_q[n] = gptq_quantize(
