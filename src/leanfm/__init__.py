@@ -16,11 +16,19 @@ from .methods.quantize.gptq import GPTQConfig
 from .methods.quantize.hqq import HQQConfig
 from .methods.quantize.rtn import RTNConfig
 from .methods.quantize.smoothquant import SmoothQuantConfig
+from .methods.decoding.policy import EarlyExitConfig, SpeculativeConfig
+from .methods.kvcache.policies import H2OConfig, KVQuantConfig, SnapKVConfig, StreamingLLMConfig
+from .methods.lowrank.lowrank import ASVDConfig, SVDConfig
+from .methods.prune.sparsity import MagnitudeConfig, SparseGPTConfig, WandaConfig
+from .methods.structured.layerdrop import LayerDropConfig
+from .methods.structured.width import WidthPruneConfig
 from .recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
 __all__ = [
     "AWQConfig", "BaseConfig", "Calibration", "GPTQConfig", "HQQConfig", "LeanfmError", "Protocol", "RTNConfig", "Recipe",
-    "SmoothQuantConfig",
+    "SmoothQuantConfig", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "LayerDropConfig", "WidthPruneConfig",
+    "SVDConfig", "ASVDConfig", "StreamingLLMConfig", "H2OConfig", "SnapKVConfig", "KVQuantConfig", "SpeculativeConfig",
+    "EarlyExitConfig",
     "apply_", "calibration", "load", "load_recipe", "measure", "methods",
 ]
