@@ -159,3 +159,15 @@ def test_flops_and_decode_bytes_count_packed_linears():
     assert r["achieved_gbps"] == pytest.approx(nbytes * 1000 / 1e9)
     assert r["roofline_fraction"] == pytest.approx(max(nbytes / 10e9, 1e6 / 100e9) * 1000)
     assert roofline_metrics(dense, 1000.0, 1, 1e6, 0, {}) == {}
+
+
+def test_speed_uses_an_attached_kv_policy():
+    import leanfm
+
+    tok = types.SimpleNamespace(bos_token_id=1)
+    ids = torch.randint(0, 300, (600,), generator=torch.Generator().manual_seed(0))
+    proto = Protocol(groups=("speed", "memory"), prompt=24, gen=8, repeats=1, threads=1)
+    full = measure(tiny_llama(), tok, proto, ids=ids)["metrics"]["kv_cache_bytes"]
+    m = leanfm.apply_(tiny_llama(), leanfm.StreamingLLMConfig(budget=8, sinks=2))
+    bounded = measure(m, tok, proto, ids=ids)["metrics"]["kv_cache_bytes"]
+    assert bounded * 3 < full  # 8 of 32 positions kept per layer

@@ -2,7 +2,8 @@
 
 One repeat: a prefill forward over ``[batch, prompt]`` ids (timed as ``prefill_ms``; it yields
 the first new token), then ``gen`` single-token decode steps, each timed (time per output token).
-The cache holds ``prompt + gen`` positions at the end. Reported: medians over the recorded
+The cache holds ``prompt + gen`` positions at the end (fewer under an evicting KV-cache policy
+attached to the model, whose cache is used from the prefill on). Reported: medians over the recorded
 repeats and the spread (min/max), so a noisy machine shows up in the numbers.
 """
 from __future__ import annotations
@@ -31,7 +32,12 @@ def _percentile(xs: list[float], q: float) -> float:
 def _one_repeat(model, prompt_ids: torch.Tensor, gen: int):
     _sync()
     t0 = time.perf_counter()
-    out = model(input_ids=prompt_ids, use_cache=True)
+    kw = {}
+    if getattr(model, "leanfm_kv_policy", None) is not None:  # a KV-cache policy (StreamingLLM, H2O, ...)
+        from ..methods.kvcache.policies import make_cache
+
+        kw["past_key_values"] = make_cache(model)
+    out = model(input_ids=prompt_ids, use_cache=True, **kw)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync()
     prefill = time.perf_counter() - t0
