@@ -192,21 +192,26 @@ def _table(a) -> str:
     return "\n\n".join(head + ["\n".join(lines), legend])
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=["quality", "speed", "peer-data", "compress-time", "table"], required=True)
+def add_common_args(ap: argparse.ArgumentParser, out_dir: str, section: str) -> None:
+    """Options shared by the benchmark scripts built on these phases (quantization, pruning)."""
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--recipes", default=None, help="comma-separated recipe names")
+    ap.add_argument("--recipes", default=None, help="comma-separated recipe names or YAML paths")
     ap.add_argument("--reuse-baseline", default=None, help="TAG of an earlier quality batch whose baseline run to reuse")
     ap.add_argument("--tag", default="a", help="name of this quality batch (results in OUT/quality-TAG)")
-    ap.add_argument("--out-dir", default="runs/bench-quant")
+    ap.add_argument("--out-dir", default=out_dir)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--fidelity-tokens", type=int, default=16384)
     ap.add_argument("--calib-n", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
-    ap.add_argument("--write", default=None, help="markdown file to update (section quantization-<model>)")
+    ap.add_argument("--write", default=None, help=f"markdown file to update (section {section}-<model>)")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phase", choices=["quality", "speed", "peer-data", "compress-time", "table"], required=True)
+    add_common_args(ap, "runs/bench-quant", "quantization")
     a = ap.parse_args()
     if a.phase == "quality":
         _quality(a)
