@@ -29,9 +29,8 @@ from .qlinear import QuantLinear, is_symmetric
 class FusedGroup(nn.Module):
     """Holds the concatenated packed weights of a group of linears (not saved in state dicts)."""
 
-    def __init__(self, members: list[QuantLinear], backend: str):
+    def __init__(self, members: list[QuantLinear], qws: list[QuantizedWeight], backend: str):
         super().__init__()
-        qws = [m.quantized_weight() for m in members]
         fused = QuantizedWeight(
             torch.cat([q.codes for q in qws]), torch.cat([q.scale for q in qws]), torch.cat([q.zero for q in qws]),
             qws[0].bits, qws[0].group_size,
@@ -124,7 +123,7 @@ def _shared_input_groups(model: nn.Module, candidates: dict[str, QuantLinear]) -
     return [g for g in groups if len(g) > 1]
 
 
-def _fused_backend(ms: list[QuantLinear]) -> str | None:
+def _fused_backend(ms: list[QuantLinear], qws: list[QuantizedWeight]) -> str | None:
     """Backend for the concatenated weights, or None when the members cannot be fused.
 
     Members on one backend keep it; members on different backends that ``auto`` chose (e.g. a
@@ -132,7 +131,7 @@ def _fused_backend(ms: list[QuantLinear]) -> str | None:
     a = ms[0]
     if any(m.layout.bits != a.layout.bits or m.layout.group_size != a.layout.group_size or m.in_features != a.in_features for m in ms):
         return None
-    syms = [is_symmetric(m.quantized_weight()) for m in ms]
+    syms = [is_symmetric(q) for q in qws]
     lay = B.Layout(a.bits, a.group_size, a.in_features, sum(m.out_features for m in ms))
     if all(m.backend is a.backend for m in ms):
         be = a.backend
@@ -155,12 +154,15 @@ def fuse_shared_inputs(model: nn.Module) -> int:
     for names in _shared_input_groups(model, cands):
         parents = {n.rpartition(".")[0] for n in names}
         members = [cands[n] for n in names]
-        backend = _fused_backend(members) if len(parents) == 1 else None
+        if len(parents) != 1:
+            continue
+        qws = [m.quantized_weight() for m in members]  # unpacked once: symmetry check and concatenation
+        backend = _fused_backend(members, qws)
         if backend is None:
             continue
         parent = model.get_submodule(parents.pop())
         children = [n.rpartition(".")[2] for n in names]
-        group = FusedGroup(members, backend)
+        group = FusedGroup(members, qws, backend)
         parent.add_module("fused_" + "_".join(children), group)
         for i, (child, m) in enumerate(zip(children, members)):
             setattr(parent, child, FusedSlice(group, i, m))
