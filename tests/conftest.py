@@ -74,14 +74,14 @@ def pytest_collection_modifyitems(config, items):
                 it.add_marker(skip)
 
 
-def tiny_gemma3(hidden: int = 64, layers: int = 3, vocab: int = 300, seed: int = 0):
+def tiny_gemma3(hidden: int = 64, layers: int = 3, vocab: int = 300, seed: int = 0, layer_types: list[str] | None = None):
     """Gemma3 text model (sliding + global layers, (1 + w) RMSNorm): a second family for generic code."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=1,
                            head_dim=16, intermediate_size=128, vocab_size=vocab, max_position_embeddings=512,
-                           sliding_window=8, layer_types=["sliding_attention", "sliding_attention", "full_attention"][:layers],
+                           sliding_window=8, layer_types=layer_types or ["sliding_attention", "sliding_attention", "full_attention"][:layers],
                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
     m = Gemma3ForCausalLM(cfg).eval()
     with torch.no_grad():  # random (1 + w) norm weights so norm folding is actually exercised

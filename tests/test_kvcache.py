@@ -134,6 +134,46 @@ def test_streaming_cache_equals_masked_full_attention(chunk):
     assert not torch.allclose(got, model(IDS).logits, atol=1e-3)  # eviction really happened
 
 
+@FAMILIES
+def test_cache_positions_without_eviction_equal_full_cache(make):
+    model = make()
+    want = model(IDS).logits
+    got = run_steps(model, StreamingLLMCache(model, budget=64, sinks=4, positions="cache"), IDS, prefill=5)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, lambda: tiny_gemma3(layer_types=["full_attention", "sliding_attention", "full_attention"])],
+                         ids=["llama", "gemma3-global-first"])
+def test_cache_positions_reposition_kept_keys(make):
+    """After eviction, layer 0's kept keys (which depend only on token and position) equal those
+    a fresh forward computes for the kept tokens placed at positions 0..n-1; queries then see
+    the cache length as their position. (Gemma 3: global layers use their own RoPE base.)"""
+    model, budget, sinks = make(), 12, 3
+    cache = StreamingLLMCache(model, budget, sinks, positions="cache")
+    run_steps(model, cache, IDS, prefill=4, chunk=1)
+    layer = full_attention_layers(cache)[0]
+    assert cache.layers.index(layer) == 0
+    n = IDS.shape[1]
+    kept = torch.cat([IDS[:, :sinks], IDS[:, n - (budget - sinks):]], dim=1)
+    fresh = DynamicCache(config=model.config)
+    model(kept, past_key_values=fresh)
+    li = cache.layers.index(layer)
+    assert torch.allclose(layer._rotate(layer.keys, 0, inverse=False), fresh.layers[li].keys, atol=1e-5)
+    assert torch.allclose(layer.values, fresh.layers[li].values, atol=1e-5)
+    assert layer.get_seq_length() == budget and layer.cumulative_length == n
+    other = run_steps(model, StreamingLLMCache(model, budget, sinks, positions="original"), IDS, 4)
+    again = run_steps(model, StreamingLLMCache(model, budget, sinks, positions="cache"), IDS, 4)
+    assert not torch.allclose(other[:, -1], again[:, -1], atol=1e-4)  # the positions really differ
+
+
+def test_cache_positions_bad_input():
+    model = tiny_llama()
+    with pytest.raises(LeanfmError, match="positions 'abs' must be"):
+        StreamingLLMConfig(positions="abs").validate()
+    with pytest.raises(LeanfmError, match="needs the model"):
+        StreamingLLMCache(model.config, 8, 2, positions="cache")
+
+
 def _policy_caches(model, budget):
     return [StreamingLLMCache(model, budget, 4), H2OCache(model, budget, 4), SnapKVCache(model, budget, 4)]
 

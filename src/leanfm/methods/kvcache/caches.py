@@ -13,7 +13,7 @@ from torch import nn
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
 
 from ...errors import LeanfmError
-from .layers import H2OLayer, QuantizedKVLayer, SnapKVLayer, StreamingLayer
+from .layers import CachePositionStreamingLayer, H2OLayer, RopeTable, QuantizedKVLayer, SnapKVLayer, StreamingLayer
 from .scores import enable_attention_scores
 
 
@@ -39,11 +39,39 @@ class KVPolicyCache(DynamicCache):
         Cache.__init__(self, layers=layers)
 
 
-class StreamingLLMCache(KVPolicyCache):
-    """StreamingLLM (attention sinks + recent window); works with any attention implementation."""
+def rope_inv_freq(model: nn.Module):
+    """The rotary frequencies of the model's full-attention layers (``inv_freq`` of its rotary
+    module; Gemma 3 keeps one set per layer type). Raises when the model has no RoPE module."""
+    found = []
+    for name, mod in model.named_modules():
+        freq = getattr(mod, "full_attention_inv_freq", None)
+        if freq is None and name.endswith("rotary_emb"):
+            freq = getattr(mod, "inv_freq", None)
+        if freq is not None:
+            found.append(freq)
+    if not found:
+        raise LeanfmError(f"{type(model).__name__} has no rotary embedding module; use StreamingLLM positions: original")
+    return found[0]
 
-    def __init__(self, model_or_config, budget: int, sinks: int = 4):
-        super().__init__(model_or_config, lambda: StreamingLayer(budget, sinks))
+
+class StreamingLLMCache(KVPolicyCache):
+    """StreamingLLM (attention sinks + recent window); works with any attention implementation.
+
+    positions: "cache" (the paper's scheme: positions are indices inside the cache; needs the
+    model, for its RoPE frequencies) or "original" (keys keep their true positions).
+    """
+
+    def __init__(self, model_or_config, budget: int, sinks: int = 4, positions: str = "original"):
+        if positions == "cache":
+            if not isinstance(model_or_config, nn.Module):
+                raise LeanfmError("StreamingLLM positions: cache needs the model (its RoPE frequencies), not a config")
+            table = RopeTable(rope_inv_freq(model_or_config))
+            make = lambda: CachePositionStreamingLayer(budget, sinks, table)  # noqa: E731
+        elif positions == "original":
+            make = lambda: StreamingLayer(budget, sinks)  # noqa: E731
+        else:
+            raise LeanfmError(f"StreamingLLM positions '{positions}' must be 'cache' or 'original'")
+        super().__init__(model_or_config, make)
 
 
 class H2OCache(KVPolicyCache):

@@ -4,10 +4,12 @@ Positions. Keys arrive from the model already rotated (post-RoPE: transformers 5
 before ``Cache.update`` and passes no sin/cos to it). The evicting layers keep those keys as they
 are, with their *original* positions, and ``get_seq_length`` reports the number of tokens seen,
 so the next tokens get their true positions too (that is also what ``generate`` does: it derives
-position ids from the attention mask). StreamingLLM's paper instead re-assigns positions inside
-the cache so that streams longer than the trained context stay in range; here the relative
-distances are the true ones, which is exact for streams within the model's context (8k for
-SmolLM2) and RoPE extrapolation beyond it.
+position ids from the attention mask): the relative distances are the true ones.
+``CachePositionStreamingLayer`` instead does what StreamingLLM's paper does (Xiao et al. 2024,
+Sec. 3.2, "positional encoding in the cache"): positions are indices *inside the cache*, so the
+sinks sit at 0..s-1, the window right after them, and the next query at the cache length. It
+stores keys un-rotated (rotated back by their position on arrival) and rotates them by their
+cache index on every step.
 
 Mask. The kept keys are in chronological order with the new tokens last. ``get_mask_sizes``
 tells the mask builder that the cache spans ``[seen - stored, seen + q)``: every kept key sits
@@ -72,6 +74,67 @@ class StreamingLayer(EvictingLayer):
         if n > self.budget:  # the current queries still see all of (kept + new); store the policy's keep set
             start = n - (self.budget - self.sinks)
             self.keys = torch.cat([keys[..., : self.sinks, :], keys[..., start:, :]], dim=-2)
+            self.values = torch.cat([values[..., : self.sinks, :], values[..., start:, :]], dim=-2)
+        return keys, values
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """The RoPE pairing of transformers' Llama-family models: (x1, x2) -> (-x2, x1) over halves."""
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], dim=-1)
+
+
+class RopeTable:
+    """cos / sin of ``p * inv_freq`` for positions 0..n-1, grown on demand; one per cache, shared
+    by its layers (so ``kv_cache_bytes`` counts it once)."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq.detach().float().cpu()
+        self.cos = self.sin = None
+
+    def get(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cos is None or self.cos.shape[0] < n or self.cos.device != device:
+            freqs = torch.arange(n, dtype=torch.float32)[:, None] * self.inv_freq[None]
+            emb = torch.cat([freqs, freqs], dim=-1).to(device)
+            self.cos, self.sin = emb.cos(), emb.sin()
+        return self.cos[:n], self.sin[:n]
+
+
+class CachePositionStreamingLayer(StreamingLayer):
+    """StreamingLLM with positions assigned within the cache (the paper's scheme).
+
+    RoPE rotates the pair (x_i, x_{i+d/2}) by the angle p * inv_freq_i (Su et al. 2021, eq. 34 in
+    the rotate-half layout); rotations compose, so R(-p) undoes the model's rotation at position
+    p exactly (up to rounding) and any model-side scaling of cos/sin (``attention_scaling``)
+    survives unchanged. ``get_seq_length`` is the stored length, so the model gives the new
+    tokens positions ``stored .. stored + q - 1``; after the append every kept key is rotated to
+    its index ``0 .. n - 1``. Stored keys are un-rotated, so no rounding accumulates over a stream.
+    """
+
+    def __init__(self, budget: int, sinks: int, table: RopeTable):
+        super().__init__(budget, sinks)
+        self.table = table
+
+    def get_seq_length(self) -> int:
+        return self.stored_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.stored_length() + query_length, 0
+
+    def _rotate(self, x: torch.Tensor, start: int, inverse: bool) -> torch.Tensor:
+        cos, sin = self.table.get(max(start + x.shape[-2], self.budget + 1), x.device)
+        cos, sin = cos[start: start + x.shape[-2]], sin[start: start + x.shape[-2]]
+        xf = x.float()
+        return (xf * cos + rotate_half(xf) * (-sin if inverse else sin)).to(x.dtype)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raw_new = self._rotate(key_states, self.stored_length(), inverse=True)  # the model rotated them there
+        raw, values = self._append(raw_new, value_states)
+        keys = self._rotate(raw, 0, inverse=False)  # every key at its index in the cache
+        n = raw.shape[-2]
+        if n > self.budget:
+            start = n - (self.budget - self.sinks)
+            self.keys = torch.cat([raw[..., : self.sinks, :], raw[..., start:, :]], dim=-2)
             self.values = torch.cat([values[..., : self.sinks, :], values[..., start:, :]], dim=-2)
         return keys, values
 

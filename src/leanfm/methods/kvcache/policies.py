@@ -48,11 +48,15 @@ class StreamingLLMConfig(KVPolicyConfig):
     most recent ``budget - sinks`` tokens; ``sinks: 0`` is plain window attention.
 
     budget: cached tokens per full-attention layer (> sinks). sinks: initial tokens always kept.
+    positions: "cache" (default, the paper's Sec. 3.2: a token's position is its index in the
+        cache, so the sinks stay close to every query) or "original" (true positions; the sinks
+        drift ever further away as the stream grows).
     """
 
     method = "streaming_llm"
     budget: int = 512
     sinks: int = 4
+    positions: str = "cache"
 
     def validate(self) -> None:
         _positive("budget", self.budget)
@@ -60,9 +64,11 @@ class StreamingLLMConfig(KVPolicyConfig):
             raise LeanfmError(f"sinks={self.sinks} must be >= 0")
         if self.budget < self.sinks + 1:
             raise LeanfmError(f"cache budget {self.budget} is smaller than sinks + 1 = {self.sinks + 1}; raise budget or lower sinks")
+        if self.positions not in ("cache", "original"):
+            raise LeanfmError(f"positions '{self.positions}' must be 'cache' (the paper's) or 'original'")
 
     def make_cache(self, model):
-        return StreamingLLMCache(model, self.budget, self.sinks)
+        return StreamingLLMCache(model, self.budget, self.sinks, self.positions)
 
 
 @dataclass
