@@ -7,28 +7,39 @@ leanfm.apply_(model, leanfm.RTNConfig(bits=4, group_size=64))
 result = leanfm.measure(model, tok)
 ```
 """
-from .api import Calibration, apply_, calibration, load, measure
-from .config import BaseConfig, methods
-from .errors import LeanfmError
-from .measure.protocol import Protocol
-from .methods.quantize.awq import AWQConfig
-from .methods.quantize.gptq import GPTQConfig
-from .methods.quantize.hqq import HQQConfig
-from .methods.quantize.rtn import RTNConfig
-from .methods.quantize.smoothquant import SmoothQuantConfig
-from .methods.decoding.policy import EarlyExitConfig, SpeculativeConfig
-from .methods.kvcache.policies import H2OConfig, KVQuantConfig, SnapKVConfig, StreamingLLMConfig
-from .methods.lowrank.lowrank import ASVDConfig, SVDConfig
-from .methods.prune.sparsity import MagnitudeConfig, SparseGPTConfig, WandaConfig
-from .methods.structured.layerdrop import LayerDropConfig
-from .methods.structured.width import WidthPruneConfig
-from .recipe import Recipe, load_recipe
+from importlib import import_module
+
+# Public names -> the module defining them. Imported on first use (PEP 562), so that light
+# commands (``leanfm predict``, ``leanfm models``) start without loading torch and transformers.
+_EXPORTS = {
+    "Calibration": "api", "apply_": "api", "calibration": "api", "load": "api", "measure": "api",
+    "BaseConfig": "config", "available_methods": "config",
+    "LeanfmError": "errors",
+    "Protocol": "measure.protocol",
+    "AWQConfig": "methods.quantize.awq", "GPTQConfig": "methods.quantize.gptq", "HQQConfig": "methods.quantize.hqq",
+    "RTNConfig": "methods.quantize.rtn", "SmoothQuantConfig": "methods.quantize.smoothquant",
+    "EarlyExitConfig": "methods.decoding.policy", "SpeculativeConfig": "methods.decoding.policy",
+    "H2OConfig": "methods.kvcache.policies", "KVQuantConfig": "methods.kvcache.policies",
+    "SnapKVConfig": "methods.kvcache.policies", "StreamingLLMConfig": "methods.kvcache.policies",
+    "ASVDConfig": "methods.lowrank.lowrank", "SVDConfig": "methods.lowrank.lowrank",
+    "MagnitudeConfig": "methods.prune.sparsity", "SparseGPTConfig": "methods.prune.sparsity",
+    "WandaConfig": "methods.prune.sparsity",
+    "LayerDropConfig": "methods.structured.layerdrop", "WidthPruneConfig": "methods.structured.width",
+    "Recipe": "recipe", "load_recipe": "recipe",
+    "predict": "predict",
+}
 
 __version__ = "0.1.0"
-__all__ = [
-    "AWQConfig", "BaseConfig", "Calibration", "GPTQConfig", "HQQConfig", "LeanfmError", "Protocol", "RTNConfig", "Recipe",
-    "SmoothQuantConfig", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig", "LayerDropConfig", "WidthPruneConfig",
-    "SVDConfig", "ASVDConfig", "StreamingLLMConfig", "H2OConfig", "SnapKVConfig", "KVQuantConfig", "SpeculativeConfig",
-    "EarlyExitConfig",
-    "apply_", "calibration", "load", "load_recipe", "measure", "methods",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'leanfm' has no attribute '{name}'")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

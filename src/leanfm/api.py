@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import methods  # noqa: F401  (registers built-in methods)
 from .config import BaseConfig, config_from_dict, lookup
 from .data.calib import Calibration, calibration  # noqa: F401
 from .errors import LeanfmError

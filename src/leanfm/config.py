@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from importlib import import_module
 from typing import Any, Callable, ClassVar
 
 from .errors import LeanfmError
@@ -54,11 +55,21 @@ def register(config_cls: type[BaseConfig]) -> Callable[[Handler], Handler]:
     return deco
 
 
+def _load_builtins() -> None:
+    import_module("leanfm.methods.builtin")  # registers every built-in method
+
+
 def methods() -> list[str]:
+    """Names of the registered methods (the built-in ones included)."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
+available_methods = methods  # exported as leanfm.available_methods (leanfm.methods is the subpackage)
+
+
 def lookup(method: str) -> tuple[type[BaseConfig], Handler]:
+    _load_builtins()
     if method not in _REGISTRY:
         raise LeanfmError(f"unknown method '{method}'; known methods: {', '.join(methods())}")
     return _REGISTRY[method]

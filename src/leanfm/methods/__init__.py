@@ -1,7 +1,1 @@
-"""Technique implementations. Importing this package registers every built-in method."""
-from .quantize import awq, gptq, hqq, rtn, smoothquant  # noqa: F401
-from .prune import sparsity  # noqa: F401
-from .structured import layerdrop, width  # noqa: F401
-from .lowrank import lowrank  # noqa: F401
-from .kvcache import policies  # noqa: F401
-from .decoding import policy  # noqa: F401
+"""Technique implementations. ``methods.builtin`` imports (and so registers) every built-in one."""
