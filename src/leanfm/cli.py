@@ -1,6 +1,8 @@
 """The ``leanfm`` command line. Bad input -> one line on stderr and exit code 2."""
 from __future__ import annotations
 
+from importlib import import_module
+
 import argparse
 import os
 import sys
@@ -202,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib(s)
     s.set_defaults(fn=cmd_compress)
 
+    from .predict import cli_predict
+
+    s = sub.add_parser("predict", help="predict memory, latency, energy and cost of a model x recipe x hardware (no weights needed)")
+    cli_predict.add_arguments(s)
+    s.set_defaults(fn=cli_predict.run, light=True)
+
     s = sub.add_parser("report", help="(re)build report.html from a results directory")
     s.add_argument("dir", help="directory holding results.json")
     s.set_defaults(fn=cmd_report)
@@ -211,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from . import methods  # noqa: F401  (register built-in methods)
+        if not getattr(args, "light", False):  # light commands (predict) start without torch
+            import_module("leanfm.methods.builtin")  # register built-in methods
 
         return args.fn(args)
     except LeanfmError as e:

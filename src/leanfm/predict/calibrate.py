@@ -1,0 +1,303 @@
+"""Micro-benchmarks of this machine for the ``local`` hardware profile, cached as JSON.
+
+``calibrate_local(threads)`` measures, on ``threads`` torch threads (restored afterwards):
+
+- ``peak_tflops``: GEMM throughput in fp32, bf16 and int8 (``torch._int_mm``);
+- ``memory_bandwidth_gbps``: the effective read rate of an fp32 GEMV over a matrix far larger
+  than the caches (what one decode step of a dense model sees), and ``stream_read_gbps`` (a
+  plain reduction over the same matrix) for reference;
+- ``overhead_us_per_op``: the fixed cost of one tiny ``F.linear``;
+- ``overhead_us_per_layer`` / ``overhead_us_per_model_step``: decode-step time of tiny random
+  Llama models with 1 and 3 decoder layers (hidden 64, so the math is negligible):
+  per layer = (t3 - t1) / 2, per model step = t1 - per layer.
+
+The result lives in ``cache_root()/hardware/local-t{threads}.json`` and is reused until the
+torch version, CPU model, thread count or benchmark sizes change (or ``force=True``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+from ..models.cache import cache_root
+
+SCHEMA = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """Benchmark sizes. The defaults take ~10-30 s on 2 threads; tests use :data:`TINY`."""
+
+    gemm_fp32: tuple[int, int, int] = (512, 2048, 2048)   # [M, K] @ [K, N]
+    gemm_bf16: tuple[int, int, int] = (64, 512, 512)      # bf16 is slow on CPUs without AMX
+    gemm_int8: tuple[int, int, int] = (64, 512, 512)
+    gemv_mb: int = 256                                    # fp32 matrix read per GEMV, MiB
+    gemv_in: int = 4096
+    repeats: int = 7
+    op_calls: int = 2000                                  # tiny F.linear calls per timed batch
+    decode_prompt: int = 128                              # KV-cache length the decode steps see
+    decode_steps: int = 16                                # timed steps per round and model
+    decode_rounds: int = 5                                # interleaved 1-layer/3-layer rounds
+
+
+TINY = Sizes(gemm_fp32=(64, 256, 256), gemm_bf16=(16, 64, 64), gemm_int8=(32, 64, 64), gemv_mb=4, gemv_in=512,
+             repeats=3, op_calls=50, decode_prompt=16, decode_steps=4, decode_rounds=2)
+
+
+def cache_path(threads: int) -> Path:
+    return cache_root() / "hardware" / f"local-t{threads}.json"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _key(threads: int, sizes: Sizes) -> dict:
+    """What a cached result depends on; a mismatch means measure again."""
+    return {"torch": importlib.metadata.version("torch"), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+            "threads": threads, "sizes": json.loads(json.dumps(dataclasses.asdict(sizes)))}
+
+
+def read_cache(threads: int, sizes: Sizes = Sizes()) -> dict | None:
+    """The cached calibration if it matches this machine, torch, threads and sizes, else None."""
+    p = cache_path(threads)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+    if data.get("schema") != SCHEMA or data.get("key") != _key(threads, sizes):
+        return None
+    return data
+
+
+def overlay_cached(profile: dict, threads: int = 2) -> dict:
+    """Replace the nominal rates of the ``local`` profile with the cached calibration, if any."""
+    data = read_cache(threads)
+    if data is None:
+        return profile
+    r = data["results"]
+    profile["peak_tflops"] = {**profile["peak_tflops"], **r["peak_tflops"]}
+    profile["peak_gflops_fp32"] = r["peak_tflops"]["fp32"] * 1e3  # key read by measure/roofline.py
+    for k in ("memory_bandwidth_gbps", "stream_read_gbps", "overhead_us_per_op", "overhead_us_per_layer",
+              "overhead_us_per_model_step"):
+        profile[k] = r[k]
+    profile["calibrated"] = True
+    profile["calibration"] = {"path": str(cache_path(threads)), "date": data["date"], "threads": threads,
+                              "host_busy": data.get("host_busy", False), "method": data["method"]}
+    return profile
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+def _median_s(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _gemm_tflops(dtype, shape, repeats: int) -> float | None:
+    import torch
+
+    m, k, n = shape
+    if dtype == torch.int8:
+        if not hasattr(torch, "_int_mm"):
+            return None
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        b = torch.randint(-128, 128, (k, n), dtype=torch.int8)
+        fn = lambda: torch._int_mm(a, b)  # noqa: E731
+    else:
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        fn = lambda: torch.mm(a, b)  # noqa: E731
+    try:
+        s = _median_s(fn, repeats)
+    except RuntimeError:  # dtype not implemented on this build
+        return None
+    return 2.0 * m * k * n / s / 1e12  # one multiply + one add per MAC
+
+
+def _bandwidth_gbps(mb: int, n_in: int, repeats: int) -> tuple[float, float]:
+    """(GEMV read GB/s, reduction read GB/s) over an fp32 matrix of ``mb`` MiB."""
+    import torch
+
+    n_out = max(1, mb * 2**20 // 4 // n_in)
+    w = torch.empty(n_out, n_in).uniform_(-1, 1)  # written, so every page is really backed
+    x = torch.randn(1, n_in)
+    gemv = _median_s(lambda: x @ w.T, repeats)
+    total = _median_s(lambda: w.sum(), repeats)
+    return w.nbytes / gemv / 1e9, w.nbytes / total / 1e9
+
+
+def _op_overhead_us(calls: int, repeats: int) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    x, w = torch.randn(1, 64), torch.randn(64, 64)
+
+    def batch():
+        for _ in range(calls):
+            F.linear(x, w)
+
+    return _median_s(batch, repeats) / calls * 1e6
+
+
+def _tiny_llama(layers: int):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                      num_hidden_layers=layers, vocab_size=256, max_position_embeddings=2048)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _decode_step_us(models: dict, sizes: Sizes) -> dict:
+    """Median decode-step time (µs) per model, rounds interleaved so drift hits all alike.
+
+    Each round prefills ``decode_prompt`` tokens into a fresh DynamicCache, then times
+    ``decode_steps`` single-token steps (the cache grows by that many tokens).
+    """
+    import torch
+
+    times: dict = {k: [] for k in models}
+    with torch.no_grad():
+        for _ in range(sizes.decode_rounds):
+            for k, model in models.items():
+                ids = torch.randint(0, 256, (1, sizes.decode_prompt))
+                out = model(input_ids=ids, use_cache=True)
+                cache, tok = out.past_key_values, ids[:, -1:]
+                for _ in range(sizes.decode_steps + 1):  # the first step is a warm-up
+                    t0 = time.perf_counter()
+                    out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                    times[k].append(time.perf_counter() - t0)
+                    cache = out.past_key_values
+                times[k].pop(-sizes.decode_steps - 1)
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+
+def _measure(threads: int, sizes: Sizes) -> dict:
+    """Run every benchmark once; returns ``results`` and ``method`` dicts."""
+    import torch
+
+    peaks = {"fp32": _gemm_tflops(torch.float32, sizes.gemm_fp32, sizes.repeats),
+             "bf16": _gemm_tflops(torch.bfloat16, sizes.gemm_bf16, max(3, sizes.repeats // 2)),
+             "int8": _gemm_tflops(torch.int8, sizes.gemm_int8, max(3, sizes.repeats // 2))}
+    peaks = {k: v for k, v in peaks.items() if v}
+    gemv, stream = _bandwidth_gbps(sizes.gemv_mb, sizes.gemv_in, sizes.repeats + 2)
+    op_us = _op_overhead_us(sizes.op_calls, sizes.repeats)
+    step = _decode_step_us({1: _tiny_llama(1), 3: _tiny_llama(3)}, sizes)
+    # Difference of two model depths separates per-layer from per-model cost; floors keep noise
+    # from producing a non-positive value on a busy host.
+    per_layer = max((step[3] - step[1]) / 2, op_us)
+    per_model = max(step[1] - per_layer, op_us)
+    (mf, kf, nf), (mb, kb, nb), (mi, ki, ni) = sizes.gemm_fp32, sizes.gemm_bf16, sizes.gemm_int8
+    results = {
+        "peak_tflops": peaks,
+        "memory_bandwidth_gbps": gemv,
+        "stream_read_gbps": stream,
+        "overhead_us_per_op": op_us,
+        "overhead_us_per_layer": per_layer,
+        "overhead_us_per_model_step": per_model,
+        "decode_step_us_1_layer": step[1],
+        "decode_step_us_3_layers": step[3],
+    }
+    method = {
+        "peak_tflops.fp32": f"torch.mm [{mf}x{kf}]@[{kf}x{nf}] fp32, 2*M*K*N / median of {sizes.repeats}",
+        "peak_tflops.bf16": f"torch.mm [{mb}x{kb}]@[{kb}x{nb}] bf16, 2*M*K*N / median",
+        "peak_tflops.int8": f"torch._int_mm [{mi}x{ki}]@[{ki}x{ni}] int8->int32, 2*M*K*N / median",
+        "memory_bandwidth_gbps": f"fp32 GEMV x[1,{sizes.gemv_in}] @ W.T over a {sizes.gemv_mb} MiB matrix, W bytes / median time",
+        "stream_read_gbps": f"W.sum() over the same {sizes.gemv_mb} MiB fp32 matrix, bytes / median time",
+        "overhead_us_per_op": f"F.linear [1x64]@[64x64].T, median of {sizes.repeats} batches of {sizes.op_calls} calls",
+        "overhead_us_per_layer": ("(t3 - t1) / 2, t_L = median decode-step time of a random LlamaForCausalLM with L layers "
+                                  f"(hidden 64, 4 heads, 2 kv heads, intermediate 128, vocab 256), DynamicCache of "
+                                  f"{sizes.decode_prompt}-{sizes.decode_prompt + sizes.decode_steps} tokens, torch.no_grad, "
+                                  f"{sizes.decode_rounds} interleaved rounds x {sizes.decode_steps} steps"),
+        "overhead_us_per_model_step": "t1 - overhead_us_per_layer (embedding, final norm, LM head, HF forward glue)",
+    }
+    for k, v in list(peaks.items()) + [(k, results[k]) for k in results if k != "peak_tflops"]:
+        if not (math.isfinite(v) and v > 0):
+            raise RuntimeError(f"calibration produced a non-positive {k}: {v}")
+    return {"results": results, "method": method}
+
+
+def calibrate_local(threads: int = 2, force: bool = False, sizes: Sizes = Sizes()) -> dict:
+    """Measure this machine (or reuse the cached measurement); returns the cache record.
+
+    The record has ``results`` (units in the key names), ``method`` (how each was measured),
+    ``key`` (torch, CPU model, threads, sizes), ``date``, ``seconds``, load averages and
+    ``cached`` (True when nothing was measured this call).
+    """
+    if not force:
+        data = read_cache(threads, sizes)
+        if data is not None:
+            return {**data, "cached": True}
+    import torch
+
+    old = torch.get_num_threads()
+    load_before = _loadavg()
+    t0 = time.perf_counter()
+    try:
+        torch.set_num_threads(threads)
+        measured = _measure(threads, sizes)
+    finally:
+        torch.set_num_threads(old)
+    data = {"schema": SCHEMA, "key": _key(threads, sizes),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "seconds": round(time.perf_counter() - t0, 2), "load_average_before": load_before,
+            "load_average_after": _loadavg(), "host_busy": _busy(load_before, threads), **measured}
+    p = cache_path(threads)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, p)
+    return {**data, "cached": False}
+
+
+def _busy(load: list[float] | None, threads: int) -> bool:
+    """True when other work already occupied the cores we need: OpenMP threads then wait on each
+    other and small-op timings (the overheads) come out up to ~10-100x too slow."""
+    return bool(load) and load[0] + threads > (os.cpu_count() or 1) + 0.5
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def calibrate_cli(threads: int = 2, force: bool = False) -> str:
+    """Run (or reuse) the calibration and return a printable summary."""
+    data = calibrate_local(threads=threads, force=force)
+    r = data["results"]
+    peaks = ", ".join(f"{k} {v * 1e3:.3g}" for k, v in r["peak_tflops"].items())
+    how = f"cached from {data['date']}" if data["cached"] else f"measured in {data['seconds']:.0f} s"
+    return "\n".join([
+        f"local calibration, {threads} threads, {data['key']['cpu_model']}, torch {data['key']['torch']} ({how})",
+        f"  peak GFLOP/s (int8: GOP/s): {peaks}",
+        f"  fp32 GEMV read bandwidth {r['memory_bandwidth_gbps']:.1f} GB/s (stream read {r['stream_read_gbps']:.1f} GB/s)",
+        f"  overhead: {r['overhead_us_per_op']:.1f} us/op, {r['overhead_us_per_layer']:.0f} us/decoder layer, "
+        f"{r['overhead_us_per_model_step']:.0f} us/model step",
+        f"  cache: {cache_path(threads)}  (re-run with force to measure again)",
+    ] + ([f"  warning: the host was busy (load average {data['load_average_before'][0]:.1f} on {os.cpu_count()} cores); "
+          "timings, small-op overheads above all, may be far too slow: re-run with force when it is idle"]
+         if data.get("host_busy") else []))

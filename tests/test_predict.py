@@ -1,0 +1,418 @@
+"""Roofline cost predictor (leanfm.predict): shapes, bytes and FLOPs against hand computations and
+against the real tensors of tiny random models; recipes' effects; bad input; the CLI entry."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import leanfm
+from leanfm.errors import LeanfmError
+from leanfm.predict.analyzer import expected_tokens, predict
+from leanfm.predict.arch import arch_from_config, builtin_configs, load_arch
+from leanfm.predict.recipe_effects import DEFAULTS, recipe_effects
+
+from .conftest import tiny_llama
+
+TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "intermediate_size": 128, "vocab_size": 100, "tie_word_embeddings": True}
+
+# A memory-bound GPU-like profile with int4/int8 weight-only kernels (kernels.yaml 'gpu' entries).
+GPU = {"name": "test-gpu", "kind": "gpu", "compute_capability": 9.0, "memory_gb": 80, "memory_bandwidth_gbps": 2000,
+       "peak_tflops": {"fp32": 50, "bf16": 800, "fp16": 800, "int8": 1600}, "power_w": 500, "usd_per_hour": 2.0,
+       "grid_gco2_per_kwh": 400, "default_dtype": "bf16"}
+# A CPU profile (leanfm's own QuantLinear layouts): fp32 dense.
+CPU = {"name": "test-cpu", "kind": "cpu", "memory_gb": 16, "memory_bandwidth_gbps": 20, "peak_tflops": {"fp32": 0.1},
+       "power_w": 10, "usd_per_hour": 0.1, "grid_gco2_per_kwh": 400}
+
+
+def _local():
+    from leanfm.predict.hardware import load_hardware
+
+    return load_hardware("local", calibrated=False)  # nominal rates; kernels.yaml 'local' entries
+
+
+def _llama_config(**over):
+    from transformers import LlamaConfig
+
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+              vocab_size=100, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    kw.update(over)
+    return LlamaConfig(**kw)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def test_flops_per_token_hand_computed_and_equal_to_measure():
+    from transformers import LlamaForCausalLM
+
+    from leanfm.measure.flops import flops_per_token
+
+    prompt, gen = 10, 5
+    context = prompt + (gen + 1) / 2  # 13 keys: the mean decode context (measure/flops.py convention)
+    head_dim = 64 // 4
+    per_layer = 2 * (64 * 64 + 64 * 2 * head_dim + 64 * 2 * head_dim + 64 * 64 + 64 * 128 + 64 * 128 + 128 * 64)
+    assert per_layer == 73728
+    linear = 2 * per_layer + 2 * 64 * 100  # two layers + LM head (tied, still a matmul per token)
+    attention = 2 * 4 * 4 * head_dim * context  # layers x (QK^T + AV = 4 x heads x head_dim x context)
+    hand = linear + attention
+    assert hand == 160256 + 6656
+    r = predict(TINY, "baseline", CPU, prompt=prompt, gen=gen)
+    assert r["flops_per_token"] == pytest.approx(hand, rel=1e-12)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config()).eval()
+    assert flops_per_token(model, context) == pytest.approx(hand, rel=1e-12)
+
+
+def test_prefill_attention_flops_are_causal():
+    r = predict(TINY, "baseline", CPU, prompt=8, gen=1)
+    qk = [row for row in r["per_layer"]["prefill"] if row["op"] == "attn_qk"][0]
+    assert qk["flops"] == 2 * 4 * 16 * (8 * 9 / 2)  # sum over query positions j of j keys
+
+
+# ---------------------------------------------------------------- KV cache
+
+
+def _kv_tensor_bytes(cache) -> int:
+    """Bytes of the cached keys and values themselves (not helper tables a cache may hold)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def _generate_cache(model, prompt: int, new: int, batch: int = 1, cache=None):
+    ids = torch.randint(3, 100, (batch, prompt))
+    kw = {} if cache is None else {"past_key_values": cache}
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=2,
+                         return_dict_in_generate=True, **kw)
+    return out.past_key_values
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kv_bytes_equal_real_dynamic_cache(batch):
+    from transformers import LlamaForCausalLM
+
+    from leanfm.measure.memory import tensor_bytes
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config()).eval()
+    cache = _generate_cache(model, prompt=12, new=6, batch=batch)
+    # generate feeds prompt + new - 1 tokens through the model (the last one is never fed back)
+    r = predict(TINY, "baseline", CPU, batch=batch, prompt=12, gen=5)
+    assert r["kv_cache_bytes"] == tensor_bytes(cache)
+
+
+def test_kv_bytes_equal_real_streaming_llm_cache():
+    from transformers import LlamaForCausalLM
+
+    from leanfm.methods.kvcache.policies import StreamingLLMConfig
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config()).eval()
+    cfg = StreamingLLMConfig(budget=10, sinks=2)
+    cache = _generate_cache(model, prompt=8, new=9, cache=cfg.make_cache(model))  # 16 tokens seen > budget
+    r = predict(TINY, [{"method": "streaming_llm", "budget": 10, "sinks": 2}], CPU, prompt=8, gen=8)
+    assert r["kv_cache_bytes"] == _kv_tensor_bytes(cache) == 2 * 2 * 2 * 16 * 10 * 4  # layers x K,V x kv heads x dim x budget x fp32
+
+
+def test_kv_bytes_equal_real_quantized_cache():
+    from transformers import LlamaForCausalLM
+
+    from leanfm.measure.memory import tensor_bytes
+    from leanfm.methods.kvcache.policies import KVQuantConfig
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_llama_config()).eval()
+    for bits, group in ((8, 8), (4, None)):
+        cache = _generate_cache(model, prompt=9, new=4, cache=KVQuantConfig(bits=bits, group_size=group).make_cache(model))
+        r = predict(TINY, [{"method": "kv_quant", "bits": bits, "group_size": group}], CPU, prompt=9, gen=3)
+        assert r["kv_cache_bytes"] == tensor_bytes(cache)
+
+
+def test_kv_bytes_sliding_window_layers_equal_real_cache():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from leanfm.measure.memory import tensor_bytes
+
+    kw = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=32, intermediate_size=96,
+              vocab_size=100, sliding_window=5, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+              max_position_embeddings=256, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**kw)).eval()
+    cache = _generate_cache(model, prompt=7, new=5)
+    cache_bytes = _kv_tensor_bytes(cache)
+    r = predict({"model_type": "gemma3_text", **kw, "tie_word_embeddings": True}, "baseline", CPU, prompt=7, gen=4)
+    assert r["kv_cache_bytes"] == cache_bytes == 2 * 1 * 32 * 4 * (4 + 4 + 11)  # sliding layers keep window - 1
+    assert tensor_bytes(cache) >= cache_bytes
+
+
+# ---------------------------------------------------------------- weight bytes
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w4g64", "rtn-w8", "int4-fast"])
+def test_weight_bytes_equal_packed_model(recipe):
+    from leanfm.measure.memory import weight_bytes
+    from leanfm.measure.roofline import decode_weight_bytes
+
+    if recipe == "int4-fast":
+        steps = [{"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},  # int4-fast without its GPTQ calibration
+                 {"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False, "only": ["lm_head"], "skip": []}]
+    else:
+        steps = [s.to_dict() for s in leanfm.load_recipe(recipe).steps]
+    model = tiny_llama(hidden=128, inter=256, vocab=320)
+    for s in steps:
+        leanfm.apply_(model, s)
+    cfg = {"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "intermediate_size": 256, "vocab_size": 320, "tie_word_embeddings": True}
+    r = predict(cfg, steps, _local())
+    assert r["decode_weight_bytes"] == decode_weight_bytes(model)
+    rotary = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" in n)
+    assert r["weight_bytes"] == weight_bytes(model) - rotary  # all weights; RoPE tables are not weights
+
+
+def test_leanfm_layout_bytes_equal_quantlinear_buffers():
+    from leanfm.kernels import backends
+    from leanfm.kernels.qlinear import QuantLinear
+    from leanfm.methods.quantize.grid import rtn_quantize
+    from leanfm.predict.formats import leanfm_quant_bytes
+    from leanfm.predict.recipe_effects import QuantSpec
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 576)
+    cases = [(4, 64, False, "tinygemm-int4"), (4, None, True, "tinygemm-int4"), (3, 96, False, "reference"),
+             (8, None, True, "int8pack"), (8, 64, False, "reference"), (4, 64, False, "cpp-int4")]
+    for bits, group, sym, be in cases:
+        if be == "cpp-int4" and backends.BACKENDS[be].unsupported(backends.Layout(bits, group, 576, 64), sym):
+            continue  # no compiler here
+        q = QuantLinear(rtn_quantize(w, bits, group, sym), None, be)
+        held = sum(t.numel() * t.element_size() for t in q.buffers())
+        assert leanfm_quant_bytes(QuantSpec("rtn", bits, group, sym), 576, 64, be) == held, (bits, group, sym, be)
+
+
+def test_export_layout_bytes_equal_compressed_tensors_export():
+    from leanfm.kernels.export_ct import compress_weight, scheme_of
+    from leanfm.methods.quantize.grid import rtn_quantize
+    from leanfm.predict.formats import export_quant_bytes
+    from leanfm.predict.recipe_effects import QuantSpec
+
+    torch.manual_seed(0)
+    w = torch.randn(96, 256)
+    for bits, group, sym in ((4, 64, False), (4, None, True), (8, 128, False)):
+        qw = rtn_quantize(w, bits, group, sym)
+        tensors = compress_weight(qw, scheme_of(qw))
+        as_loaded = sum(t.numel() * (2 if k == "weight_scale" else t.element_size()) for k, t in tensors.items())  # bf16 scales
+        assert export_quant_bytes(QuantSpec("rtn", bits, group, sym), 256, 96) == as_loaded
+
+
+# ---------------------------------------------------------------- recipes and effects
+
+
+def test_defaults_match_method_configs():
+    from leanfm.config import lookup
+
+    for method, defaults in DEFAULTS.items():
+        cls, _ = lookup(method)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in defaults.items():
+            assert key in fields, f"{method}.{key} is no longer a config field"
+            f = fields[key]
+            real = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert real == value, f"{method}.{key}: predictor assumes {value!r}, the config default is {real!r}"
+
+
+def test_targets_follow_methods_targets():
+    from leanfm.methods.targets import iter_linears
+
+    model = tiny_llama()
+    eff = recipe_effects("int4-fast")
+    names = [n for n, _ in model.named_modules() if n.endswith(("_proj", "lm_head"))]
+    for rule, (skip, only) in zip(eff.rules, ((("lm_head",), ()), ((), ("lm_head",)))):
+        real = {n for n, _ in iter_linears(model, skip, only)}
+        assert {n for n in names if rule.targets(n)} == real
+    pieces = eff.pieces("lm_head", 64, 300, tied=True)
+    assert pieces[0].quant is not None and pieces[0].packed  # int4-fast quantizes the head, other recipes skip it
+    assert recipe_effects("rtn-w4g64").pieces("lm_head", 64, 300)[0].quant is None
+
+
+def test_raw_recipe_reading_equals_validated_reading():
+    from leanfm.predict import recipe_effects as re_mod
+
+    def norm(steps):
+        return [(m, {k: tuple(p[k]) if isinstance(p[k], list) else p[k] for k in DEFAULTS[m]}) for m, p in steps]
+
+    for name in ("int4-fast", "wanda-2:4", "svd70", "layerdrop25", "width25", "smoothquant-w8a8", "wanda50+gptq-w4g64"):
+        _, validated = re_mod._steps(name)  # the registry is loaded here: load_recipe
+        assert norm(re_mod._raw_steps(name)) == norm(validated), name
+
+
+def test_structure_and_lowrank_effects():
+    arch = load_arch("llama-2-7b")
+    a = recipe_effects("layerdrop25").structure(arch)
+    assert a.layers == 32 - 8
+    w = recipe_effects("width25").structure(arch)
+    assert w.intermediate == 11008 - 2752 and w.heads == 32
+    pcs = recipe_effects("svd70").pieces("model.layers.0.mlp.up_proj", 4096, 11008)
+    r = int(0.7 * 4096 * 11008 / (4096 + 11008))
+    assert [(p.in_features, p.out_features) for p in pcs] == [(4096, r), (r, 11008)]
+    svd = predict("llama-2-7b", "svd70", GPU)
+    base = predict("llama-2-7b", "baseline", GPU)
+    assert svd["weight_bytes"] < base["weight_bytes"] and svd["speedup_vs_baseline"]["decode"] > 1
+
+
+# ---------------------------------------------------------------- predictions
+
+
+def test_throughput_non_decreasing_while_memory_bound_and_stops_at_fit():
+    r = predict("llama-2-70b", "gptq-w4g128", GPU, prompt=1024, gen=256)
+    curve = r["throughput_vs_batch"]
+    mem = [c for c in curve if c["bound"] == "memory" and c["fits"]]
+    assert len(mem) >= 3
+    assert all(b["decode_tokens_per_s"] >= a["decode_tokens_per_s"] for a, b in zip(mem, mem[1:]))
+    assert all(c["fits"] for c in curve[:-1])
+    assert curve[-1]["batch"] == 256 or not curve[-1]["fits"]
+
+
+def test_int4_on_memory_bound_hardware_speeds_up_decode():
+    r = predict("llama-3.1-8b", "rtn-w4g64", GPU, batch=1, prompt=512, gen=128)
+    assert r["bound"]["decode"] == "memory"
+    assert r["speedup_vs_baseline"]["decode"] > 2
+    assert r["will_speed_up"] and "int4" in r["will_speed_up_reason"] and "memory-bound" in r["will_speed_up_reason"]
+    assert not r["simulated"]
+    # decode time follows the bytes a step reads (bandwidth term), plus the kernel's dequant overhead
+    assert r["tpot_ms"] == pytest.approx(r["decode_bytes_per_step"] / 2000e9 * 1e3 * 1.1, rel=0.05)
+
+
+def test_masked_sparsity_predicts_no_speedup_and_says_simulated():
+    for recipe in ("wanda-2:4", "magnitude50"):
+        r = predict("llama-3.1-8b", recipe, GPU)
+        assert r["speedup_vs_baseline"]["decode"] == pytest.approx(1.0)
+        assert r["speedup_vs_baseline"]["prefill"] == pytest.approx(1.0)
+        assert not r["will_speed_up"] and "simulated" in r["will_speed_up_reason"] and r["simulated"]
+
+
+def test_format_without_kernel_is_simulated():
+    r = predict("llama-3.1-8b", "rtn-w4g64", {**GPU, "kind": "sbc", "name": "no-kernels"})
+    assert r["simulated"] and not r["will_speed_up"] and "has no kernel on no-kernels" in r["will_speed_up_reason"]
+    assert r["weight_bytes"] == predict("llama-3.1-8b", "baseline", {**GPU, "kind": "sbc", "name": "no-kernels"})["weight_bytes"]
+
+
+def test_speculative_decoding_math():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 1) == pytest.approx(1.5)
+    assert expected_tokens(0.8, 4) == pytest.approx((1 - 0.8**5) / 0.2)
+    steps = [{"method": "speculative", "draft": "self", "k": 4, "skip_fraction": 0.5}]
+    r = predict("llama-2-7b", steps, GPU, acceptance_rate=0.8)
+    s = r["speculative"]
+    assert s["round_ms"] == pytest.approx(4 * s["draft_step_ms"] + s["verify_ms"])
+    assert r["tpot_ms"] == pytest.approx(s["round_ms"] / s["tokens_per_round"])
+    assert s["draft_step_ms"] < r["decode_step_ms"] < s["verify_ms"]
+    assert r["speedup_vs_baseline"]["decode"] > 1.0  # 3.36 tokens per round for ~3 steps of work
+    assumed = predict("llama-2-7b", steps, GPU)
+    assert any("ASSUMED" in a for a in assumed["assumptions"])
+
+
+def test_overheads_from_profile_are_added():
+    plain = predict(TINY, "baseline", CPU)
+    slow = predict(TINY, "baseline", {**CPU, "overhead_us_per_layer": 100.0, "overhead_us_per_model_step": 50.0})
+    assert slow["tpot_ms"] - plain["tpot_ms"] == pytest.approx((2 * 100 + 50) / 1e3)
+
+
+def test_cost_energy_and_memory_fields():
+    r = predict("llama-3.1-70b", "baseline", GPU, prompt=1024, gen=256)
+    assert r["weight_bytes"] == pytest.approx(r["architecture"]["params"] * 2)
+    assert r["kv_cache_bytes"] == 2 * 80 * 8 * 128 * (1024 + 256) * 2
+    assert not r["fits"] and "does NOT fit" in r["fits_text"]  # 141 GB of bf16 weights on an 80 GB card
+    assert r["energy_j_per_token"] == pytest.approx(500 * r["tpot_ms"] / 1e3)
+    assert r["usd_per_million_tokens"] == pytest.approx(2.0 / 3600 / r["decode_tokens_per_s"] * 1e6)
+    assert r["co2_g_per_million_tokens"] == pytest.approx(r["energy_j_per_token"] * 1e6 / 3.6e6 * 400)
+    json.dumps(r)
+
+
+def test_builtin_configs_have_published_parameter_counts():
+    published = {"llama-2-7b": 6.738e9, "llama-2-70b": 68.977e9, "llama-3.1-8b": 8.030e9, "llama-3.1-70b": 70.554e9,
+                 "mistral-7b-v0.1": 7.242e9, "qwen2.5-72b": 72.706e9, "smollm2-135m": 134.5e6, "gemma3-270m": 268.1e6}
+    for name, n in published.items():
+        assert load_arch(name).params() == pytest.approx(n, rel=0.003), name
+
+
+def test_every_model_alias_resolves_without_weights():
+    from leanfm.models.registry import ALIASES
+
+    assert set(ALIASES) <= set(builtin_configs())
+    for alias in ALIASES:
+        assert load_arch(alias).layers > 0
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_unknown_hardware_lists_known_ones():
+    with pytest.raises(LeanfmError, match=r"unknown hardware 'tpu9'.*h100-sxm.*local"):
+        predict(TINY, "baseline", "tpu9")
+
+
+def test_config_missing_field_is_named():
+    cfg = {k: v for k, v in TINY.items() if k != "intermediate_size"}
+    with pytest.raises(LeanfmError, match="lacks 'intermediate_size'"):
+        predict(cfg, "baseline", CPU)
+    with pytest.raises(LeanfmError, match="num_key_value_heads"):
+        arch_from_config({**TINY, "num_key_value_heads": 3})
+    with pytest.raises(LeanfmError, match="mixture of experts"):
+        arch_from_config({**TINY, "num_local_experts": 8})
+
+
+def test_format_the_hardware_lacks_is_one_line_error():
+    # the profile claims a w8a8 kernel but has no int8 rate
+    prof = {**GPU, "peak_tflops": {"fp32": 50, "bf16": 800, "fp16": 800}, "kernels": {"w8a8": {"compute_dtype": "int8"}}}
+    with pytest.raises(LeanfmError, match="has no int8 math") as e:
+        predict("llama-2-7b", "smoothquant-w8a8", prof)
+    assert "\n" not in str(e.value)
+    with pytest.raises(LeanfmError, match="default_dtype 'fp8'"):
+        predict(TINY, "baseline", {**GPU, "default_dtype": "fp8"})
+
+
+def test_unknown_model_says_how_to_fix():
+    with pytest.raises(LeanfmError, match=r"unknown model 'not-a-model'.*config\.json") as e:
+        predict("not-a-model", "baseline", CPU)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_numbers_and_recipes():
+    with pytest.raises(LeanfmError, match="batch must be a positive integer"):
+        predict(TINY, "baseline", CPU, batch=0)
+    with pytest.raises(LeanfmError, match="acceptance rate"):
+        predict(TINY, "baseline", CPU, acceptance_rate=1.5)
+    with pytest.raises(LeanfmError, match="unknown recipe"):
+        predict(TINY, "no-such-recipe", CPU)
+
+
+# ---------------------------------------------------------------- CLI entry
+
+
+def test_cli_predict_prints_table_and_writes_json(tmp_path, capsys):
+    from leanfm.predict.cli_predict import main
+
+    out = tmp_path / "p.json"
+    assert main(["--model", "llama-3.1-70b", "--recipe", "gptq-w4g128", "--hardware", "h100", "--prompt", "1024", "--gen", "256",
+                 "--per-layer", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fits on one h100-sxm (80 GB)" in text and "WILL speed up" in text and "attn_qk" in text
+    data = json.loads(out.read_text())
+    assert data["speedup_vs_baseline"]["decode"] > 2 and data["per_layer"]["decode"]
+    assert main(["--model", "nope", "--hardware", "h100"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_dtype_the_hardware_lacks_is_one_line_error(capsys):
+    """fp8 on this CPU: the local profile has no fp8 rate (the issue's example)."""
+    with pytest.raises(LeanfmError, match=r"local.* no fp8 math.*has: fp32") as e:
+        predict("smollm2-135m", "baseline", "local", dtype="fp8")
+    assert "\n" not in str(e.value)
+    from leanfm.cli import main
+
+    assert main(["predict", "--model", "smollm2-135m", "--hardware", "local", "--dtype", "fp8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("leanfm: error:") and "fp8" in err and "\n" not in err
+    assert predict("llama-2-7b", "baseline", "h100", dtype="fp8")["dtype"] == "fp8"  # the H100 has fp8
