@@ -30,7 +30,7 @@ def test_bench_tiny_end_to_end(tiny_model_dir, tiny_text, tmp_path, capsys):
                                  "--recipe", "baseline", "--out", str(out), *FAST], capsys)
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
-    assert res["schema_version"] == "1.0"
+    assert res["schema_version"] == "1.1"
     assert [r["recipe"]["name"] for r in res["runs"]] == ["baseline", "rtn-w4"]
     base, w4 = res["runs"]
     assert base["flags"]["simulated"] is False and w4["flags"]["simulated"] is False
@@ -39,6 +39,11 @@ def test_bench_tiny_end_to_end(tiny_model_dir, tiny_text, tmp_path, capsys):
     assert w4["metrics"]["ppl_increase"] == pytest.approx(w4["metrics"]["perplexity"] / base["metrics"]["perplexity"] - 1)
     assert 0 <= w4["metrics"]["top1_agreement"] <= 1 and w4["metrics"]["kl_to_baseline"] > 0
     assert w4["metrics"]["weight_bytes"] < base["metrics"]["weight_bytes"]  # packed int4 linears
+    for run in (base, w4):  # the roofline prediction sits next to every measured run
+        m, pred = run["metrics"], run["details"]["prediction"]
+        assert m["predicted_decode_tokens_per_s"] == pred["decode_tokens_per_s"] > 0 and m["predicted_prefill_ms"] > 0
+        assert m["decode_prediction_error_pct"] == pytest.approx((pred["decode_tokens_per_s"] / m["decode_tokens_per_s"] - 1) * 100)
+    assert w4["details"]["prediction"]["weight_bytes"] < base["details"]["prediction"]["weight_bytes"]
     assert {"threads", "load_average_before", "load_average_after", "versions", "cpu_model"} <= set(res["environment"])
     assert (out / "report.html").exists() and (out / "recipes" / "rtn-w4.yaml").exists()
     assert "report.html" in stdout and "rtn-w4" in stdout

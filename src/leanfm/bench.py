@@ -24,6 +24,7 @@ from .measure.protocol import Protocol
 from .measure.quality import make_windows
 from .measure.run import check_seqlen, eval_ids, measure
 from .models.load import load
+from .predict.versus import compare, prediction_for_run
 from .recipe import Recipe, load_recipe, recipe_file_stem
 from .results import add_relative_metrics, new_results, write
 
@@ -75,6 +76,7 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
         r.save(out / "recipes" / f"{recipe_file_stem(r.name)}.yaml")
 
     model, tok = load(model_name)
+    config = model.config.to_dict()  # the architecture before any recipe changes it (for predictions)
     check_seqlen(model, protocol)
     for r in recipes:  # fail on an impossible recipe before measuring anything
         for step in r.steps:
@@ -110,6 +112,10 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
                 res["flags"] = q["flags"]
                 if i == 0:  # the baseline is the reference: identical by definition
                     res["metrics"].update(top1_agreement=1.0, kl_to_baseline=0.0)
+            if speed_groups:  # the roofline prediction next to the measurement (docs/predict.md)
+                pred = prediction_for_run(config, recipe, protocol.batch, protocol.prompt, protocol.gen, protocol.threads)
+                res["details"]["prediction"] = pred
+                res["metrics"].update(compare(pred, res["metrics"]))
             run.update(metrics=res["metrics"], details=res["details"], flags=res["flags"], status="ok")
             add_relative_metrics(run, results["runs"][0] if i > 0 else None)
         except (LeanfmError, RuntimeError, MemoryError) as e:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import LeanfmError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: predicted_* metrics and details.prediction
 
 
 def new_results(environment: dict, protocol: dict) -> dict:
