@@ -10,15 +10,7 @@ from pathlib import Path
 
 import torch
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ..sysinfo import cpu_model
 
 
 def _git_commit() -> str | None:
@@ -47,7 +39,7 @@ def environment(threads: int, seed: int | None = None) -> dict:
         "versions": {p: _version(p) for p in ("leanfm", "torch", "transformers", "safetensors", "numpy")},
         "threads": threads,
         "cpu_count": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average_before": list(os.getloadavg()),
         "git_commit": _git_commit(),

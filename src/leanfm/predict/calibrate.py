@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..models.cache import cache_root
+from ..sysinfo import cpu_model
 
 SCHEMA = 1
 
@@ -53,18 +54,6 @@ TINY = Sizes(gemm_fp32=(64, 256, 256), gemm_bf16=(16, 64, 64), gemm_int8=(32, 64
 
 def cache_path(threads: int) -> Path:
     return cache_root() / "hardware" / f"local-t{threads}.json"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def _key(threads: int, sizes: Sizes) -> dict:
