@@ -8,7 +8,8 @@ Per model (skipped with a note when not installed): ``leanfm bench`` with the sp
 (batch 1, prompt 128, gen 32, 1 warm-up + ``--repeats`` repeats, ``--threads`` threads), which
 records next to every measured run the roofline prediction made from the model's config and the
 recipe alone on the ``local`` profile (``predicted_*`` metrics, docs/results-schema.md). The
-table lists both, with the error ``predicted / measured - 1``. The prediction uses the cached
+table re-makes each prediction with the current calibration (it needs no measurement) and lists
+it beside the measured value, with the error ``predicted / measured - 1``. The prediction uses the cached
 calibration of this machine (``--calibrate`` runs the micro-benchmarks; the table says whether
 the profile was calibrated and with which figures). Models are measured one after the other, so
 each model's runs share one process and one machine state.
@@ -48,13 +49,22 @@ def _measure(a) -> None:
 
 def _table(a) -> str:
     from leanfm.predict.hardware import load_hardware
+    from leanfm.predict.versus import compare, prediction_for_run
 
     rows, notes = [], []
     for f in sorted(Path(a.out_dir).glob("*/results.json")):
         d = json.loads(f.read_text())
         for run in d["runs"]:
-            m, p = run.get("metrics") or {}, (run.get("details") or {}).get("prediction") or {}
-            if run.get("status") != "ok" or "predicted_decode_tokens_per_s" not in m:
+            if run.get("status") != "ok" or "decode_tokens_per_s" not in (run.get("metrics") or {}):
+                continue
+            # predictions are made from the config and recipe alone, so they are (re)made here with the
+            # current calibration; the measured numbers are the run's
+            proto = d["protocol"]
+            p = prediction_for_run(d["model"], run["recipe"]["steps"], proto["batch"], proto["prompt"], proto["gen"],
+                                   proto["threads"])
+            m = {**run["metrics"], **compare(p, run["metrics"])}
+            if "predicted_decode_tokens_per_s" not in m:
+                notes.append(f"{d['model']} {run['recipe']['name']}: no prediction ({p.get('error')})")
                 continue
             rows.append(f"| {d['model']} | {run['recipe']['name']} | {m['prefill_ms']:.1f} | {m['predicted_prefill_ms']:.1f} | "
                         f"{m['prefill_prediction_error_pct']:+.1f}% | {m['decode_tokens_per_s']:.2f} "

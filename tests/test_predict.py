@@ -416,3 +416,26 @@ def test_dtype_the_hardware_lacks_is_one_line_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("leanfm: error:") and "fp8" in err and "\n" not in err
     assert predict("llama-2-7b", "baseline", "h100", dtype="fp8")["dtype"] == "fp8"  # the H100 has fp8
+
+
+def test_measured_curves_interpolate_and_clamp():
+    from leanfm.predict.curves import gemv_seconds, rate_for_rows
+
+    grid = {"in_features": [512, 2048], "mib": [1, 16], "gbps": [[10.0, 12.0], [16.0, 20.0]]}
+    t = gemv_seconds(grid)
+    mib = 2**20
+    assert t(mib, 512) == pytest.approx(mib / 10e9)  # a grid point
+    assert t(4 * mib, 1024) == pytest.approx(4 * mib / 14.5e9)  # halfway in log(in) and log(bytes)
+    assert t(64 * mib, 8192) == pytest.approx(64 * mib / 20e9)  # clamped at the corner
+    r = rate_for_rows([[8, 20e9], [128, 100e9]])
+    assert r(1) == 20e9 and r(4096) == 100e9
+    assert r(32) == pytest.approx(20e9 + 80e9 * 0.5)  # halfway in log(rows)
+
+
+def test_calibrated_curves_replace_flat_roofline():
+    """A profile with measured curves prices a one-row matmul at the bandwidth of its shape and
+    prefill matmuls at the rate for their row count; without curves the flat roofline is used."""
+    flat = predict(TINY, "baseline", CPU, prompt=64, gen=8)
+    slow = {**CPU, "gemv_grid": {"in_features": [64], "mib": [1], "gbps": [[0.001]]}, "gemm_fp32_curve": [[1, 1e6], [4096, 1e6]]}
+    got = predict(TINY, "baseline", slow, prompt=64, gen=8)
+    assert got["tpot_ms"] > flat["tpot_ms"] * 10 and got["prefill_ms"] > flat["prefill_ms"] * 10

@@ -1,7 +1,7 @@
 """Prefill and decode timing with the KV cache (greedy), after warm-up, over repeats.
 
 One repeat: a prefill forward over ``[batch, prompt]`` ids (timed as ``prefill_ms``; it yields
-the first new token), then ``gen`` single-token decode steps, each timed (time per output token).
+the first new token, the LM head computed for the last position only, as ``generate`` does), then ``gen`` single-token decode steps, each timed (time per output token).
 The cache holds ``prompt + gen`` positions at the end (fewer under an evicting KV-cache policy
 attached to the model, whose cache is used from the prefill on). Reported: medians over the recorded
 repeats and the spread (min/max), so a noisy machine shows up in the numbers.
@@ -37,7 +37,7 @@ def _one_repeat(model, prompt_ids: torch.Tensor, gen: int):
         from ..methods.kvcache.policies import make_cache
 
         kw["past_key_values"] = make_cache(model)
-    out = model(input_ids=prompt_ids, use_cache=True, **kw)
+    out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1, **kw)  # LM head on the last position, as generate
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync()
     prefill = time.perf_counter() - t0

@@ -23,6 +23,7 @@ import functools
 
 from ..errors import LeanfmError
 from .arch import Arch, load_arch
+from .curves import gemv_seconds, rate_for_rows
 from .formats import DTYPE_BYTES, resolve
 from .kvcache import kv_cache_bytes
 from .recipe_effects import Effects, recipe_effects
@@ -60,6 +61,8 @@ def target(hardware="local", dtype: str | None = None) -> Target:
         per_step_us=float(prof.get("overhead_us_per_model_step") or 0.0),
         per_layer_us=float(prof.get("overhead_us_per_layer") or 0.0),
         per_op_us=float(prof.get("overhead_us_per_op") or 0.0),
+        gemv_seconds=gemv_seconds(prof["gemv_grid"]) if prof.get("gemv_grid") else None,
+        gemm_rate=rate_for_rows(prof["gemm_fp32_curve"]) if prof.get("gemm_fp32_curve") else None,
     )
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..models.cache import cache_root
 from ..sysinfo import cpu_model
 
-SCHEMA = 1
+SCHEMA = 2  # 2: gemv_grid and gemm_fp32_curve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +46,16 @@ class Sizes:
     decode_prompt: int = 128                              # KV-cache length the decode steps see
     decode_steps: int = 16                                # timed steps per round and model
     decode_rounds: int = 5                                # interleaved 1-layer/3-layer rounds
+    gemv_grid_in: tuple[int, ...] = (512, 1024, 2048, 4096)  # GEMV row lengths (in_features)
+    gemv_grid_mb: tuple[float, ...] = (0.5, 4, 64)       # GEMV matrix sizes, MiB
+    gemv_pool_mb: int = 256                               # distinct matrices cycled, so reads come from DRAM
+    gemm_curve_rows: tuple[int, ...] = (2, 8, 32, 128, 512, 2048)  # M of [M x 1024] @ [1024 x 1024]
+    gemm_curve_kn: int = 1024
 
 
 TINY = Sizes(gemm_fp32=(64, 256, 256), gemm_bf16=(16, 64, 64), gemm_int8=(32, 64, 64), gemv_mb=4, gemv_in=512,
-             repeats=3, op_calls=50, decode_prompt=16, decode_steps=4, decode_rounds=2)
+             repeats=3, op_calls=50, decode_prompt=16, decode_steps=4, decode_rounds=2,
+             gemv_grid_in=(64, 128), gemv_grid_mb=(0.25, 1), gemv_pool_mb=4, gemm_curve_rows=(2, 16), gemm_curve_kn=128)
 
 
 def cache_path(threads: int) -> Path:
@@ -83,7 +89,7 @@ def overlay_cached(profile: dict, threads: int = 2) -> dict:
     profile["peak_tflops"] = {**profile["peak_tflops"], **r["peak_tflops"]}
     profile["peak_gflops_fp32"] = r["peak_tflops"]["fp32"] * 1e3  # key read by measure/roofline.py
     for k in ("memory_bandwidth_gbps", "stream_read_gbps", "overhead_us_per_op", "overhead_us_per_layer",
-              "overhead_us_per_model_step"):
+              "overhead_us_per_model_step", "gemv_grid", "gemm_fp32_curve"):
         profile[k] = r[k]
     profile["calibrated"] = True
     profile["calibration"] = {"path": str(cache_path(threads)), "date": data["date"], "threads": threads,
@@ -134,6 +140,51 @@ def _bandwidth_gbps(mb: int, n_in: int, repeats: int) -> tuple[float, float]:
     gemv = _median_s(lambda: x @ w.T, repeats)
     total = _median_s(lambda: w.sum(), repeats)
     return w.nbytes / gemv / 1e9, w.nbytes / total / 1e9
+
+
+def _gemv_grid(sizes: Sizes) -> dict:
+    """Achieved read bandwidth (GB/s) of an fp32 ``x[1, in] @ W.T`` by row length ``in`` and matrix
+    size, cycling through enough distinct matrices (``gemv_pool_mb`` in all) that every call reads
+    its weights from DRAM, as a decode step does. On CPUs short rows stream markedly slower (each
+    row is a separate dot product), and small matrices pay the fixed cost of the call and of its
+    split over threads: a decode step's matmuls run at the bandwidth of their own shape."""
+    import torch
+
+    grid = []
+    for n_in in sizes.gemv_grid_in:
+        x, row = torch.randn(1, n_in), []
+        for mb in sizes.gemv_grid_mb:
+            n_out = max(1, int(mb * 2**20) // 4 // n_in)
+            count = max(1, int(sizes.gemv_pool_mb / mb))
+            pool = [torch.empty(n_out, n_in).uniform_(-1, 1) for _ in range(count)]
+
+            def cycle():
+                for w in pool:
+                    torch.nn.functional.linear(x, w)
+
+            row.append(pool[0].nbytes / (_median_s(cycle, max(3, sizes.repeats // 2)) / count) / 1e9)
+            del pool
+        grid.append(row)
+    return {"in_features": list(sizes.gemv_grid_in), "mib": list(sizes.gemv_grid_mb), "gbps": grid}
+
+
+def _gemm_curve(sizes: Sizes) -> list[list[float]]:
+    """``[[rows M, FLOP/s], ...]``: fp32 ``[M, K] @ [K, N]`` (K = N = ``gemm_curve_kn``) per M;
+    a prefill's matmuls run at the rate of their token count, well below the peak at small M."""
+    import torch
+
+    kn, out = sizes.gemm_curve_kn, []
+    w = torch.randn(kn, kn)
+    for m in sizes.gemm_curve_rows:
+        a = torch.randn(m, kn)
+        reps = max(3, min(50, int(2e9 / (2.0 * m * kn * kn))))  # ~2 GFLOP per timed batch
+
+        def batch():
+            for _ in range(reps):
+                torch.nn.functional.linear(a, w)
+
+        out.append([float(m), 2.0 * m * kn * kn * reps / _median_s(batch, max(3, sizes.repeats // 2))])
+    return out
 
 
 def _op_overhead_us(calls: int, repeats: int) -> float:
@@ -196,7 +247,8 @@ def _measure(threads: int, sizes: Sizes) -> dict:
     step = _decode_step_us({1: _tiny_llama(1), 3: _tiny_llama(3)}, sizes)
     # Difference of two model depths separates per-layer from per-model cost; floors keep noise
     # from producing a non-positive value on a busy host.
-    per_layer = max((step[3] - step[1]) / 2, op_us)
+    # The tiny layers' 7 linears are priced by the GEMV curve in a prediction: not overhead.
+    per_layer = max((step[3] - step[1]) / 2 - 7 * op_us, op_us)
     per_model = max(step[1] - per_layer, op_us)
     (mf, kf, nf), (mb, kb, nb), (mi, ki, ni) = sizes.gemm_fp32, sizes.gemm_bf16, sizes.gemm_int8
     results = {
@@ -208,6 +260,8 @@ def _measure(threads: int, sizes: Sizes) -> dict:
         "overhead_us_per_model_step": per_model,
         "decode_step_us_1_layer": step[1],
         "decode_step_us_3_layers": step[3],
+        "gemv_grid": _gemv_grid(sizes),
+        "gemm_fp32_curve": _gemm_curve(sizes),
     }
     method = {
         "peak_tflops.fp32": f"torch.mm [{mf}x{kf}]@[{kf}x{nf}] fp32, 2*M*K*N / median of {sizes.repeats}",
@@ -216,13 +270,20 @@ def _measure(threads: int, sizes: Sizes) -> dict:
         "memory_bandwidth_gbps": f"fp32 GEMV x[1,{sizes.gemv_in}] @ W.T over a {sizes.gemv_mb} MiB matrix, W bytes / median time",
         "stream_read_gbps": f"W.sum() over the same {sizes.gemv_mb} MiB fp32 matrix, bytes / median time",
         "overhead_us_per_op": f"F.linear [1x64]@[64x64].T, median of {sizes.repeats} batches of {sizes.op_calls} calls",
-        "overhead_us_per_layer": ("(t3 - t1) / 2, t_L = median decode-step time of a random LlamaForCausalLM with L layers "
+        "overhead_us_per_layer": ("(t3 - t1) / 2 - 7 x overhead_us_per_op (its linears), t_L = median decode-step time of a random LlamaForCausalLM with L layers "
                                   f"(hidden 64, 4 heads, 2 kv heads, intermediate 128, vocab 256), DynamicCache of "
                                   f"{sizes.decode_prompt}-{sizes.decode_prompt + sizes.decode_steps} tokens, torch.no_grad, "
                                   f"{sizes.decode_rounds} interleaved rounds x {sizes.decode_steps} steps"),
         "overhead_us_per_model_step": "t1 - overhead_us_per_layer (embedding, final norm, LM head, HF forward glue)",
+        "gemv_grid": (f"GB/s of fp32 F.linear x[1,in] @ W.T for in in {list(sizes.gemv_grid_in)} x W of "
+                      f"{list(sizes.gemv_grid_mb)} MiB, cycling distinct matrices ({sizes.gemv_pool_mb} MiB in all) so "
+                      "weights come from DRAM; bytes / median time per call"),
+        "gemm_fp32_curve": (f"[M, FLOP/s]: fp32 F.linear [M x {sizes.gemm_curve_kn}] @ [{sizes.gemm_curve_kn} x "
+                            f"{sizes.gemm_curve_kn}] for M in {list(sizes.gemm_curve_rows)}, 2*M*K*N / median"),
     }
-    for k, v in list(peaks.items()) + [(k, results[k]) for k in results if k != "peak_tflops"]:
+    curves = [v for _, v in results["gemm_fp32_curve"]] + [v for row in results["gemv_grid"]["gbps"] for v in row]
+    for k, v in list(peaks.items()) + [(k, results[k]) for k in results if not isinstance(results[k], (dict, list))] + \
+            [("curve point", v) for v in curves]:
         if not (math.isfinite(v) and v > 0):
             raise RuntimeError(f"calibration produced a non-positive {k}: {v}")
     return {"results": results, "method": method}
@@ -264,7 +325,7 @@ def calibrate_local(threads: int = 2, force: bool = False, sizes: Sizes = Sizes(
 def _busy(load: list[float] | None, threads: int) -> bool:
     """True when other work already occupied the cores we need: OpenMP threads then wait on each
     other and small-op timings (the overheads) come out up to ~10-100x too slow."""
-    return bool(load) and load[0] + threads > (os.cpu_count() or 1) + 0.5
+    return bool(load) and load[0] + threads > (os.cpu_count() or 1) + 1.0  # the 1-min average lags: allow one
 
 
 def _loadavg() -> list[float] | None:
@@ -286,6 +347,9 @@ def calibrate_cli(threads: int = 2, force: bool = False) -> str:
         f"  fp32 GEMV read bandwidth {r['memory_bandwidth_gbps']:.1f} GB/s (stream read {r['stream_read_gbps']:.1f} GB/s)",
         f"  overhead: {r['overhead_us_per_op']:.1f} us/op, {r['overhead_us_per_layer']:.0f} us/decoder layer, "
         f"{r['overhead_us_per_model_step']:.0f} us/model step",
+        "  GEMV from DRAM, GB/s by row length (at " + "/".join(f"{m:g}" for m in r["gemv_grid"]["mib"]) + " MiB): "
+        + "; ".join(f"in {n}: " + "/".join(f"{v:.1f}" for v in row) for n, row in zip(r["gemv_grid"]["in_features"], r["gemv_grid"]["gbps"])),
+        "  fp32 GEMM by rows (M: GFLOP/s): " + ", ".join(f"{m:g}: {f / 1e9:.0f}" for m, f in r["gemm_fp32_curve"]),
         f"  cache: {cache_path(threads)}  (re-run with force to measure again)",
     ] + ([f"  warning: the host was busy (load average {data['load_average_before'][0]:.1f} on {os.cpu_count()} cores); "
           "timings, small-op overheads above all, may be far too slow: re-run with force when it is idle"]

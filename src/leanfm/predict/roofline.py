@@ -10,7 +10,9 @@ Every op (a matmul, the two attention products, a norm) is priced with the roofl
 its arithmetic intensity is flops / bytes. A forward adds the profile's fixed framework costs when
 it has them (calibrated on ``local``): ``overhead_us_per_model_step`` once,
 ``overhead_us_per_layer`` per decoder layer, ``overhead_us_per_op`` per matmul beyond a dense
-layer's (low-rank factors).
+layer's (low-rank factors). A calibrated profile also carries measured curves (``curves.py``): a
+matmul's weight read then runs at the bandwidth measured for its row length and size, and its
+fp32 compute at the rate measured for its number of rows.
 
 FLOPs (multiply-add = 2): a linear ``in -> out`` costs ``2 x in x out`` per token; attention
 costs ``2 x heads x head_dim x keys`` for Q K^T and the same for A V per query (Kaplan et al.
@@ -43,6 +45,8 @@ class Target:
     per_step_us: float = 0.0
     per_layer_us: float = 0.0
     per_op_us: float = 0.0
+    gemv_seconds: object = None  # (weight bytes, in_features) -> seconds of a one-row matmul (calibrated), or None
+    gemm_rate: object = None  # rows -> fp32 matmul FLOP/s (calibrated curve), or None
 
     @property
     def name(self) -> str:
@@ -82,11 +86,19 @@ class Forward:
 
 
 def op_row(tgt: Target, op: str, kind: str, fmt: str, flops: float, w_bytes: float, a_bytes: float, kv_bytes: float,
-           compute_dtype: str, overhead: float = 0.0, flops_factor: float = 1.0) -> dict:
-    """One op priced on the roofline (see the module docstring for the equation)."""
+           compute_dtype: str, overhead: float = 0.0, flops_factor: float = 1.0, rows: int | None = None,
+           in_features: int | None = None) -> dict:
+    """One op priced on the roofline (see the module docstring for the equation). ``rows``: the
+    tokens a matmul multiplies at once; with a calibrated profile a matmul's weight read costs the
+    measured GEMV time for that many bytes and its fp32 compute runs at the measured rate for
+    that many rows (``curves.py``), instead of the flat peak and bandwidth."""
     total = w_bytes + a_bytes + kv_bytes
-    t_compute = flops * flops_factor / tgt.peak(compute_dtype)
-    t_memory = total / tgt.bandwidth
+    peak = tgt.gemm_rate(rows) if rows and tgt.gemm_rate and compute_dtype == "fp32" else tgt.peak(compute_dtype)
+    t_compute = flops * flops_factor / peak
+    if rows and tgt.gemv_seconds and w_bytes and in_features:
+        t_memory = tgt.gemv_seconds(w_bytes, in_features) + (a_bytes + kv_bytes) / tgt.bandwidth
+    else:
+        t_memory = total / tgt.bandwidth
     t = max(t_compute, t_memory) * (1.0 + overhead)
     return {"op": op, "kind": kind, "format": fmt, "flops": flops * flops_factor, "weight_bytes": w_bytes, "act_bytes": a_bytes,
             "kv_bytes": kv_bytes, "bytes": total, "intensity": flops * flops_factor / total if total else float("inf"),
@@ -104,7 +116,8 @@ def _keys_sum(stored: float, n: int, cap: float | None) -> float:
 def _matmul(tgt: Target, name: str, pc: Piece, f: Format, rows: int) -> dict:
     flops = 2.0 * pc.in_features * pc.out_features * rows
     act = rows * (pc.in_features + pc.out_features) * tgt.elem_bytes
-    return op_row(tgt, name, "matmul", f.name, flops, f.read_bytes, act, 0.0, f.compute_dtype, f.overhead, f.flops_factor)
+    return op_row(tgt, name, "matmul", f.name, flops, f.read_bytes, act, 0.0, f.compute_dtype, f.overhead, f.flops_factor, rows,
+                  pc.in_features)
 
 
 def _norm(tgt: Target, name: str, hidden: int, rows: int) -> dict:

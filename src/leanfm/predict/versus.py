@@ -14,8 +14,9 @@ from ..errors import LeanfmError
 _KEYS = {"prefill_ms": "prefill", "decode_tokens_per_s": "decode"}
 
 
-def prediction_for_run(config: dict, recipe, batch: int, prompt: int, gen: int, threads: int, hardware: str = "local") -> dict:
-    """The compact prediction stored in ``details.prediction`` of a run (``threads``: the
+def prediction_for_run(config, recipe, batch: int, prompt: int, gen: int, threads: int, hardware: str = "local") -> dict:
+    """The compact prediction stored in ``details.prediction`` of a run (``config``: a config dict or
+    anything ``predict`` resolves, e.g. an alias; ``threads``: the
     calibration of ``local`` to use, the protocol's thread count)."""
     from .analyzer import predict
     from .hardware import load_hardware
