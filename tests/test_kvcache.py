@@ -318,3 +318,22 @@ def test_passkey_harness_runs_and_hides_key():
                            prefill_chunk=16, new_tokens=3)
     assert set(res["accuracy"]) == {200, 300} and all(0 <= a <= 1 for a in res["accuracy"].values())
     assert abs(res["prompt_tokens"][300] - 300) <= 2
+
+
+def test_sliding_window_perplexity_matches_bounded_forwards():
+    """stride 1 = every target predicted from exactly min(t, window) preceding tokens; a window
+    covering the whole text equals one full forward; stride > 1 scores each token once."""
+    from leanfm.methods.kvcache.long_context import sliding_window_perplexity
+
+    model, ids = tiny_llama(), IDS[0, :30]
+    nll = 0.0
+    for t in range(1, 30):
+        ctx = ids[max(0, t - 8): t]
+        nll += torch.nn.functional.cross_entropy(model(ctx[None]).logits[0, -1:], ids[t: t + 1]).item()
+    got = sliding_window_perplexity(model, ids, window=8, stride=1)
+    assert got["eval_tokens"] == 29 and got["nll_per_token"] == pytest.approx(nll / 29, rel=1e-5)
+    full = stream_perplexity(model, ids, None, chunk=30)
+    assert sliding_window_perplexity(model, ids, window=64, stride=5)["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
+    assert sliding_window_perplexity(model, ids, window=8, stride=3)["eval_tokens"] == 29
+    with pytest.raises(LeanfmError, match="stride"):
+        sliding_window_perplexity(model, ids, window=8, stride=9)

@@ -63,6 +63,35 @@ def stream_perplexity(model: nn.Module, ids: torch.Tensor, cache_factory=None, c
     return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "eval_tokens": count, "kv_cache_bytes": peak}
 
 
+@torch.no_grad()
+def sliding_window_perplexity(model: nn.Module, ids: torch.Tensor, window: int, stride: int = 1) -> dict:
+    """Perplexity of ``ids`` where every token is predicted from at most the ``window`` tokens
+    before it, recomputed from scratch (StreamingLLM's "sliding window with re-computation"
+    baseline, Xiao et al. 2024 Fig. 3: the best a ``window``-token context can do, at O(window^2)
+    cost per token). ``stride`` > 1 scores ``stride`` tokens per forward, so their contexts span
+    ``window - stride + 1 .. window`` tokens (an approximation, slightly less context than exact).
+    """
+    ids = ids.reshape(-1)
+    if not 1 <= stride <= window:
+        raise LeanfmError(f"stride={stride} must be in [1, window={window}]")
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    nll, count = 0.0, 0
+    # first forward: the opening tokens (each sees all before it, fewer than window)
+    first = min(window, ids.numel() - 1)
+    logits = model(input_ids=ids[None, :first]).logits[0].float()
+    nll += F.cross_entropy(logits, ids[1: first + 1], reduction="sum").item()
+    count += first
+    for end in range(first + stride, ids.numel() - 1 + stride, stride):  # predict targets end-stride+1 .. end
+        end = min(end, ids.numel() - 1)
+        lo = count + 1  # first target not yet scored
+        inp = ids[max(0, end - window): end]
+        logits = model(input_ids=inp[None]).logits[0, -(end + 1 - lo):].float()
+        nll += F.cross_entropy(logits, ids[lo: end + 1], reduction="sum").item()
+        count += end + 1 - lo
+    return {"perplexity": math.exp(nll / count), "nll_per_token": nll / count, "eval_tokens": count}
+
+
 _INTRO = "There is an important number hidden inside a lot of irrelevant text. Find it and remember it."
 _FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
