@@ -26,7 +26,7 @@ speculative: greedy self-speculative decoding (layer-skip draft, layers chosen b
 influence on gensim-wiki calibration) and prompt-lookup decoding on ``--prompts`` WikiText-2
 prompts of 128 tokens, ``--gen`` new tokens each; acceptance rate, mean accepted length and the
 measured end-to-end speedup against plain greedy, alternating runs; whether the tokens equal plain
-greedy's. Writes OUT/speculative.json.
+greedy's. Writes OUT/speculative-skipF.json (F = ``--skip-fraction``).
 
 Threads are fixed by ``--threads`` (default 2) and recorded in every JSON.
 """
@@ -177,9 +177,11 @@ def _speculative(a) -> None:
     with torch.no_grad():
         skip, bi = skip_by_influence(model, calib, a.skip_fraction)
     print(f"self draft skips {len(skip)} layers: {skip}", flush=True)
+    drafts = a.drafts.split(",")
     configs = {f"self k={k} (skip {len(skip)})": (leanfm.SpeculativeConfig(draft="self", k=k, skip_layers=tuple(skip)), skip)
-               for k in (2, 4)}
-    configs["prompt_lookup k=4"] = (leanfm.SpeculativeConfig(draft="prompt_lookup", k=4), None)
+               for k in (2, 4) if "self" in drafts}
+    if "prompt_lookup" in drafts:
+        configs["prompt_lookup k=4"] = (leanfm.SpeculativeConfig(draft="prompt_lookup", k=4), None)
     prompts = [ids[None, 30_000 + i * 2_000: 30_000 + i * 2_000 + 128] for i in range(a.prompts)]
     rows = {}
     for name, (cfg, sk) in configs.items():
@@ -200,7 +202,7 @@ def _speculative(a) -> None:
         print(f"{name}: acceptance {agg['acceptance_rate']:.3f}, accepted/round {agg['mean_accepted_length']:.2f}, "
               f"speedup {agg['speedup_total']:.3f} ({agg['speedup_min']:.2f}-{agg['speedup_max']:.2f}), "
               f"matches plain {agg['matches_plain']}", flush=True)
-        _save(a, "speculative.json", {"gen": a.gen, "prompts": a.prompts, "skip_layers": skip,
+        _save(a, f"speculative-skip{a.skip_fraction:g}.json", {"gen": a.gen, "prompts": a.prompts, "skip_layers": skip,
                                       "block_influence": bi, "rows": rows})
 
 
@@ -248,8 +250,7 @@ def _table(a) -> str:
             every = f"{r['min_layer']}, every {r['check_every']}" if r["check_every"] > 1 else f"{r['min_layer']} onward"
             lines.append(f"| {r['criterion']} | {every} | {r['threshold']} | {top1} | {ml} | {rate} | {sp} |")
         parts.append("\n".join(lines))
-    f = out / "speculative.json"
-    if f.exists():
+    for f in sorted(out.glob("speculative-skip*.json")):
         d = json.loads(f.read_text())
         lines = [f"**Speculative decoding** (greedy; {d['prompts']} WikiText-2 prompts of 128 tokens, {d['gen']} new tokens; "
                  f"self draft skips layers {d['skip_layers']} chosen by block influence; {d['threads']} threads)", "",
@@ -286,6 +287,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-fraction", type=float, default=0.5)
+    ap.add_argument("--drafts", default="self,prompt_lookup", help="speculative: comma list of self, prompt_lookup")
     ap.add_argument("--calib-n", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
