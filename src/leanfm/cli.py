@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("leanfm: interrupted\n")
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early: nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except MemoryError:
         sys.stderr.write("leanfm: error: out of memory; lower --batch/--seqlen/--max-eval-tokens or use a smaller model\n")
         return 2

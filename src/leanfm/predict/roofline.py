@@ -47,6 +47,7 @@ class Target:
     per_op_us: float = 0.0
     gemv_seconds: object = None  # (weight bytes, in_features) -> seconds of a one-row matmul (calibrated), or None
     gemm_rate: object = None  # rows -> fp32 matmul FLOP/s (calibrated curve), or None
+    elementwise: str = "fused"  # "unfused": eager PyTorch (each elementwise op reads and writes memory)
 
     @property
     def name(self) -> str:
@@ -125,6 +126,19 @@ def _norm(tgt: Target, name: str, hidden: int, rows: int) -> dict:
                   0.0, tgt.dtype)
 
 
+def _elementwise(tgt: Target, a: Arch, rows: int) -> dict:
+    """Memory traffic of a layer's elementwise ops (no weights, no FLOPs counted), per token:
+    unfused (eager PyTorch, as ``leanfm bench`` runs on CPU): RoPE on q and k ~9 element passes
+    each (rotate-half copy, two products, a sum), two residual adds (read 2, write 1), SiLU(gate)
+    then x up (read 1 + write 1, read 2 + write 1); fused (serving stacks: SiLU-and-mul in one pass,
+    adds in the norms, RoPE in attention): only the SiLU-and-mul pass, read 2 x I, write I."""
+    if tgt.elementwise == "unfused":
+        elems = 9 * (a.heads + a.kv_heads) * a.head_dim + 6 * a.hidden + 5 * a.intermediate
+    else:
+        elems = 3 * a.intermediate
+    return op_row(tgt, "elementwise", "elementwise", tgt.dtype, 0.0, 0.0, rows * elems * tgt.elem_bytes, 0.0, tgt.dtype)
+
+
 def _short(i: int, short: str, pc: Piece) -> str:
     """``q_proj``, or ``q_proj.a`` / ``q_proj.b`` for low-rank factors."""
     return short + pc.name[len(Arch.module_name(i, short)):]
@@ -149,6 +163,7 @@ def _layer_rows(plan: Plan, tgt: Target, i: int, batch: int, n: int, past: float
     out += [_matmul(tgt, _short(i, s, pc), pc, f, rows) for s, pc, f in attn if s == "o_proj"]
     out += [_norm(tgt, nm, a.hidden, rows) for nm in norms[1:]]
     out += [_matmul(tgt, _short(i, s, pc), pc, f, rows) for s, pc, f in mlp]
+    out.append(_elementwise(tgt, a, rows))
     return out
 
 
