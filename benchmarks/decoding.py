@@ -241,7 +241,7 @@ def _table(a) -> str:
                  f"prompt, {d.get('gen', '–')} new tokens, alternating with plain greedy, {d['threads']} threads)", "",
                  "| criterion | checks at layers | threshold | top1_agreement | mean layers used | early-exit rate | decode speedup |",
                  "|---|---|---|---|---|---|---|"]
-        for r in d["rows"]:
+        for r in sorted(d["rows"], key=lambda r: (r["criterion"], r["min_layer"], r["check_every"], r["threshold"])):
             s = r.get("speed")
             sp = (f"{s['speedup']:.3f}× ({s['plain_tokens_per_s']:.1f} → {s['policy_tokens_per_s']:.1f} tok/s)" if s else "–")
             top1 = f"{r['top1_agreement']:.3f}" if "top1_agreement" in r else "–"
