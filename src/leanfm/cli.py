@@ -1,12 +1,11 @@
 """The ``leanfm`` command line. Bad input -> one line on stderr and exit code 2."""
 from __future__ import annotations
 
-from importlib import import_module
-
 import argparse
 import os
 import sys
 import time
+from importlib import import_module
 from pathlib import Path
 
 from .errors import LeanfmError

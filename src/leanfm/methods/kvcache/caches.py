@@ -13,7 +13,7 @@ from torch import nn
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
 
 from ...errors import LeanfmError
-from .layers import CachePositionStreamingLayer, H2OLayer, RopeTable, QuantizedKVLayer, SnapKVLayer, StreamingLayer
+from .layers import CachePositionStreamingLayer, H2OLayer, QuantizedKVLayer, RopeTable, SnapKVLayer, StreamingLayer
 from .scores import enable_attention_scores
 
 
@@ -42,16 +42,13 @@ class KVPolicyCache(DynamicCache):
 def rope_inv_freq(model: nn.Module):
     """The rotary frequencies of the model's full-attention layers (``inv_freq`` of its rotary
     module; Gemma 3 keeps one set per layer type). Raises when the model has no RoPE module."""
-    found = []
     for name, mod in model.named_modules():
         freq = getattr(mod, "full_attention_inv_freq", None)
         if freq is None and name.endswith("rotary_emb"):
             freq = getattr(mod, "inv_freq", None)
         if freq is not None:
-            found.append(freq)
-    if not found:
-        raise LeanfmError(f"{type(model).__name__} has no rotary embedding module; use StreamingLLM positions: original")
-    return found[0]
+            return freq
+    raise LeanfmError(f"{type(model).__name__} has no rotary embedding module; use StreamingLLM positions: original")
 
 
 class StreamingLLMCache(KVPolicyCache):

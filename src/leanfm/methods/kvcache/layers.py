@@ -70,12 +70,17 @@ class StreamingLayer(EvictingLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         keys, values = self._append(key_states, value_states)
+        self._evict(keys, values)
+        return keys, values
+
+    def _evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the keep set (sinks + newest window) of the appended ``keys`` / ``values``; the
+        current queries still see all of them (kept + new)."""
         n = keys.shape[-2]
-        if n > self.budget:  # the current queries still see all of (kept + new); store the policy's keep set
+        if n > self.budget:
             start = n - (self.budget - self.sinks)
             self.keys = torch.cat([keys[..., : self.sinks, :], keys[..., start:, :]], dim=-2)
             self.values = torch.cat([values[..., : self.sinks, :], values[..., start:, :]], dim=-2)
-        return keys, values
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -130,13 +135,8 @@ class CachePositionStreamingLayer(StreamingLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         raw_new = self._rotate(key_states, self.stored_length(), inverse=True)  # the model rotated them there
         raw, values = self._append(raw_new, value_states)
-        keys = self._rotate(raw, 0, inverse=False)  # every key at its index in the cache
-        n = raw.shape[-2]
-        if n > self.budget:
-            start = n - (self.budget - self.sinks)
-            self.keys = torch.cat([raw[..., : self.sinks, :], raw[..., start:, :]], dim=-2)
-            self.values = torch.cat([values[..., : self.sinks, :], values[..., start:, :]], dim=-2)
-        return keys, values
+        self._evict(raw, values)  # stored un-rotated
+        return self._rotate(raw, 0, inverse=False), values  # every key at its index in the cache
 
 
 class ScoredLayer(EvictingLayer):
