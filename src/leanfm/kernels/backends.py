@@ -24,16 +24,9 @@ import torch.nn.functional as F
 from ..errors import LeanfmError
 from ..methods.quantize.grid import QuantizedWeight, dequantize
 from . import cpp_int4, packing
+from .layout import AUTO_ORDER, Layout, kernel_group, layout_unsupported
 
 DECODE_MAX_TOKENS = 16
-
-
-@dataclass(frozen=True)
-class Layout:
-    bits: int
-    group_size: int
-    in_features: int
-    out_features: int
 
 
 class Backend:
@@ -42,8 +35,9 @@ class Backend:
     act_dtype = torch.bfloat16  # what the decode kernel reads
 
     def unsupported(self, lay: Layout, symmetric: bool) -> str | None:
-        """Why this backend cannot run the layout (None when it can)."""
-        return None
+        """Why this backend cannot run the layout (None when it can): the shape rules of
+        ``layout.py``; a backend adds its own availability check."""
+        return layout_unsupported(self.name, lay, symmetric)
 
     def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -95,30 +89,14 @@ class Reference(Backend):
         return packing.unpack_codes(bufs["qweight"], lay.bits)
 
 
-def _kernel_group(lay: Layout) -> int | None:
-    """Group size the int4 kernel runs: the layer's own, or a divisor with repeated scales."""
-    for g in (256, 128, 64, 32):
-        if lay.group_size % g == 0 and lay.in_features % g == 0:
-            return lay.group_size if lay.group_size == g else g
-    return None
-
-
 class TinyGemmInt4(Backend):
     name = "tinygemm-int4"
     kernel = "aten._weight_int4pack_mm_for_cpu (tinygemm int4, bf16 activations) for decode; dequant + fp32 GEMM for prefill"
 
-    def unsupported(self, lay, symmetric):
-        if lay.bits > 4:
-            return f"{self.name} runs codes of at most 4 bits, not {lay.bits}"
-        if lay.out_features % 32:
-            return f"{self.name} needs out_features divisible by 32, got {lay.out_features}"
-        if _kernel_group(lay) is None:
-            return f"{self.name} needs a group size that is a multiple of 32, got {lay.group_size}"
-        return None
 
     def pack(self, qw):
         lay = Layout(qw.bits, qw.group_size, qw.codes.shape[1], qw.codes.shape[0])
-        kg = _kernel_group(lay)
+        kg = kernel_group(lay)
         rep = qw.group_size // kg
         scale = qw.scale.float().repeat_interleave(rep, dim=1)  # [N, K/kg]
         zero = qw.zero.float().repeat_interleave(rep, dim=1)
@@ -140,10 +118,6 @@ class Int8Pack(Backend):
     name = "int8pack"
     kernel = "aten._weight_int8pack_mm (int8 weight-only, bf16 activations) for decode; dequant + fp32 GEMM for prefill"
 
-    def unsupported(self, lay, symmetric):
-        if lay.bits != 8 or lay.group_size != lay.in_features or not symmetric:
-            return f"{self.name} runs 8-bit symmetric per-channel weights only (got {lay.bits} bits, group {lay.group_size}, symmetric={symmetric})"
-        return None
 
     def pack(self, qw):
         return {"qweight": packing.pack_int8(qw.codes), "scale_bf16": qw.scale[:, 0].to(torch.bfloat16), **canonical(qw)}
@@ -163,10 +137,9 @@ class CppInt4(Backend):
     act_dtype = torch.float32
 
     def unsupported(self, lay, symmetric):
-        if lay.bits > 4:
-            return f"{self.name} runs codes of at most 4 bits, not {lay.bits}"
-        if lay.group_size % 2:
-            return f"{self.name} needs an even group size, got {lay.group_size}"
+        why = super().unsupported(lay, symmetric)
+        if why:
+            return why
         op = cpp_int4.load()
         return f"{self.name} is unavailable here: {op}" if isinstance(op, str) else None
 
@@ -193,7 +166,7 @@ def get(name: str) -> Backend:
 
 def auto(lay: Layout, symmetric: bool) -> Backend:
     """Fastest backend that runs the layout on this machine (reference as the fallback)."""
-    for name in ("cpp-int4", "tinygemm-int4", "int8pack"):
+    for name in AUTO_ORDER:
         if BACKENDS[name].unsupported(lay, symmetric) is None:
             return BACKENDS[name]
     return BACKENDS["reference"]

@@ -11,13 +11,9 @@ from __future__ import annotations
 import torch
 
 from ..errors import LeanfmError
+from .layout import storage_bits  # noqa: F401  (re-exported: packing.storage_bits)
 
 
-def storage_bits(bits: int) -> int:
-    """Bits of storage per weight for a code width: 4 for 1..4 bits, 8 for 5..8."""
-    if not 1 <= bits <= 8:
-        raise LeanfmError(f"cannot pack {bits}-bit codes; packing supports 1 to 8 bits")
-    return 4 if bits <= 4 else 8
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..kernels.layout import AUTO_ORDER, Layout, kernel_group, layout_unsupported, storage_bits
 from .recipe_effects import Piece, QuantSpec
 
 DTYPE_BYTES = {"fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
-LEANFM_BACKENDS = ("cpp-int4", "tinygemm-int4", "int8pack", "reference")
 
 
 @dataclass
@@ -48,37 +48,23 @@ class Format:
     slower_than_dense: bool = False  # kernels.yaml faster_than_dense: false (a real kernel, measured slower)
 
 
-def storage_bits(bits: int) -> int:
-    """Bits per stored code, as kernels/packing.py stores them (3-bit codes take a nibble)."""
-    return 4 if bits <= 4 else 8
-
-
 def _groups(qs: QuantSpec, in_f: int) -> tuple[int, int]:
     g = qs.group_size or in_f
     return g, in_f // g
 
 
-def _tinygemm_group(group: int, in_f: int) -> int | None:
-    # kernels/backends._kernel_group: the layer's group or a divisor with repeated scales
-    for g in (256, 128, 64, 32):
-        if group % g == 0 and in_f % g == 0:
-            return group if group == g else g
-    return None
+def _layout(qs: QuantSpec, in_f: int, out_f: int) -> Layout:
+    return Layout(qs.bits, _groups(qs, in_f)[0], in_f, out_f)
 
 
 def leanfm_backend(qs: QuantSpec, in_f: int, out_f: int, offered: list[str]) -> str:
-    """The backend ``QuantLinear`` would pick (``backends.auto`` order) among ``offered``."""
+    """The backend ``QuantLinear`` would pick (``backends.auto``: the same order and layout rules)
+    among ``offered``."""
     if qs.backend not in ("auto", "fake"):
         return qs.backend
-    g, _ = _groups(qs, in_f)
-    symmetric = qs.symmetric and not qs.fractional_zero
-    ok = {
-        "cpp-int4": qs.bits <= 4 and g % 2 == 0,
-        "tinygemm-int4": qs.bits <= 4 and out_f % 32 == 0 and _tinygemm_group(g, in_f) is not None,
-        "int8pack": qs.bits == 8 and g == in_f and symmetric,
-    }
-    for name in ("cpp-int4", "tinygemm-int4", "int8pack"):
-        if name in offered and ok[name]:
+    lay, symmetric = _layout(qs, in_f, out_f), qs.symmetric and not qs.fractional_zero
+    for name in AUTO_ORDER:
+        if name in offered and layout_unsupported(name, lay, symmetric) is None:
             return name
     return "reference"
 
@@ -90,7 +76,7 @@ def leanfm_quant_bytes(qs: QuantSpec, in_f: int, out_f: int, backend: str, bias:
     canonical = out_f * ng * (4 + (4 if qs.fractional_zero else 1))  # fp32 scale + uint8 (or fp32) zero
     extra = {
         "cpp-int4": out_f * ng * 4,  # minus_sz fp32
-        "tinygemm-int4": out_f * (in_f // (_tinygemm_group(g, in_f) or g)) * 2 * 2,  # bf16 (scale, zero) pairs
+        "tinygemm-int4": out_f * (in_f // (kernel_group(_layout(qs, in_f, out_f)) or g)) * 2 * 2,  # bf16 (scale, zero) pairs
         "int8pack": out_f * 2,  # bf16 per-row scale
     }.get(backend, 0)
     return codes + canonical + extra + (4 * out_f if bias else 0)
