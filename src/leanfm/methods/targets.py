@@ -5,20 +5,16 @@ name patterns (fnmatch-style, matched against the last name component and the fu
 """
 from __future__ import annotations
 
-from fnmatch import fnmatch
 from typing import Iterator, Sequence
 
 from torch import nn
 
-
-def _skipped(name: str, skip: Sequence[str]) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return any(fnmatch(name, p) or fnmatch(leaf, p) for p in skip)
+from .selection import selected
 
 
 def iter_linears(model: nn.Module, skip: Sequence[str] = ("lm_head",), only: Sequence[str] = ()) -> Iterator[tuple[str, nn.Linear]]:
     """Yield ``(qualified_name, module)`` for each ``nn.Linear`` not matched by ``skip``
     (and, when ``only`` is given, matched by one of its patterns)."""
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and not _skipped(name, skip) and (not only or _skipped(name, only)):
+        if isinstance(mod, nn.Linear) and selected(name, skip, only):
             yield name, mod

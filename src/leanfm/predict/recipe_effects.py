@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from fnmatch import fnmatch
 from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from ..errors import LeanfmError
+from ..methods.selection import selected
 from .arch import Arch
 
 _SKIP = ("lm_head",)
@@ -122,12 +122,7 @@ class Rule:
     only: tuple[str, ...] = ()
 
     def targets(self, name: str) -> bool:
-        # the same test as methods/targets.py iter_linears: fnmatch on full name and leaf
-        def hit(patterns):
-            leaf = name.rsplit(".", 1)[-1]
-            return any(fnmatch(name, p) or fnmatch(leaf, p) for p in patterns)
-
-        return not hit(self.skip) and (not self.only or hit(self.only))
+        return selected(name, self.skip, self.only)  # the rule methods/targets.iter_linears applies
 
 
 @dataclass
