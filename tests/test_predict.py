@@ -241,9 +241,12 @@ def test_raw_recipe_reading_equals_validated_reading():
     def norm(steps):
         return [(m, {k: tuple(p[k]) if isinstance(p[k], list) else p[k] for k in DEFAULTS[m]}) for m, p in steps]
 
+    from leanfm.recipe import load_recipe, raw_step
+
     for name in ("int4-fast", "wanda-2:4", "svd70", "layerdrop25", "width25", "smoothquant-w8a8", "wanda50+gptq-w4g64"):
         _, validated = re_mod._steps(name)  # the registry is loaded here: load_recipe
-        assert norm(re_mod._raw_steps(name)) == norm(validated), name
+        raw = [re_mod._as_step(s) for s in load_recipe(name, build_step=raw_step).steps]  # the torch-free reading
+        assert norm(raw) == norm(validated), name
 
 
 def test_structure_and_lowrank_effects():

@@ -20,18 +20,15 @@ packed layer (real quantization, CSR) is no longer an ``nn.Linear`` and later st
 low rank on a masked layer leaves dense factors.
 
 Recipes are read without importing the method implementations (they load torch): when the
-method registry is already loaded the recipe is validated with ``load_recipe``; otherwise its
-YAML steps are read directly with the defaults in :data:`DEFAULTS` (a test keeps those equal to
-the config dataclasses').
+method registry is already loaded the recipe is validated with ``load_recipe``; otherwise
+``load_recipe`` reads it keeping each step as its mapping (``recipe.raw_step``), and the
+defaults in :data:`DEFAULTS` fill the fields it omits (a test keeps those equal to the config
+dataclasses').
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
-from importlib import resources
-from pathlib import Path
-
-import yaml
 
 from ..errors import LeanfmError
 from ..methods.selection import selected
@@ -244,15 +241,12 @@ def _steps(recipe) -> tuple[str, list[tuple[str, dict]]]:
         return "custom", [_as_step(s) for s in recipe]
     if hasattr(recipe, "steps") and hasattr(recipe, "name"):
         return recipe.name, [_as_step(s) for s in recipe.steps]
-    name = str(recipe)
-    from ..config import _REGISTRY  # populated once leanfm.methods is imported
+    from ..config import _REGISTRY  # populated once the method implementations are imported
+    from ..recipe import load_recipe, raw_step
 
-    if _REGISTRY:
-        from ..recipe import load_recipe
-
-        r = load_recipe(name)
-        return r.name, [_as_step(s) for s in r.steps]
-    return name, _raw_steps(name)
+    # validated configs when the methods are loaded anyway; else the checked step mappings
+    r = load_recipe(str(recipe)) if _REGISTRY else load_recipe(str(recipe), build_step=raw_step)
+    return r.name, [_as_step(s) for s in r.steps]
 
 
 def _as_step(step) -> tuple[str, dict]:
@@ -262,29 +256,6 @@ def _as_step(step) -> tuple[str, dict]:
     if method not in DEFAULTS:
         raise LeanfmError(f"unknown method '{method}' in recipe; the predictor models: {', '.join(sorted(DEFAULTS))}")
     return method, {**DEFAULTS[method], **d}
-
-
-def _raw_steps(name: str) -> list[tuple[str, dict]]:
-    from ..recipe import builtin_names, recipe_file_stem
-
-    names = builtin_names()
-    if name in names:
-        text = resources.files("leanfm.recipes").joinpath(f"{recipe_file_stem(name)}.yaml").read_text()
-    elif "+" in name and not Path(name).exists() and all(p in names for p in name.split("+")):
-        return [s for part in name.split("+") for s in _raw_steps(part)]
-    elif Path(name).is_file():
-        text = Path(name).read_text()
-    else:
-        raise LeanfmError(f"unknown recipe '{name}'; built-in recipes: {', '.join(names)}; or pass a .yaml file "
-                          "(or join built-in names with '+', e.g. wanda50+gptq-w4g64)")
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise LeanfmError(f"recipe {name}: malformed YAML: {str(e).splitlines()[0]}") from None
-    steps = data.get("steps") or [] if isinstance(data, dict) else None
-    if not isinstance(steps, list) or not all(isinstance(s, dict) and "method" in s for s in steps):
-        raise LeanfmError(f"recipe {name}: steps must be a list of {{method: ..., ...}}")
-    return [_as_step(s) for s in steps]
 
 
 def _nm(pattern) -> tuple[int, int] | None:
