@@ -31,6 +31,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import LeanfmError
+from ..methods.lowrank.rank import rank_for, saves_params
 from ..methods.selection import selected
 from .arch import Arch
 
@@ -101,13 +102,9 @@ class LowRankSpec:
     rank_ratio: float | None
     rank: int | None
 
-    def rank_for(self, out_f: int, in_f: int) -> int:
-        # methods/lowrank/svd_math.rank_for: precedence rank, rank_ratio x min, param_ratio
-        if self.rank is not None:
-            return self.rank
-        if self.rank_ratio is not None:
-            return int(self.rank_ratio * min(out_f, in_f) + 1e-9)
-        return int(self.param_ratio * out_f * in_f / (out_f + in_f) + 1e-9)
+    def rank_for(self, out_f: int, in_f: int, name: str = "layer") -> int:
+        """The rank the method gives this layer (and its one-line error where it refuses)."""
+        return rank_for(out_f, in_f, rank=self.rank, rank_ratio=self.rank_ratio, param_ratio=self.param_ratio, name=name)
 
 
 @dataclass(frozen=True)
@@ -214,9 +211,12 @@ class Effects:
                     if spec.method == "sparsegpt" and isinstance(getattr(rule, "joint", None), QuantSpec):
                         pc.quant = rule.joint
                 elif isinstance(spec, LowRankSpec):
-                    r = spec.rank_for(pc.out_features, pc.in_features)
-                    if pc.tied or r < 1 or r * (pc.in_features + pc.out_features) >= pc.in_features * pc.out_features:
-                        out.append(pc)  # tied to the embedding, or no parameters saved: left alone
+                    if pc.tied:  # tied to the embedding: left alone
+                        out.append(pc)
+                        continue
+                    r = spec.rank_for(pc.out_features, pc.in_features, pc.name)
+                    if not saves_params(pc.out_features, pc.in_features, r):
+                        out.append(pc)  # no parameters saved: left alone
                         continue
                     out += [Piece(pc.name + ".a", pc.in_features, r), Piece(pc.name + ".b", r, pc.out_features, pc.bias)]
                     continue

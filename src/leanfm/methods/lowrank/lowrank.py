@@ -26,7 +26,8 @@ from ..layers import LayerwiseRunner, targets_in
 from ..structured.common import check_calibration, check_fraction, n_params, set_module
 from ..targets import iter_linears
 from .module import LowRankLinear
-from .svd_math import ActStats, rank_for, saves_params, scaled_svd, truncated_svd, whitened_svd
+from .rank import rank_for, saves_params
+from .svd_math import ActStats, scaled_svd, truncated_svd, whitened_svd
 
 SCALINGS = ("whiten", "diag")
 
