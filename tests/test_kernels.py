@@ -1,6 +1,10 @@
 """Packed formats and execution backends: exact round trips, kernels against the reference."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,12 +24,60 @@ def test_int4_nibble_pack_roundtrip_exact():
     assert int(p[0, 0]) == int(q[0, 0]) | (int(q[0, 1]) << 4)
 
 
-@pytest.mark.parametrize("shape", [(32, 64), (192, 576), (96, 128)])
-def test_int4_tiled_layout_matches_aten_and_roundtrips(shape):
+@pytest.mark.parametrize("shape", [(32, 64), (192, 576), (96, 128), (48, 10)])
+def test_int4_aten_layout_roundtrips_exactly(shape):
     q = torch.randint(0, 16, shape, dtype=torch.uint8)
-    ours = packing.pack_int4_tiled(q)
-    assert torch.equal(ours, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
-    assert torch.equal(packing.unpack_int4_tiled(ours), q)
+    packed = packing.pack_int4_aten(q)
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
+    assert torch.equal(packing.unpack_int4_aten(packed), q)
+
+
+# Each ISA torch can dispatch to on this CPU packs int4 differently (DEFAULT and AVX2 differ here;
+# AVX-512 differs again). The child checks exact unpacking and the kernel against the fp32 reference.
+_ISA_CHILD = r"""
+import torch, torch.nn.functional as F
+from leanfm.kernels import packing
+from leanfm.kernels.qlinear import QuantLinear
+from leanfm.methods.quantize.grid import dequantize, rtn_quantize
+torch.manual_seed(0)
+q = torch.randint(0, 16, (96, 128), dtype=torch.uint8)
+assert torch.equal(packing.unpack_int4_aten(packing.pack_int4_aten(q)), q)
+w = torch.randn(96, 576)
+qw = rtn_quantize(w, 4, 64, False)
+ql = QuantLinear(qw, None, "tinygemm-int4")
+assert torch.equal(ql.quantized_weight().codes, qw.codes)
+x = torch.randn(1, 3, 576)
+ref = F.linear(x, dequantize(qw.codes, qw.scale, qw.zero, qw.group_size))
+rel = ((ql(x) - ref).norm() / ref.norm()).item()
+assert rel < 1e-2, rel
+print(torch.backends.cpu.get_cpu_capability(), rel)
+"""
+
+
+def _isas() -> list[str]:
+    import re
+
+    flags = set(re.findall(r"\w+", open("/proc/cpuinfo").read())) if os.path.exists("/proc/cpuinfo") else set()
+    return ["default"] + (["avx2"] if "avx2" in flags else []) + (["avx512"] if "avx512f" in flags else [])
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_tinygemm_exact_and_correct_under_each_isa(isa):
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": isa}
+    out = subprocess.run([sys.executable, "-c", _ISA_CHILD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[0] == isa.upper()  # torch really dispatched to that ISA
+
+
+def test_fixed_tiling_would_be_wrong_somewhere():
+    """Why the layout is probed: aten's packing differs between the ISAs reachable here."""
+    child = "import torch; torch.manual_seed(0); q = torch.randint(0, 16, (64, 64), dtype=torch.int32); " \
+            "print(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).flatten()[:64].tolist())"
+    outs = {isa: subprocess.run([sys.executable, "-c", child], env={**os.environ, "ATEN_CPU_CAPABILITY": isa},
+                                capture_output=True, text=True, timeout=120).stdout for isa in _isas()}
+    if len(outs) < 2:
+        pytest.skip("only one ISA reachable")
+    assert len(set(outs.values())) > 1, outs
 
 
 def test_int8_roundtrip_exact():
@@ -37,8 +89,8 @@ def test_int8_roundtrip_exact():
 def test_bad_pack_input():
     with pytest.raises(LeanfmError, match="even number of columns"):
         packing.pack_int4(torch.zeros(2, 3, dtype=torch.uint8))
-    with pytest.raises(LeanfmError, match="rows divisible by 32"):
-        packing.pack_int4_tiled(torch.zeros(16, 4, dtype=torch.uint8))
+    with pytest.raises(LeanfmError, match="even number of columns"):
+        packing.pack_int4_aten(torch.zeros(32, 3, dtype=torch.uint8))
 
 
 CASES = [  # backend, bits, group, symmetric

@@ -102,10 +102,10 @@ class TinyGemmInt4(Backend):
         zero = qw.zero.float().repeat_interleave(rep, dim=1)
         # Kernel computes (q - 8) * s + z'; ours is (q - z) * s, so z' = (8 - z) * s.
         sz = torch.stack([scale.t(), ((8 - zero) * scale).t()], dim=-1).to(torch.bfloat16).contiguous()
-        return {"qweight": packing.pack_int4_tiled(qw.codes), "scale_zero_bf16": sz, **canonical(qw)}
+        return {"qweight": packing.pack_int4_aten(qw.codes), "scale_zero_bf16": sz, **canonical(qw)}
 
     def codes(self, bufs, lay):
-        return packing.unpack_int4_tiled(bufs["qweight"])
+        return packing.unpack_int4_aten(bufs["qweight"])
 
     forward = Backend._split_forward
 

@@ -33,28 +33,47 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
-# The layout of aten._convert_weight_to_int4pack_for_cpu (the CPU "tinygemm" int4 kernel):
-# rows in blocks of 32; within a block, for each column k, 16 bytes whose byte i holds row i of
-# the block in the low nibble and row i + 16 in the high nibble. Verified against aten in tests.
-_TILE_N = 32
+# The CPU int4 kernel (aten._weight_int4pack_mm_for_cpu, "tinygemm") reads codes in a tiled layout
+# that aten's own packer writes, and that layout depends on the ISA torch dispatched to at run time
+# (AVX2, AVX-512 and the portable DEFAULT path each tile differently; ATEN_CPU_CAPABILITY picks one).
+# So we never reproduce it: packing calls aten's packer, and unpacking learns where each code went by
+# packing index digits through that same packer (the packer only moves nibbles, so the layout is a
+# permutation of the rows x cols codes, recovered exactly with ceil(log16(rows*cols)) probe packs).
 
 
-def pack_int4_tiled(codes: torch.Tensor) -> torch.Tensor:
-    """``uint8 [rows, cols]`` codes in 0..15 -> ``uint8 [rows, cols // 2]`` in the CPU int4 kernel layout."""
-    n, k = codes.shape
-    if n % _TILE_N:
-        raise LeanfmError(f"the int4 CPU kernel layout needs rows divisible by {_TILE_N}, got {n}")
-    c = codes.to(torch.uint8).reshape(n // _TILE_N, 2, _TILE_N // 2, k)
-    byte = c[:, 0] | (c[:, 1] << 4)  # [blocks, 16, k]
-    return byte.permute(0, 2, 1).contiguous().reshape(n, k // 2)
+def pack_int4_aten(codes: torch.Tensor) -> torch.Tensor:
+    """``uint8 [rows, cols]`` codes in 0..15 -> ``uint8 [rows, cols // 2]`` in the layout the running
+    torch's CPU int4 kernel reads (aten's own packer, for the ISA dispatched now)."""
+    if codes.shape[-1] % 2:
+        raise LeanfmError(f"int4 packing needs an even number of columns, got {codes.shape[-1]}")
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
 
 
-def unpack_int4_tiled(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4_tiled`."""
-    n, half_k = packed.shape
-    k = half_k * 2
-    byte = packed.reshape(n // _TILE_N, k, _TILE_N // 2).permute(0, 2, 1)  # [blocks, 16, k]
-    return torch.stack([byte & 0x0F, byte >> 4], dim=1).reshape(n, k)
+def aten_int4_sources(rows: int, cols: int) -> torch.Tensor:
+    """For each nibble of aten's packed ``[rows, cols // 2]`` bytes (low nibble first, row-major),
+    the flat index ``r * cols + c`` of the code it holds, found by packing the index's base-16
+    digits one at a time."""
+    n = rows * cols
+    dtype = torch.int32 if n < 2**31 else torch.int64
+    idx = torch.arange(n, dtype=dtype)
+    src = torch.zeros(n, dtype=dtype)
+    for d in range(max(1, -(-(n - 1).bit_length() // 4))):
+        digit = ((idx >> (4 * d)) & 15).view(rows, cols).to(torch.int32)
+        src |= unpack_int4(pack_int4_aten(digit)).reshape(-1).to(dtype) << (4 * d)
+    seen = torch.zeros(n, dtype=torch.bool)
+    seen[src.long()] = True
+    if not bool(seen.all()):
+        raise LeanfmError("aten's int4 packer did not permute the codes on this torch/CPU; "
+                          "use backend cpp-int4 or reference instead of tinygemm-int4")
+    return src.long()
+
+
+def unpack_int4_aten(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_aten` (exact, for the ISA the codes were packed under)."""
+    rows, cols = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(rows * cols, dtype=torch.uint8)
+    out[aten_int4_sources(rows, cols)] = unpack_int4(packed).reshape(-1)
+    return out.view(rows, cols)
 
 
 def pack_int8(codes: torch.Tensor) -> torch.Tensor:
