@@ -124,7 +124,8 @@ def _ee_key(r: dict) -> tuple:
 
 def _early_exit(a) -> None:
     from leanfm.methods.decoding.early_exit import early_exit_fidelity
-    from leanfm.methods.decoding.policy import EarlyExitPolicy, measure_speedup
+    from leanfm.measure.decoding import measure_speedup
+    from leanfm.methods.decoding.policy import EarlyExitPolicy
 
     leanfm, model, tok, ids = _setup(a)
     text = ids[None, 10_000: 10_000 + 64 + a.fidelity_tokens]
@@ -170,7 +171,8 @@ def _early_exit(a) -> None:
 def _speculative(a) -> None:
     from leanfm.data.calib import calibration
     from leanfm.methods.decoding.drafts import skip_by_influence
-    from leanfm.methods.decoding.policy import SpeculativePolicy, measure_speedup
+    from leanfm.measure.decoding import measure_speedup
+    from leanfm.methods.decoding.policy import SpeculativePolicy
 
     leanfm, model, tok, ids = _setup(a)
     calib = calibration("gensim-wiki", n=a.calib_n, seqlen=a.calib_seqlen, seed=0).tokens(tok)

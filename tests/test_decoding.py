@@ -10,9 +10,10 @@ import torch
 import leanfm
 from leanfm.config import config_from_dict
 from leanfm.errors import LeanfmError
+from leanfm.measure.decoding import measure_speedup
 from leanfm.methods.decoding import (EarlyExitConfig, EarlyExitStepper, PromptLookupDraft, SpeculativeConfig, Stepper,
                                      check_compatible, early_exit_fidelity, early_exit_generate, generate_with_policy,
-                                     lookup_continuation, measure_speedup, plain_generate, self_draft, speculative_generate)
+                                     lookup_continuation, plain_generate, self_draft, speculative_generate)
 from leanfm.methods.decoding.drafts import ModelDraft
 from leanfm.methods.decoding.speculative_math import probs_from_logits, residual_distribution, verify_greedy, verify_sampling
 from tests.conftest import tiny_gemma3, tiny_llama, tiny_tokenizer

@@ -173,3 +173,47 @@ def test_speed_uses_an_attached_kv_policy():
     kv = 2 * 2 * (2 * 16 * 8 * 4)  # layers x (K, V) x kv heads x head_dim x 8 kept positions x fp32
     table = 24 * 16 * 4 * 2 + 8 * 4  # the shared RoPE cos/sin table for the 24-token prefill, + inv_freq
     assert full == 2 * 2 * (2 * 16 * 32 * 4) and bounded == kv + table  # 8 of 32 positions kept per layer
+
+
+class _StubPolicy:
+    """A decoding policy with a chosen cost per emitted token (no model call when ``delay`` is 0)."""
+
+    def __init__(self, name: str, delay: float, accepted: int):
+        self.name, self.delay, self.accepted = name, delay, accepted
+
+    @staticmethod
+    def metrics(stats):
+        return {"acceptance_rate": sum(s["accepted"] for s in stats) / sum(s["proposed"] for s in stats)}
+
+    def generate(self, model, input_ids, max_new_tokens, generator=None, eos_token_id=None):
+        import time
+
+        time.sleep(self.delay * max_new_tokens)
+        out = torch.cat([input_ids, input_ids[:, -1:].repeat(1, max_new_tokens)], dim=1)
+        return out, {"new_tokens": max_new_tokens, "proposed": 4, "accepted": self.accepted}
+
+
+def test_speed_decodes_through_the_attached_policy():
+    """The measured decode speed moves with the policy (a stub at 2 ms vs 20 ms per token), and
+    the policy's own metrics are reported beside it."""
+    torch.manual_seed(0)
+    m = tiny_llama().eval()
+    prompt = torch.randint(0, 256, (1, 8))
+    speeds = {}
+    for delay, accepted in ((0.002, 1), (0.02, 3)):
+        m.leanfm_decoder = _StubPolicy("stub", delay, accepted)
+        res = decode_benchmark(m, prompt, gen=6, repeats=2, warmup=0)
+        speeds[delay] = res["metrics"]["decode_tokens_per_s"]
+        assert res["metrics"]["acceptance_rate"] == accepted / 4
+        assert res["details"]["decoding_policy"] == "stub"
+        assert res["details"]["decode_tokens_total"] == 12
+        assert mem.tensor_bytes(res["cache"]) > 0  # the target's cache from an untimed plain decode
+    assert speeds[0.002] > 4 * speeds[0.02]
+    assert speeds[0.02] < 1 / 0.02 * 1.05  # no faster than the stub's own sleep allows
+
+
+def test_policy_speed_needs_batch_one():
+    m = tiny_llama().eval()
+    m.leanfm_decoder = _StubPolicy("stub", 0.0, 1)
+    with pytest.raises(LeanfmError, match="--batch 1"):
+        decode_benchmark(m, torch.randint(0, 256, (2, 8)), gen=2, repeats=1, warmup=0)

@@ -2,13 +2,11 @@
 
 Applying one attaches a generation policy to the model (``model.leanfm_decoder``); the weights
 are untouched. Measurement code decodes through :func:`generate_with_policy` (plain greedy when
-no policy is attached) and :func:`measure_speedup` times policy against plain decoding in the
-same process.
+no policy is attached); ``leanfm.measure.decoding`` times a policy against plain decoding, and
+each policy's ``metrics(stats)`` turns the counters of its runs into reported metrics.
 """
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +18,7 @@ from ..layers import decoder_layers
 from .drafts import ModelDraft, PromptLookupDraft, check_compatible, self_draft, skip_by_influence
 from .early_exit import CRITERIA, check_threshold, default_min_layer, early_exit_generate
 from .speculative import plain_generate, speculative_generate
-from .steppers import ModelStepper, check_skip, model_device
+from .steppers import ModelStepper, check_skip
 
 SPECIAL_DRAFTS = ("self", "prompt_lookup")
 
@@ -129,6 +127,13 @@ class SpeculativePolicy:
             return PromptLookupDraft(self.cfg.ngram_max)
         return ModelDraft(ModelStepper(self.draft_model), name=self.cfg.draft)
 
+    @staticmethod
+    def metrics(stats: list[dict]) -> dict:
+        """Over several runs: accepted / proposed draft tokens, accepted draft tokens per round."""
+        proposed, accepted, rounds = (sum(s[k] for s in stats) for k in ("proposed", "accepted", "rounds"))
+        return {"acceptance_rate": accepted / proposed if proposed else 0.0,
+                "mean_accepted_tokens": accepted / rounds if rounds else 0.0}
+
     def generate(self, model, input_ids, max_new_tokens, generator=None, eos_token_id=None):
         c = self.cfg
         return speculative_generate(model, self.drafter(model), input_ids, max_new_tokens, k=c.k, temperature=c.temperature,
@@ -140,6 +145,15 @@ class EarlyExitPolicy:
 
     def __init__(self, cfg: EarlyExitConfig):
         self.cfg = cfg
+
+    @staticmethod
+    def metrics(stats: list[dict]) -> dict:
+        """Over several runs: decoder layers used per decode step, share of steps that exited early."""
+        steps = sum(s["decode_steps"] for s in stats)
+        layers = sum(s["mean_layers_used"] * s["decode_steps"] for s in stats)
+        exits = sum(s["early_exit_rate"] * s["decode_steps"] for s in stats)
+        return {"mean_layers_used": layers / steps if steps else float(stats[0]["n_layers"]),
+                "early_exit_rate": exits / steps if steps else 0.0}
 
     def generate(self, model, input_ids, max_new_tokens, generator=None, eos_token_id=None):
         c = self.cfg
@@ -206,34 +220,3 @@ def generate_with_policy(model: nn.Module, input_ids: torch.Tensor, max_new_toke
     if policy is None:
         return plain_generate(model, input_ids, max_new_tokens, eos_token_id=eos_token_id)
     return policy.generate(model, input_ids, max_new_tokens, generator=generator, eos_token_id=eos_token_id)
-
-
-def measure_speedup(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, repeats: int = 3,
-                    warmup: int = 1, policy=None) -> dict:
-    """Wall-clock of plain greedy vs the policy on the same prompt, alternating runs, medians.
-
-    ``speedup`` = plain seconds / policy seconds (end to end: prefill + ``max_new_tokens``).
-    ``matches_plain``: whether the policy's tokens equal plain greedy's (expected for greedy
-    speculative decoding; early exit trades this for speed)."""
-    def timed(fn):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
-
-    plain_s, pol_s = [], []
-    for r in range(warmup + repeats):
-        tp, (ref, _) = timed(lambda: plain_generate(model, input_ids, max_new_tokens))
-        tq, (out, stats) = timed(lambda: generate_with_policy(model, input_ids, max_new_tokens, policy=policy,
-                                                              generator=torch.Generator(model_device(model)).manual_seed(r)))
-        if r >= warmup:
-            plain_s.append(tp)
-            pol_s.append(tq)
-    new = out.shape[1] - input_ids.shape[1]
-    p, q = statistics.median(plain_s), statistics.median(pol_s)
-    return {**stats, "plain_s": p, "policy_s": q, "plain_tokens_per_s": (ref.shape[1] - input_ids.shape[1]) / p,
-            "policy_tokens_per_s": new / q, "speedup": p / q, "matches_plain": bool(torch.equal(ref, out)),
-            "repeats": repeats, "plain_s_all": plain_s, "policy_s_all": pol_s}
