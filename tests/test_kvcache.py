@@ -337,3 +337,33 @@ def test_sliding_window_perplexity_matches_bounded_forwards():
     assert sliding_window_perplexity(model, ids, window=8, stride=3)["eval_tokens"] == 29
     with pytest.raises(LeanfmError, match="stride"):
         sliding_window_perplexity(model, ids, window=8, stride=9)
+
+
+def test_tova_keep_matches_a_one_by_one_reference():
+    """TOVA keeps the ``budget`` tokens the newest query attends to most; dropping the least
+    attended one at a time (the paper's loop) gives the same set when the scores are fixed."""
+    from leanfm.methods.kvcache.policy_math import tova_keep
+
+    torch.manual_seed(0)
+    scores = torch.rand(3, 20)
+    got = tova_keep(scores, 12)
+    for b in range(3):
+        kept = list(range(20))
+        while len(kept) > 12:
+            kept.remove(min(kept, key=lambda i: scores[b, i].item()))
+        assert got[b].tolist() == kept
+    assert torch.equal(tova_keep(scores, 25), torch.arange(20).expand(3, 20))
+
+
+def test_tova_layer_evicts_the_least_attended_token_for_every_head():
+    from leanfm.methods.kvcache.layers import TOVALayer
+
+    layer = TOVALayer(budget=4)
+    k = torch.arange(5.0).view(1, 1, 5, 1).expand(1, 2, 5, 3).contiguous()
+    layer.update(k, k.clone())
+    probs = torch.full((1, 4, 1, 5), 0.2)
+    probs[:, :2, :, 2] = 0.0  # token 2 gets no attention from two of the four query heads
+    probs[:, 2:, :, 2] = 0.1
+    layer.observe(probs)
+    assert layer.keys.shape == (1, 2, 4, 3)
+    assert layer.keys[0, :, :, 0].tolist() == [[0.0, 1.0, 3.0, 4.0]] * 2  # same tokens kept for both KV heads

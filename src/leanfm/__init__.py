@@ -11,35 +11,44 @@ from importlib import import_module
 
 # Public names -> the module defining them. Imported on first use (PEP 562), so that light
 # commands (``leanfm predict``, ``leanfm models``) start without loading torch and transformers.
+# Every method's config class (``leanfm.GPTQConfig``, ...) is exported too, found in the method
+# registry by class name (the torch-free declarations), so no list of them is kept here.
 _EXPORTS = {
     "Calibration": "api", "apply_": "api", "calibration": "api", "load": "api", "measure": "api",
     "BaseConfig": "config", "available_methods": "config",
     "LeanfmError": "errors",
     "Protocol": "measure.protocol",
-    "AWQConfig": "methods.quantize.awq", "GPTQConfig": "methods.quantize.gptq", "HQQConfig": "methods.quantize.hqq",
-    "RTNConfig": "methods.quantize.rtn", "SmoothQuantConfig": "methods.quantize.smoothquant",
-    "EarlyExitConfig": "methods.decoding.policy", "SpeculativeConfig": "methods.decoding.policy",
-    "H2OConfig": "methods.kvcache.policies", "KVQuantConfig": "methods.kvcache.policies",
-    "SnapKVConfig": "methods.kvcache.policies", "StreamingLLMConfig": "methods.kvcache.policies",
-    "ASVDConfig": "methods.lowrank.lowrank", "SVDConfig": "methods.lowrank.lowrank",
-    "MagnitudeConfig": "methods.prune.sparsity", "SparseGPTConfig": "methods.prune.sparsity",
-    "WandaConfig": "methods.prune.sparsity",
-    "LayerDropConfig": "methods.structured.layerdrop", "WidthPruneConfig": "methods.structured.width",
     "Recipe": "recipe", "load_recipe": "recipe",
     "predict": "predict",
 }
 
 __version__ = "0.1.0"
-__all__ = sorted(_EXPORTS)
+
+
+def _config_classes() -> dict:
+    from .config import config_class, methods
+
+    classes = {}
+    for m in methods():
+        for cls in config_class(m).__mro__:  # the method's class and its shared bases (WeightQuantConfig, ...)
+            if cls.__name__.endswith("Config") and cls.__module__.startswith("leanfm.methods."):
+                classes[cls.__name__] = cls
+    return classes
 
 
 def __getattr__(name: str):
-    if name not in _EXPORTS:
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    elif name.endswith("Config") and name in _config_classes():
+        value = _config_classes()[name]
+    else:
         raise AttributeError(f"module 'leanfm' has no attribute '{name}'")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(_EXPORTS) | set(_config_classes()))
+
+
+__all__ = sorted(_EXPORTS)  # plus the config classes: dir(leanfm)

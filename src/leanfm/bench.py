@@ -115,6 +115,8 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
             if speed_groups:  # the roofline prediction next to the measurement (docs/predict.md)
                 pred = prediction_for_run(config, recipe, protocol.batch, protocol.prompt, protocol.gen, protocol.threads)
                 res["details"]["prediction"] = pred
+                if "error" in pred:  # recorded, and said: never a silent gap in the table
+                    progress.info(f"no roofline prediction for {recipe.name}: {pred['error']}")
                 res["metrics"].update(compare(pred, res["metrics"]))
             run.update(metrics=res["metrics"], details=res["details"], flags=res["flags"], status="ok")
             add_relative_metrics(run, results["runs"][0] if i > 0 else None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -93,6 +94,60 @@ def cmd_models(a) -> int:
         t.add_row(s.alias + (" (default)" if s.alias == DEFAULT_MODEL else ""), s.title, s.params, s.license,
                   "yes" if inst else "no", "yes" if is_cached(s.alias) else "no", "" if inst else s.install)
     Console(width=200).print(t)
+    return 0
+
+
+def methods_markdown() -> str:
+    """One section per registered method, generated from the declarations (docs/methods.md)."""
+    import inspect
+
+    from .config import PRODUCES, config_class, methods
+
+    out = []
+    for m in methods():
+        cls = config_class(m)
+        d = cls.describe()
+        calib = d["needs_calibration"] if isinstance(d["needs_calibration"], str) else ("yes" if d["needs_calibration"] else "no")
+        out += [f"## `{m}`", "", d["description"], "",
+                f"- config: `leanfm.{d['config']}`; produces: {d['produces']} ({PRODUCES.get(d['produces'], '?')}); "
+                f"calibration: {calib}; predictor: {'priced' if d['priced'] else 'not priced'}"
+                + (f"; adds metrics: {', '.join(f'`{x}`' for x in d['adds_metrics'])}" if d["adds_metrics"] else ""),
+                "- parameters: " + (", ".join(f"`{p['name']}` ({p['type']}, default `{p['default']!r}`)" for p in d["parameters"]) or "none"),
+                ""]
+        rest = inspect.cleandoc(cls.__doc__ or "").split("\n\n", 1)
+        if len(rest) > 1:
+            out += ["```text", rest[1].strip(), "```", ""]
+    return "\n".join(out)
+
+
+def cmd_methods(a) -> int:
+    """Every registered method from its declaration (torch-free: nothing is imported to list them)."""
+    from .config import config_class, methods
+
+    infos = [config_class(a.name).describe()] if a.name else [config_class(m).describe() for m in methods()]
+    if a.markdown:
+        print(methods_markdown())
+        return 0
+    if a.json:
+        print(json.dumps(infos if not a.name else infos[0], indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="leanfm methods (use in a recipe step: {method: NAME, param: value}; details: leanfm methods NAME)")
+    for col in ("method", "what it does", "produces", "calibration", "parameters (default)"):
+        t.add_column(col, overflow="fold")
+    for d in infos:
+        params = ", ".join(f"{p['name']}={p['default']!r}" for p in d["parameters"])
+        calib = d["needs_calibration"] if isinstance(d["needs_calibration"], str) else ("yes" if d["needs_calibration"] else "no")
+        t.add_row(d["method"], d["description"], d["produces"], calib, params)
+    Console(width=200).print(t)
+    if a.name:
+        import inspect
+
+        print(inspect.cleandoc(config_class(a.name).__doc__ or ""))
+        if not infos[0]["priced"]:
+            print(f"(the predictor cannot price {a.name})")
     return 0
 
 
@@ -209,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli_predict.add_arguments(s)
     s.set_defaults(fn=cli_predict.run, light=True)
 
+    s = sub.add_parser("methods", help="list registered methods with their parameters, defaults and what they produce")
+    s.add_argument("name", nargs="?", default=None, help="one method: its whole declaration")
+    s.add_argument("--json", action="store_true", help="print the declarations as JSON")
+    s.add_argument("--markdown", action="store_true", help="print the method sections of docs/methods.md")
+    s.set_defaults(fn=cmd_methods)
+
     s = sub.add_parser("report", help="(re)build report.html from a results directory")
     s.add_argument("dir", help="directory holding results.json")
     s.set_defaults(fn=cmd_report)
@@ -218,9 +279,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if not getattr(args, "light", False):  # light commands (predict) start without torch
-            import_module("leanfm.methods.builtin")  # register built-in methods
-
         return args.fn(args)
     except LeanfmError as e:
         sys.stderr.write(f"leanfm: error: {e}\n")

@@ -14,18 +14,45 @@ from typing import Any, Callable, ClassVar
 from .errors import LeanfmError
 
 
+class NotPriced(LeanfmError):
+    """A method whose declaration gives the predictor no cost effect."""
+
+
 @dataclasses.dataclass
 class BaseConfig:
-    """Base of all technique configs. Subclasses set ``method`` and may override ``validate``."""
+    """Base of all technique configs: the one declaration of a method.
+
+    A subclass with a ``method`` name registers itself on definition. It declares, torch-free:
+    its parameters (dataclass fields: defaults and types), ``validate`` (parameter checks) and
+    ``check_model`` (fit to a model), ``handler`` (``"module:function"``, imported on first
+    apply), ``needs_calibration``, ``produces`` (what the step leaves in the model, one of
+    :data:`PRODUCES`), ``adds_metrics`` (metrics its runs report beyond the protocol's), and
+    ``effect`` (what it does to cost, for the predictor). The first docstring line is its
+    description in ``leanfm methods``.
+    """
 
     method: ClassVar[str] = ""
+    handler: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    produces: ClassVar[str] = ""
+    adds_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("method"):
+            _REGISTRY[cls.method] = cls
 
     def validate(self) -> None:  # pragma: no cover - default accepts everything
         """Raise LeanfmError if the parameters are inconsistent."""
 
     def check_model(self, model) -> None:
         """Raise LeanfmError if this config cannot apply to ``model`` (checked before any work)."""
+
+    def effect(self, eff) -> None:
+        """Record this step's cost effect on ``eff`` (:class:`leanfm.methods.effects.Effects`).
+        A method that cannot be priced says so with ``eff.unmodelled.append(reason)``."""
+        raise NotPriced(f"the predictor cannot price method '{self.method}': its declaration has no cost effect; "
+                        "drop the step from the recipe to predict the rest")
 
     def to_dict(self) -> dict[str, Any]:
         d = {"method": self.method}
@@ -34,13 +61,47 @@ class BaseConfig:
             d[f.name] = list(v) if isinstance(v, tuple) else v
         return d
 
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """The declaration as data (``leanfm methods --json``)."""
+        hints = typing.get_type_hints(cls)
+        params = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            params.append({"name": f.name, "type": _type_name(hints[f.name]),
+                           "default": list(default) if isinstance(default, tuple) else default})
+        doc = (cls.__doc__ or "").strip()
+        return {"method": cls.method, "description": " ".join(doc.split("\n\n")[0].split()),
+                "config": cls.__name__, "needs_calibration": _class_flag(cls, "needs_calibration"),
+                "produces": cls.produces, "adds_metrics": list(cls.adds_metrics),
+                "priced": cls.effect is not BaseConfig.effect, "parameters": params}
+
+
+# What a step leaves in the model (``produces``): the storage format it writes or what it attaches.
+PRODUCES = {
+    "int-weights": "integer weight codes with scales (packed for a kernel, or fake-quantized fp32)",
+    "sparse-weights": "zeroed weights (masked in dense fp32, or CSR)",
+    "smaller-dense": "a smaller dense model (layers or channels removed, config rewritten)",
+    "low-rank": "each linear replaced by two low-rank factors",
+    "kv-policy": "a KV-cache policy attached to the model (weights untouched)",
+    "decoding-policy": "a generation policy attached to the model (weights untouched)",
+}
+
+
+def _class_flag(cls, name: str) -> bool | str:
+    v = getattr(cls, name)
+    return v if isinstance(v, bool) else "depends on parameters"
+
 
 Handler = Callable[..., dict]
-_REGISTRY: dict[str, tuple[type[BaseConfig], Handler]] = {}
+_REGISTRY: dict[str, type[BaseConfig]] = {}
+_HANDLERS: dict[str, Handler] = {}
 
 
 def register(config_cls: type[BaseConfig]) -> Callable[[Handler], Handler]:
-    """Register ``handler(model, config, calib) -> step_info`` for a config class.
+    """Register ``handler(model, config, calib) -> step_info`` for a config class (for methods
+    defined outside leanfm; built-in ones name their handler in the declaration).
 
     ``step_info`` is a dict with at least ``simulated`` (bool: True when the technique only
     emulates its effect, e.g. fake-quantized fp32 weights) and ``kernel`` (what executes it).
@@ -49,14 +110,21 @@ def register(config_cls: type[BaseConfig]) -> Callable[[Handler], Handler]:
     def deco(fn: Handler) -> Handler:
         if not config_cls.method:
             raise ValueError(f"{config_cls.__name__} has no method name")
-        _REGISTRY[config_cls.method] = (config_cls, fn)
+        _REGISTRY[config_cls.method] = config_cls
+        _HANDLERS[config_cls.method] = fn
         return fn
 
     return deco
 
 
 def _load_builtins() -> None:
-    import_module("leanfm.methods.builtin")  # registers every built-in method
+    """Import every ``leanfm/methods/<family>/decl.py`` (torch-free declarations); found on
+    disk, so adding a family needs no list."""
+    from pathlib import Path
+
+    root = Path(__file__).parent / "methods"
+    for decl in sorted(root.glob("*/decl.py")):
+        import_module(f"leanfm.methods.{decl.parent.name}.decl")
 
 
 def methods() -> list[str]:
@@ -68,11 +136,22 @@ def methods() -> list[str]:
 available_methods = methods  # exported as leanfm.available_methods (leanfm.methods is the subpackage)
 
 
-def lookup(method: str) -> tuple[type[BaseConfig], Handler]:
+def config_class(method: str) -> type[BaseConfig]:
     _load_builtins()
     if method not in _REGISTRY:
         raise LeanfmError(f"unknown method '{method}'; known methods: {', '.join(methods())}")
     return _REGISTRY[method]
+
+
+def lookup(method: str) -> tuple[type[BaseConfig], Handler]:
+    """The config class and the handler (imported now, with the torch code it needs)."""
+    cls = config_class(method)
+    if method not in _HANDLERS:
+        if not cls.handler:
+            raise LeanfmError(f"method '{method}' declares no handler; set {cls.__name__}.handler = 'module:function'")
+        mod, _, fn = cls.handler.partition(":")
+        _HANDLERS[method] = getattr(import_module(mod), fn)
+    return cls, _HANDLERS[method]
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -107,7 +186,7 @@ def config_from_dict(d: dict[str, Any], where: str = "") -> BaseConfig:
     params = dict(d)
     method = params.pop("method")
     try:
-        cls, _ = lookup(str(method))
+        cls = config_class(str(method))
     except LeanfmError as e:
         raise LeanfmError(f"{where}{e}") from None
     hints = typing.get_type_hints(cls)

@@ -78,8 +78,7 @@ def parse_recipe(text: str, source: str = "<recipe>", build_step: Callable[..., 
     """Parse and validate recipe YAML; errors carry ``source`` and the 1-based line.
 
     ``build_step(raw, where=...)`` turns each step mapping into a step: a validated config by
-    default (this loads the method implementations); the cost predictor, which must not import
-    torch, passes :func:`raw_step` and keeps the checked mappings."""
+    default (declarations are torch-free, so the cost predictor reads recipes this way too)."""
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -108,13 +107,6 @@ def parse_recipe(text: str, source: str = "<recipe>", build_step: Callable[..., 
         line = step_lines[i] if i < len(step_lines) else key_lines.get("steps", 1)
         steps.append(build_step(raw, where=f"recipe {source} line {line}: "))
     return Recipe(name=str(name), seed=seed, steps=steps, description=str(data.get("description", "")), source=source)
-
-
-def raw_step(raw: Any, where: str = "") -> dict[str, Any]:
-    """A step kept as its mapping (``build_step`` for readers that need no config objects)."""
-    if not isinstance(raw, dict) or "method" not in raw:
-        raise LeanfmError(f"{where}each step needs a 'method' key, e.g. {{method: rtn, bits: 8}}")
-    return dict(raw)
 
 
 def load_recipe(name_or_path: str | Recipe, build_step: Callable[..., Any] = config_from_dict) -> Recipe:

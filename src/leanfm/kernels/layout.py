@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..errors import LeanfmError
 
+BACKEND_NAMES = ("reference", "cpp-int4", "tinygemm-int4", "int8pack")  # backends.BACKENDS (a test keeps them equal)
 AUTO_ORDER = ("cpp-int4", "tinygemm-int4", "int8pack")  # ``backends.auto``: fastest first, then reference
 
 

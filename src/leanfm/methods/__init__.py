@@ -1,1 +1,2 @@
-"""Technique implementations. ``methods.builtin`` imports (and so registers) every built-in one."""
+"""Technique implementations, one package per family; each family declares its methods in a
+torch-free ``decl.py`` that ``config.methods()`` finds on disk (the handlers load on first apply)."""

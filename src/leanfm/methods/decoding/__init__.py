@@ -1,15 +1,31 @@
 """Decoding-time techniques: speculative decoding (draft model, self-speculative layer skip,
-prompt lookup) and CALM-style dynamic early exit. Importing registers ``speculative`` and
-``early_exit``; applying one attaches a generation policy used by :func:`generate_with_policy`.
-"""
-from .drafts import ModelDraft, PromptLookupDraft, check_compatible, lookup_continuation, self_draft
-from .early_exit import EarlyExitStepper, early_exit_fidelity, early_exit_generate
-from .policy import EarlyExitConfig, SpeculativeConfig, generate_with_policy
-from .speculative import plain_generate, speculative_generate
-from .steppers import ModelStepper, Stepper
+prompt lookup) and CALM-style dynamic early exit, declared in :mod:`.decl` (``speculative``,
+``early_exit``); applying one attaches a generation policy used by :func:`generate_with_policy`.
 
-__all__ = [
-    "EarlyExitConfig", "EarlyExitStepper", "ModelDraft", "ModelStepper", "PromptLookupDraft", "SpeculativeConfig", "Stepper",
-    "check_compatible", "early_exit_fidelity", "early_exit_generate", "generate_with_policy", "lookup_continuation",
-    "plain_generate", "self_draft", "speculative_generate",
-]
+Names below are imported from their submodule on first use (PEP 562), so importing the package
+(or its ``decl``) does not load torch.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "EarlyExitConfig": "decl", "SpeculativeConfig": "decl",
+    "ModelDraft": "drafts", "PromptLookupDraft": "drafts", "check_compatible": "drafts",
+    "lookup_continuation": "drafts", "self_draft": "drafts",
+    "EarlyExitStepper": "early_exit", "early_exit_fidelity": "early_exit", "early_exit_generate": "early_exit",
+    "generate_with_policy": "policy",
+    "plain_generate": "speculative", "speculative_generate": "speculative",
+    "ModelStepper": "steppers", "Stepper": "steppers",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import LeanfmError
+from .decl import CRITERIA, check_threshold  # noqa: F401 (torch-free, shared with the config)
 from .steppers import ModelStepper, patched_forwards, prompt_list
-
-CRITERIA = ("softmax", "state")
 
 
 class _KVWritten(Exception):
@@ -58,11 +57,6 @@ class _WriteThenStop:
 
     def __getattr__(self, name):
         return getattr(self._cache, name)
-
-
-def check_threshold(threshold: float) -> None:
-    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
-        raise LeanfmError(f"early-exit threshold={threshold} must be in (0, 1]")
 
 
 def default_min_layer(n_layers: int) -> int:

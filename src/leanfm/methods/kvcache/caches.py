@@ -13,7 +13,7 @@ from torch import nn
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, get_layer_types_and_kwargs
 
 from ...errors import LeanfmError
-from .layers import CachePositionStreamingLayer, H2OLayer, QuantizedKVLayer, RopeTable, SnapKVLayer, StreamingLayer
+from .layers import CachePositionStreamingLayer, H2OLayer, QuantizedKVLayer, RopeTable, SnapKVLayer, StreamingLayer, TOVALayer
 from .scores import enable_attention_scores
 
 
@@ -86,6 +86,15 @@ class SnapKVCache(KVPolicyCache):
     def __init__(self, model: nn.Module, budget: int, window: int = 32, kernel: int = 7, pooling: str = "max"):
         enable_attention_scores(model)
         super().__init__(model, lambda: SnapKVLayer(budget, window, kernel, pooling))
+
+
+class TOVACache(KVPolicyCache):
+    """TOVA: keep the tokens the newest query attends to most. Needs the model (eager attention +
+    hooks, as ``H2OCache``)."""
+
+    def __init__(self, model: nn.Module, budget: int):
+        enable_attention_scores(model)
+        super().__init__(model, lambda: TOVALayer(budget))
 
 
 class QuantizedKVCache(KVPolicyCache):

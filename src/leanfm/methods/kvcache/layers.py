@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ...errors import LeanfmError
-from .policy_math import gather_tokens, group_scores, h2o_keep, snapkv_keep, snapkv_scores
+from .policy_math import gather_tokens, group_scores, h2o_keep, snapkv_keep, snapkv_scores, tova_keep
 from .quant_math import dequantize, pack_nibbles, quantize, unpack_nibbles
 
 
@@ -212,6 +212,21 @@ class H2OLayer(ScoredLayer):
         super().batch_select_indices(indices)
         if self.scores is not None:
             self.scores = self.scores[indices, ...]
+
+
+class TOVALayer(ScoredLayer):
+    """TOVA: after each forward that leaves more than ``budget`` tokens, keep the ``budget`` the
+    last query of that forward attends to most (head-averaged; the same tokens for every KV
+    head). In decode that is the paper's one-token-per-step eviction; a multi-token forward (the
+    prompt) is compressed once by its last query's attention."""
+
+    def _evict(self, probs: torch.Tensor) -> None:
+        n = probs.shape[-1]
+        if n <= self.budget:
+            return
+        last = probs[:, :, -1, :].float().mean(dim=1)  # [B, n]: newest query, averaged over query heads
+        idx = tova_keep(last, self.budget)  # [B, k]
+        self._keep(idx[:, None, :].expand(-1, self.keys.shape[1], -1))
 
 
 class SnapKVLayer(ScoredLayer):

@@ -52,6 +52,19 @@ def h2o_keep(scores: torch.Tensor, budget: int, recent: int) -> torch.Tensor:
     return torch.cat([top, rec], dim=-1).sort(dim=-1).values
 
 
+def tova_keep(scores: torch.Tensor, budget: int) -> torch.Tensor:
+    """TOVA (Oren et al. 2024, "Transformers are Multi-State RNNs", Sec. 4): when the cache is
+    over budget, drop the tokens the newest query attends to least, the score averaged over all
+    heads of the layer, so one set of tokens is kept for every head.
+
+    ``scores``: ``[B, n]`` attention from the newest query (head-averaged). Returns sorted
+    ``[B, min(n, budget)]`` indices of the tokens kept (the ``budget`` highest-scored)."""
+    b, n = scores.shape
+    if n <= budget:
+        return torch.arange(n, device=scores.device).expand(b, n)
+    return scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+
+
 def snapkv_scores(probs: torch.Tensor, n_kv_heads: int, window: int, kernel: int, pooling: str) -> torch.Tensor:
     """SnapKV (Li et al. 2024, Sec. 4.2, Eq. 1-2) voting: attention of the last ``window`` queries
     (the observation window) to each prefix key, summed over the window and the query heads of a

@@ -1,4 +1,4 @@
-"""Low-rank factorization techniques ``svd`` and ``asvd``: configs and model glue.
+"""Low-rank factorization techniques ``svd`` and ``asvd``: model glue (configs in :mod:`.decl`).
 
 Each target ``nn.Linear`` (all but ``skip``; only ``only`` when given) is replaced by a
 :class:`.module.LowRankLinear` when its rank r saves parameters (r (in + out) < in x out);
@@ -15,98 +15,14 @@ lm_head) get no calibration inputs and fall back to plain SVD (``plain_svd_layer
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ...config import BaseConfig, register
-from ...errors import LeanfmError
 from ..layers import LayerwiseRunner, targets_in
-from ..structured.common import check_calibration, check_fraction, n_params, set_module
-from ..targets import iter_linears
+from ..structured.common import check_calibration, n_params, set_module
+from .decl import SCALINGS, ASVDConfig, SVDConfig  # noqa: F401 (re-exported)
 from .module import LowRankLinear
-from .rank import rank_for, saves_params
 from .svd_math import ActStats, scaled_svd, truncated_svd, whitened_svd
-
-SCALINGS = ("whiten", "diag")
-
-
-@dataclass
-class SVDConfig(BaseConfig):
-    """Plain truncated SVD of each linear layer's weight (no calibration).
-
-    param_ratio: kept / original parameters per layer, in (0, 1): r = floor(p * out * in / (out + in)).
-    rank_ratio: alternatively r = floor(rank_ratio * min(out, in)), rank_ratio in (0, 1].
-    rank: alternatively one explicit rank for every layer (>= 1, at most min(out, in)).
-    Precedence: rank, then rank_ratio, then param_ratio (default 0.7).
-    skip / only: layer name patterns, as for the quantizers (lm_head skipped by default).
-    """
-
-    method = "svd"
-    param_ratio: float | None = 0.7
-    rank_ratio: float | None = None
-    rank: int | None = None
-    skip: tuple[str, ...] = ("lm_head",)
-    only: tuple[str, ...] = ()
-
-    def validate(self) -> None:
-        if self.rank is not None and self.rank < 1:
-            raise LeanfmError(f"rank={self.rank} must be >= 1")
-        if self.rank_ratio is not None and not 0 < self.rank_ratio <= 1:
-            raise LeanfmError(f"rank_ratio={self.rank_ratio} must be in (0, 1]")
-        if self.param_ratio is not None:
-            check_fraction("param_ratio", self.param_ratio)
-        if self.rank is None and self.rank_ratio is None and self.param_ratio is None:
-            raise LeanfmError(f"{self.method} needs one of rank, rank_ratio or param_ratio")
-
-    def targets(self, model: nn.Module) -> dict[str, nn.Linear]:
-        inner = {id(m) for lr in model.modules() if isinstance(lr, LowRankLinear) for m in (lr.a, lr.b)}
-        return {n: m for n, m in iter_linears(model, self.skip, self.only) if id(m) not in inner}
-
-    def ranks(self, model: nn.Module) -> dict[str, int]:
-        return {n: rank_for(m.out_features, m.in_features, rank=self.rank, rank_ratio=self.rank_ratio,
-                            param_ratio=self.param_ratio, name=n) for n, m in self.targets(model).items()}
-
-    def to_factorize(self, model: nn.Module, ranks: dict[str, int]) -> dict[str, nn.Linear]:
-        """Targets whose factors hold fewer parameters. A layer sharing its weight with the input
-        embedding (a tied lm_head) never qualifies: the embedding keeps the full matrix anyway."""
-        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        tied = getattr(emb, "weight", None)
-        return {n: m for n, m in self.targets(model).items()
-                if saves_params(m.out_features, m.in_features, ranks[n]) and m.weight is not tied}
-
-    def check_model(self, model: nn.Module) -> None:
-        if not self.targets(model):
-            raise LeanfmError(f"{self.method} found no nn.Linear layers to factorize (check 'skip' and 'only')")
-        self.ranks(model)  # raises for a rank of 0 or above min(out, in)
-
-
-@dataclass
-class ASVDConfig(SVDConfig):
-    """Activation-aware SVD (calibration). The SVDConfig fields, plus:
-
-    scaling: "whiten" (default; SVD-LLM Cholesky whitening of X^T X, optimal output error) or
-        "diag" (ASVD's per-input-channel scaling by mean |x|^alpha).
-    alpha: exponent of the diag scaling (ASVD paper: 0.5).
-    damp: whitening adds damp x mean(diag(X^T X)) to the diagonal before Cholesky.
-    """
-
-    method = "asvd"
-    needs_calibration = True
-    scaling: str = "whiten"
-    alpha: float = 0.5
-    damp: float = 0.01
-
-    def validate(self) -> None:
-        super().validate()
-        if self.scaling not in SCALINGS:
-            raise LeanfmError(f"unknown scaling '{self.scaling}' for asvd; use one of: {', '.join(SCALINGS)}")
-        if not 0 < self.alpha <= 2:
-            raise LeanfmError(f"alpha={self.alpha} must be in (0, 2]")
-        if not 0 <= self.damp < 1:
-            raise LeanfmError(f"damp={self.damp} must be in [0, 1)")
-
 
 def _replace(model: nn.Module, name: str, lin: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:
     bias = None if lin.bias is None else lin.bias.detach()
@@ -126,7 +42,6 @@ def _summary(model: nn.Module, ranks: dict[str, int], done: list[str], before: i
     }
 
 
-@register(SVDConfig)
 def apply_svd(model: nn.Module, cfg: SVDConfig, calib=None) -> dict:
     cfg.check_model(model)
     before, ranks, done = n_params(model), cfg.ranks(model), []
@@ -137,10 +52,9 @@ def apply_svd(model: nn.Module, cfg: SVDConfig, calib=None) -> dict:
     return _summary(model, ranks, done, before, {})
 
 
-@register(ASVDConfig)
 def apply_asvd(model: nn.Module, cfg: ASVDConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
-    check_calibration(calib, "asvd")
+    check_calibration(calib, cfg.method)
     before, ranks, done = n_params(model), cfg.ranks(model), []
     todo = cfg.to_factorize(model, ranks)
     whiten = cfg.scaling == "whiten"
@@ -160,7 +74,7 @@ def apply_asvd(model: nn.Module, cfg: ASVDConfig, calib: torch.Tensor) -> dict:
             done.append(n)
             seen.add(n)
 
-    runner.run(process, f"asvd ({cfg.scaling}, layer by layer)")
+    runner.run(process, f"{cfg.method} ({cfg.scaling}, layer by layer)")
     plain = [n for n in todo if n not in seen]  # outside the decoder layers: no inputs observed
     for n in plain:
         a, b = truncated_svd(todo[n].weight.detach(), ranks[n])

@@ -15,38 +15,12 @@ True where the weight is kept. Scores are "importance": the lowest-scored weight
 """
 from __future__ import annotations
 
-import re
 from typing import Iterable, Sequence
 
 import torch
 
 from ...errors import LeanfmError
-
-_NM = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """``"unstructured"`` -> None; ``"N:M"`` -> ``(N, M)`` with ``1 <= N < M``; else LeanfmError."""
-    if isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 60:
-        # YAML 1.1 reads an unquoted 2:4 as the base-60 integer 2*60+4 = 124
-        n, m = divmod(pattern, 60)
-        raise LeanfmError(
-            f"pattern {pattern} is not a string: YAML reads an unquoted {n}:{m} as the base-60 number {pattern}; "
-            f"quote it: pattern: \"{n}:{m}\""
-        )
-    if not isinstance(pattern, str):
-        raise LeanfmError(f"pattern {pattern!r} must be a string: 'unstructured' or N:M such as '2:4'")
-    if pattern.strip().lower() == "unstructured":
-        return None
-    match = _NM.match(pattern)
-    if not match:
-        raise LeanfmError(f"pattern '{pattern}' is malformed; use 'unstructured' or N:M (keep N of every M weights) such as '2:4' or '4:8'")
-    n, m = int(match.group(1)), int(match.group(2))
-    if n < 1 or n >= m:
-        raise LeanfmError(
-            f"pattern '{pattern}' keeps N={n} of every M={m} weights; N must be at least 1 and smaller than M (e.g. '2:4')"
-        )
-    return n, m
+from .decl import parse_pattern  # noqa: F401 (torch-free, used by the declarations; re-exported)
 
 
 def magnitude_scores(w: torch.Tensor) -> torch.Tensor:

@@ -6,41 +6,18 @@ than the whole attention/MLP block output (the reference's ``module2inspect``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ...config import register
 from ...errors import LeanfmError
 from ..fold import divide_output, find_producer
 from ..layers import LayerwiseRunner, group_by_input, targets_in
 from .awq_math import apply_clip, search_clip, search_scale
-from .common import WeightQuantConfig, install
+from .common import install
+from .decl import AWQConfig
 from .gptq import check_calibration
 from .grid import dequantize, resolve_group_size, rtn_quantize
-
-
-@dataclass
-class AWQConfig(WeightQuantConfig):
-    """AWQ (Lin et al., 2024). Besides the WeightQuantConfig fields:
-
-    n_grid: points of the α grid in [0, 1) (paper: 20). clip: search a per-group clipping range.
-    scale_tokens / clip_tokens: calibration rows used by the scale / clip searches.
-    """
-
-    method = "awq"
-    needs_calibration = True
-    symmetric: bool = False
-    n_grid: int = 20
-    clip: bool = True
-    scale_tokens: int = 4096
-    clip_tokens: int = 512
-
-    def validate(self) -> None:
-        super().validate()
-        if self.n_grid < 1 or self.scale_tokens < 1 or self.clip_tokens < 1:
-            raise LeanfmError("awq needs n_grid, scale_tokens and clip_tokens >= 1")
 
 
 class _Rows:
@@ -64,10 +41,9 @@ class _Rows:
         return torch.cat(self.x[name])
 
 
-@register(AWQConfig)
 def apply_awq(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
-    check_calibration(calib, "awq")
+    check_calibration(calib, cfg.method)
     targets = cfg.targets(model)
     runner = LayerwiseRunner(model, calib)
     qws, alphas, folded, unfolded = {}, [], 0, []

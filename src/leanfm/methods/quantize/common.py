@@ -1,4 +1,4 @@
-"""Shared config fields and model glue for weight-only quantizers (RTN, GPTQ, AWQ, HQQ).
+"""Model glue shared by the weight quantizers (their configs: :mod:`.decl`).
 
 An algorithm produces one :class:`~.grid.QuantizedWeight` per linear layer; :func:`install`
 then puts them into the model with the chosen execution ``backend``:
@@ -11,64 +11,34 @@ then puts them into the model with the chosen execution ``backend``:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ...config import BaseConfig
 from ...errors import LeanfmError
 from ...kernels import backends
 from ...kernels.qlinear import QuantLinear
-from ..targets import iter_linears
-from .grid import QuantizedWeight, check_bits, resolve_group_size
+from .grid import QuantizedWeight, resolve_group_size
 
-BACKEND_CHOICES = ("auto", "fake", *backends.BACKENDS)
-
-
-@dataclass
-class WeightQuantConfig(BaseConfig):
-    """Fields shared by weight-only quantizers.
-
-    bits: 2..8. group_size: columns sharing one scale (null = per output channel; must divide
-    each layer's in_features). symmetric: zero point fixed at the grid midpoint.
-    skip: linear layers left in full precision (names or fnmatch patterns; lm_head by default).
-    only: if given, quantize just the linears matching these patterns (e.g. [lm_head]).
-    backend: auto | fake | reference | tinygemm-int4 | int8pack (see the module docstring).
-    """
-
-    bits: int = 4
-    group_size: int | None = None
-    symmetric: bool = True
-    skip: tuple[str, ...] = ("lm_head",)
-    only: tuple[str, ...] = ()
-    backend: str = "auto"
-
-    def targets(self, model: nn.Module) -> dict[str, nn.Linear]:
-        return dict(iter_linears(model, self.skip, self.only))
-
-    def validate(self) -> None:
-        check_bits(self.bits)
-        if self.group_size is not None and self.group_size != -1 and self.group_size <= 0:
-            raise LeanfmError(f"group_size={self.group_size} must be positive (or null for per-channel)")
-        if self.backend not in BACKEND_CHOICES:
-            raise LeanfmError(f"unknown backend '{self.backend}' for {self.method}; use one of: {', '.join(BACKEND_CHOICES)}")
-
-    def check_model(self, model: nn.Module) -> None:
-        layers = list(self.targets(model).items())
-        check_not_quantized(model, self.method, bool(layers))
-        if not layers:
-            raise LeanfmError(f"{self.method} found no nn.Linear layers to quantize (check 'skip' and 'only')")
-        for name, mod in layers:
-            gs = resolve_group_size(mod.in_features, self.group_size, name)
-            if self.backend not in ("auto", "fake"):
-                lay = backends.Layout(self.bits, gs, mod.in_features, mod.out_features)
-                why = backends.get(self.backend).unsupported(lay, self.symmetric)
-                if why:
-                    raise LeanfmError(f"layer {name}: {why}; use backend: auto or reference")
+def check_layers(cfg, model: nn.Module) -> None:
+    """Every target layer fits the config (group size divides it, the chosen backend runs it)."""
+    layers = list(cfg.targets(model).items())
+    check_not_quantized(model, cfg.method, bool(layers))
+    if not layers:
+        raise LeanfmError(f"{cfg.method} found no nn.Linear layers to quantize (check 'skip' and 'only')")
+    for name, mod in layers:
+        gs = resolve_group_size(mod.in_features, cfg.group_size, name)
+        if cfg.backend not in ("auto", "fake"):
+            lay = backends.Layout(cfg.bits, gs, mod.in_features, mod.out_features)
+            why = backends.get(cfg.backend).unsupported(lay, cfg.symmetric)
+            if why:
+                raise LeanfmError(f"layer {name}: {why}; use backend: auto or reference")
 
 
-QUANT_METHODS = {"rtn", "gptq", "awq", "hqq", "smoothquant"}
+def _quantized_by(step: dict) -> bool:
+    from ...config import _REGISTRY
+
+    cls = _REGISTRY.get(step.get("method"))
+    return cls is not None and cls.produces == "int-weights"
 
 
 def check_not_quantized(model: nn.Module, method: str, has_targets: bool = False) -> None:
@@ -82,7 +52,7 @@ def check_not_quantized(model: nn.Module, method: str, has_targets: bool = False
                 f"cannot apply {method}: the model is already quantized (layer {name} holds {mod.bits}-bit packed weights); "
                 "start from the full-precision checkpoint"
             )
-    done = [s["method"] for s in getattr(model, "leanfm_info", {}).get("steps", []) if s.get("method") in QUANT_METHODS and s.get("simulated")]
+    done = [s["method"] for s in getattr(model, "leanfm_info", {}).get("steps", []) if _quantized_by(s) and s.get("simulated")]
     if done:
         raise LeanfmError(f"cannot apply {method}: the model's weights were already quantized by {done[-1]}; start from the full-precision checkpoint")
 

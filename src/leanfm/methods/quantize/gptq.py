@@ -6,46 +6,15 @@ already-quantized previous layers, and only one layer's activations are held at 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ...config import register
 from ...errors import LeanfmError
 from ..layers import LayerwiseRunner, targets_in
-from .common import WeightQuantConfig, install
+from .common import install
+from .decl import GPTQConfig, check_obs_params  # noqa: F401 (check_obs_params re-exported)
 from .gptq_math import HessianAccumulator, gptq_quantize
 from .grid import rtn_quantize
-
-
-@dataclass
-class GPTQConfig(WeightQuantConfig):
-    """GPTQ (Frantar et al., 2023). Besides the WeightQuantConfig fields:
-
-    damp: fraction of the mean Hessian diagonal added for stability (paper: 0.01).
-    act_order: quantize columns by decreasing activation energy (the reference's --act-order).
-    block_size: columns per lazy batch update (paper: 128).
-    Layers outside the decoder stack (e.g. an unskipped lm_head) fall back to RTN.
-    """
-
-    method = "gptq"
-    needs_calibration = True
-    damp: float = 0.01
-    act_order: bool = False
-    block_size: int = 128
-
-    def validate(self) -> None:
-        super().validate()
-        check_obs_params(self.damp, self.block_size)
-
-
-def check_obs_params(damp: float, block_size: int) -> None:
-    """Shared by the OBS-style solvers (GPTQ, SparseGPT)."""
-    if not 0 <= damp < 1:
-        raise LeanfmError(f"damp={damp} must be in [0, 1)")
-    if block_size < 1:
-        raise LeanfmError(f"block_size={block_size} must be >= 1")
 
 
 def check_calibration(calib: torch.Tensor, method: str, min_tokens: int = 256) -> None:
@@ -58,10 +27,9 @@ def check_calibration(calib: torch.Tensor, method: str, min_tokens: int = 256) -
         )
 
 
-@register(GPTQConfig)
 def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
-    check_calibration(calib, "gptq")
+    check_calibration(calib, cfg.method)
     targets = cfg.targets(model)
     runner = LayerwiseRunner(model, calib)
     qws = {}

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ...errors import LeanfmError
+from .decl import check_bits  # noqa: F401 (re-exported: the torch-free check lives with the declarations)
 
 
 @dataclass
@@ -30,11 +31,6 @@ class QuantizedWeight:
     zero: torch.Tensor  # float32 [out, n_groups] (integer-valued)
     bits: int
     group_size: int  # columns per group (== in_features for per-channel)
-
-
-def check_bits(bits: int, lo: int = 2, hi: int = 8) -> None:
-    if not isinstance(bits, int) or not lo <= bits <= hi:
-        raise LeanfmError(f"bits={bits} is not supported; use an integer from {lo} to {hi}")
 
 
 def _suggest_divisors(n: int, g: int) -> str:

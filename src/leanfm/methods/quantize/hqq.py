@@ -9,14 +9,13 @@ comes out fractional, which the packed format stores as a float per group.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ...config import register
 from ...errors import LeanfmError
-from .common import WeightQuantConfig, install
+from .common import install
+from .decl import HQQConfig
 from .grid import QuantizedWeight, check_bits, choose_qparams, resolve_group_size
 
 
@@ -59,32 +58,6 @@ def hqq_quantize(
     return QuantizedWeight(codes, scale, best_z.squeeze(-1), bits, gs)
 
 
-@dataclass
-class HQQConfig(WeightQuantConfig):
-    """HQQ weight quantization (asymmetric; ``symmetric`` must stay false).
-
-    iters: half-quadratic iterations (paper: 20). p: the l_p norm of the error (paper: 0.7).
-    beta, kappa: initial penalty and its growth factor per iteration (paper: 10, 1.01).
-    """
-
-    method = "hqq"
-    symmetric: bool = False
-    iters: int = 20
-    p: float = 0.7
-    beta: float = 10.0
-    kappa: float = 1.01
-
-    def validate(self) -> None:
-        super().validate()
-        if self.symmetric:
-            raise LeanfmError("hqq optimizes the zero point, so it is asymmetric: set symmetric: false")
-        if not 0 < self.p <= 1:
-            raise LeanfmError(f"p={self.p} must be in (0, 1]")
-        if self.iters < 0 or self.beta <= 0 or self.kappa < 1:
-            raise LeanfmError("hqq needs iters >= 0, beta > 0 and kappa >= 1")
-
-
-@register(HQQConfig)
 def apply_hqq(model: nn.Module, cfg: HQQConfig, calib=None) -> dict:
     cfg.check_model(model)
     qws = {

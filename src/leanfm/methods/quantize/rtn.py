@@ -4,24 +4,13 @@ The math is in :mod:`.grid`; packing and execution follow the config's ``backend
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
-from ...config import register
-from .common import WeightQuantConfig, install
+from .common import install
+from .decl import RTNConfig
 from .grid import rtn_quantize
 
 
-@dataclass
-class RTNConfig(WeightQuantConfig):
-    """Round-to-nearest weight quantization (fields: see WeightQuantConfig)."""
-
-    method = "rtn"
-    bits: int = 8
-
-
-@register(RTNConfig)
 def apply_rtn(model: nn.Module, cfg: RTNConfig, calib=None) -> dict:
     cfg.check_model(model)  # every layer is validated before any is touched
     qws = {name: rtn_quantize(mod.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric) for name, mod in cfg.targets(model).items()}

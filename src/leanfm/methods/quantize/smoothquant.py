@@ -13,17 +13,16 @@ here). The step is therefore recorded as ``simulated: true``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ...config import register
 from ...errors import LeanfmError
 from ..fold import divide_output, find_producer
 from ..layers import LayerwiseRunner, group_by_input, targets_in
 from ..targets import iter_linears
-from .common import WeightQuantConfig, install
+from .common import install
+from .decl import SmoothQuantConfig
 from .gptq import check_calibration
 from .grid import rtn_quantize
 
@@ -50,25 +49,6 @@ class ActQuant(nn.Module):
 
     def forward(self, x):
         return self.inner(fake_quant_act(x, self.bits))
-
-
-@dataclass
-class SmoothQuantConfig(WeightQuantConfig):
-    """SmoothQuant W8A8. alpha: migration strength in [0, 1] (paper: 0.5 for most models).
-    act_bits: activation bits (per-token dynamic). Weights: ``bits`` per output channel, symmetric."""
-
-    method = "smoothquant"
-    needs_calibration = True
-    bits: int = 8
-    alpha: float = 0.5
-    act_bits: int = 8
-
-    def validate(self) -> None:
-        super().validate()
-        if not 0 <= self.alpha <= 1:
-            raise LeanfmError(f"alpha={self.alpha} must be in [0, 1]")
-        if not 2 <= self.act_bits <= 8:
-            raise LeanfmError(f"act_bits={self.act_bits} is not supported; use 2..8")
 
 
 def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head",), only=()) -> dict:
@@ -108,10 +88,9 @@ def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head"
     return done
 
 
-@register(SmoothQuantConfig)
 def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
-    check_calibration(calib, "smoothquant")
+    check_calibration(calib, cfg.method)
     counts = smooth_(model, calib, cfg.alpha, cfg.skip, cfg.only)
     names = list(cfg.targets(model))
     qws = {n: rtn_quantize(model.get_submodule(n).weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric) for n in names}

@@ -15,7 +15,6 @@ that ``AutoModelForCausalLM.from_pretrained`` reloads.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -23,45 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import progress
-from ...config import BaseConfig, register
 from ...errors import LeanfmError
 from ...models.family import decoder_config
 from ..layers import LayerwiseRunner, decoder_layers
-from .common import check_calibration, check_fraction, n_params, round_half_up
-
-
-@dataclass
-class LayerDropConfig(BaseConfig):
-    """Drop whole decoder layers, the least influential first (ShortGPT block influence).
-
-    Give exactly one of
-    fraction: share of the decoder layers to drop, in (0, 1); the count is rounded half up
-        (25% of SmolLM2's 30 layers drops 8; at least one layer is dropped);
-    count: number of layers to drop (>= 1, fewer than the model has).
-    """
-
-    method = "layerdrop"
-    needs_calibration = True
-    fraction: float | None = None
-    count: int | None = None
-
-    def validate(self) -> None:
-        if (self.fraction is None) == (self.count is None):
-            raise LeanfmError("layerdrop needs exactly one of 'fraction' (e.g. 0.25) or 'count' (e.g. 4)")
-        if self.fraction is not None:
-            check_fraction("fraction", self.fraction)
-        if self.count is not None and self.count < 1:
-            raise LeanfmError(f"count={self.count} must be >= 1")
-
-    def n_drop(self, n_layers: int) -> int:
-        if self.count is not None:
-            return self.count
-        return max(1, round_half_up(self.fraction * n_layers))
-
-    def check_model(self, model: nn.Module) -> None:
-        n = len(decoder_layers(model))
-        if self.n_drop(n) >= n:
-            raise LeanfmError(f"layerdrop would drop {self.n_drop(n)} of the model's {n} decoder layers; keep at least one")
+from .common import check_calibration, n_params
+from .decl import LayerDropConfig  # noqa: F401 (re-exported)
 
 
 def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> float:
@@ -118,10 +83,9 @@ def remove_layers(model: nn.Module, drop: Sequence[int]) -> None:
                 mod.layer_idx = new_idx
 
 
-@register(LayerDropConfig)
 def apply_layerdrop(model: nn.Module, cfg: LayerDropConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
-    check_calibration(calib, "layerdrop")
+    check_calibration(calib, cfg.method)
     before = n_params(model)
     n_layers = len(decoder_layers(model))
     bi = measure_block_influence(model, calib)

@@ -14,73 +14,17 @@ fused projections (``qkv_proj``, ``gate_up_proj``) are refused with a one-line e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from ...config import BaseConfig, register
-from ...errors import LeanfmError
 from ...models.family import decoder_config
-from ..layers import LayerwiseRunner, capture_inputs, decoder_layers
-from .common import check_calibration, check_fraction, n_params, round_half_up
+from ..layers import LayerwiseRunner, capture_inputs
+from .common import check_calibration, n_params
+from .decl import WidthPruneConfig  # noqa: F401 (re-exported)
 from .width_math import group_rows, keep_top, kv_group_importance, mlp_channel_importance, slice_linear
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("up_proj", "down_proj")
-
-
-@dataclass
-class WidthPruneConfig(BaseConfig):
-    """Prune attention-head groups and MLP channels, the same number in every layer.
-
-    heads_fraction: share of key/value groups to remove, in [0, 1) (a group is one KV head with the
-        query heads that share it, so num_attention_heads and num_key_value_heads shrink together;
-        with MHA a group is one head). The count is rounded half up: 0.25 of SmolLM2's 3 groups
-        removes 1 (33% of heads); at least one group must remain.
-    mlp_fraction: share of MLP intermediate channels to remove, in [0, 1), rounded half up.
-    At least one of the two must be > 0.
-    """
-
-    method = "width"
-    needs_calibration = True
-    heads_fraction: float = 0.0
-    mlp_fraction: float = 0.0
-
-    def validate(self) -> None:
-        check_fraction("heads_fraction", self.heads_fraction, allow_zero=True)
-        check_fraction("mlp_fraction", self.mlp_fraction, allow_zero=True)
-        if self.heads_fraction == 0 and self.mlp_fraction == 0:
-            raise LeanfmError("width pruning needs heads_fraction > 0 or mlp_fraction > 0")
-
-    def plan(self, model: nn.Module) -> dict:
-        """Sizes before/after from the config; one-line errors for what cannot be pruned."""
-        cfg = decoder_config(model)
-        heads = int(cfg.num_attention_heads)
-        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-        inter = cfg.intermediate_size
-        if not isinstance(inter, int):
-            raise LeanfmError(f"width pruning needs one intermediate_size for all layers; this config has {inter!r}")
-        drop_groups = round_half_up(self.heads_fraction * kv)
-        if drop_groups >= kv:
-            raise LeanfmError(f"heads_fraction={self.heads_fraction} would remove {drop_groups} of {kv} key/value groups, leaving 0; lower it")
-        drop_ch = round_half_up(self.mlp_fraction * inter)
-        if drop_ch >= inter:
-            raise LeanfmError(f"mlp_fraction={self.mlp_fraction} would remove all {inter} MLP channels; lower it")
-        return {"heads": heads, "kv": kv, "head_dim": head_dim, "inter": inter, "keep_kv": kv - drop_groups, "keep_inter": inter - drop_ch}
-
-    def check_model(self, model: nn.Module) -> None:
-        p = self.plan(model)
-        for i, layer in enumerate(decoder_layers(model)):
-            attn, mlp = _find(layer, ATTN), _find(layer, MLP)
-            if attn is None or mlp is None:
-                raise LeanfmError(
-                    f"width pruning found no q/k/v/o_proj and up/down_proj nn.Linear layers in decoder layer {i} "
-                    "(fused projections, or already quantized/factorized: apply width pruning first)"
-                )
-            if attn.q_proj.out_features != p["heads"] * p["head_dim"] or mlp.down_proj.in_features != p["inter"]:
-                raise LeanfmError(f"decoder layer {i} does not match the config's head count / intermediate_size")
 
 
 def _find(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
@@ -123,10 +67,9 @@ def set_config_sizes(model: nn.Module, heads: int, kv_heads: int, head_dim: int,
     conf.num_attention_heads, conf.num_key_value_heads, conf.intermediate_size = heads, kv_heads, intermediate
 
 
-@register(WidthPruneConfig)
 def apply_width(model: nn.Module, cfg: WidthPruneConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
-    check_calibration(calib, "width")
+    check_calibration(calib, cfg.method)
     p = cfg.plan(model)
     prune_heads, prune_mlp = p["keep_kv"] < p["kv"], p["keep_inter"] < p["inter"]
     rep = p["heads"] // p["kv"]

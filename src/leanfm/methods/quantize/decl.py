@@ -1,0 +1,182 @@
+"""Declarations of the weight quantizers (torch-free): RTN, GPTQ, AWQ, HQQ, SmoothQuant.
+
+Each config holds its parameters, their validation and its cost effect; the handler it names
+(``handler``) holds the torch code and is imported on first apply.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ...config import BaseConfig
+from ...errors import LeanfmError
+from ...kernels.layout import BACKEND_NAMES
+from ..effects import QuantSpec, Rule
+
+BACKEND_CHOICES = ("auto", "fake", *BACKEND_NAMES)
+
+
+def check_bits(bits: int, lo: int = 2, hi: int = 8) -> None:
+    if not isinstance(bits, int) or not lo <= bits <= hi:
+        raise LeanfmError(f"bits={bits} is not supported; use an integer from {lo} to {hi}")
+
+
+def check_obs_params(damp: float, block_size: int) -> None:
+    """Shared by the OBS-style solvers (GPTQ, SparseGPT)."""
+    if not 0 <= damp < 1:
+        raise LeanfmError(f"damp={damp} must be in [0, 1)")
+    if block_size < 1:
+        raise LeanfmError(f"block_size={block_size} must be >= 1")
+
+
+@dataclass
+class WeightQuantConfig(BaseConfig):
+    """Fields shared by weight-only quantizers.
+
+    bits: 2..8. group_size: columns sharing one scale (null = per output channel; must divide
+    each layer's in_features). symmetric: zero point fixed at the grid midpoint.
+    skip: linear layers left in full precision (names or fnmatch patterns; lm_head by default).
+    only: if given, quantize just the linears matching these patterns (e.g. [lm_head]).
+    backend: auto | fake | reference | cpp-int4 | tinygemm-int4 | int8pack (``auto``: the fastest
+    real kernel that runs the layout here; ``fake``: dequantized fp32 written back, simulated).
+    """
+
+    produces = "int-weights"
+    fractional_zero: ClassVar[bool] = False  # float zero points (HQQ), stored as fp32
+
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool = True
+    skip: tuple[str, ...] = ("lm_head",)
+    only: tuple[str, ...] = ()
+    backend: str = "auto"
+
+    def targets(self, model) -> dict:
+        from ..targets import iter_linears
+
+        return dict(iter_linears(model, self.skip, self.only))
+
+    def validate(self) -> None:
+        check_bits(self.bits)
+        if self.group_size is not None and self.group_size != -1 and self.group_size <= 0:
+            raise LeanfmError(f"group_size={self.group_size} must be positive (or null for per-channel)")
+        if self.backend not in BACKEND_CHOICES:
+            raise LeanfmError(f"unknown backend '{self.backend}' for {self.method}; use one of: {', '.join(BACKEND_CHOICES)}")
+
+    def check_model(self, model) -> None:
+        from .common import check_layers
+
+        check_layers(self, model)
+
+    def effect(self, eff) -> None:
+        gs = self.group_size if self.group_size not in (None, -1) else None
+        spec = QuantSpec(self.method, int(self.bits), gs, bool(self.symmetric), str(self.backend),
+                         getattr(self, "act_bits", None), fractional_zero=self.fractional_zero, simulated=self.backend == "fake")
+        eff.rules.append(Rule(spec, tuple(self.skip), tuple(self.only)))
+
+
+@dataclass
+class RTNConfig(WeightQuantConfig):
+    """Round-to-nearest weight quantization, the calibration-free baseline (fields: see WeightQuantConfig)."""
+
+    method = "rtn"
+    handler = "leanfm.methods.quantize.rtn:apply_rtn"
+    bits: int = 8
+
+
+@dataclass
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ (Frantar et al., 2023): second-order error compensation column by column.
+
+    Besides the WeightQuantConfig fields:
+
+    damp: fraction of the mean Hessian diagonal added for stability (paper: 0.01).
+    act_order: quantize columns by decreasing activation energy (the reference's --act-order).
+    block_size: columns per lazy batch update (paper: 128).
+    Layers outside the decoder stack (e.g. an unskipped lm_head) fall back to RTN.
+    """
+
+    method = "gptq"
+    handler = "leanfm.methods.quantize.gptq:apply_gptq"
+    needs_calibration = True
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+
+    def validate(self) -> None:
+        super().validate()
+        check_obs_params(self.damp, self.block_size)
+
+
+@dataclass
+class AWQConfig(WeightQuantConfig):
+    """AWQ (Lin et al., 2024): activation-aware per-channel scales and clipping.
+
+    Besides the WeightQuantConfig fields:
+
+    n_grid: points of the α grid in [0, 1) (paper: 20). clip: search a per-group clipping range.
+    scale_tokens / clip_tokens: calibration rows used by the scale / clip searches.
+    """
+
+    method = "awq"
+    handler = "leanfm.methods.quantize.awq:apply_awq"
+    needs_calibration = True
+    symmetric: bool = False
+    n_grid: int = 20
+    clip: bool = True
+    scale_tokens: int = 4096
+    clip_tokens: int = 512
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_grid < 1 or self.scale_tokens < 1 or self.clip_tokens < 1:
+            raise LeanfmError("awq needs n_grid, scale_tokens and clip_tokens >= 1")
+
+
+@dataclass
+class HQQConfig(WeightQuantConfig):
+    """HQQ weight quantization: half-quadratic zero-point optimization, no calibration data (asymmetric; ``symmetric`` must stay false).
+
+    iters: half-quadratic iterations (paper: 20). p: the l_p norm of the error (paper: 0.7).
+    beta, kappa: initial penalty and its growth factor per iteration (paper: 10, 1.01).
+    """
+
+    method = "hqq"
+    handler = "leanfm.methods.quantize.hqq:apply_hqq"
+    fractional_zero = True
+    symmetric: bool = False
+    iters: int = 20
+    p: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+
+    def validate(self) -> None:
+        super().validate()
+        if self.symmetric:
+            raise LeanfmError("hqq optimizes the zero point, so it is asymmetric: set symmetric: false")
+        if not 0 < self.p <= 1:
+            raise LeanfmError(f"p={self.p} must be in (0, 1]")
+        if self.iters < 0 or self.beta <= 0 or self.kappa < 1:
+            raise LeanfmError("hqq needs iters >= 0, beta > 0 and kappa >= 1")
+
+
+@dataclass
+class SmoothQuantConfig(WeightQuantConfig):
+    """SmoothQuant W8A8: activation outliers migrated into the weights, then int weights and per-token int activations.
+
+    alpha: migration strength in [0, 1] (paper: 0.5 for most models).
+    act_bits: activation bits (per-token dynamic). Weights: ``bits`` per output channel, symmetric."""
+
+    method = "smoothquant"
+    handler = "leanfm.methods.quantize.smoothquant:apply_smoothquant"
+    needs_calibration = True
+    bits: int = 8
+    alpha: float = 0.5
+    act_bits: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.alpha <= 1:
+            raise LeanfmError(f"alpha={self.alpha} must be in [0, 1]")
+        if not 2 <= self.act_bits <= 8:
+            raise LeanfmError(f"act_bits={self.act_bits} is not supported; use 2..8")
