@@ -62,7 +62,7 @@ def _setup(a):
 
 
 def _streaming(a) -> None:
-    from leanfm.methods.kvcache.long_context import sliding_window_perplexity, stream_perplexity
+    from leanfm.measure.long_context import sliding_window_perplexity, stream_perplexity
 
     leanfm, model, tok, ids = _setup(a)
     ids = ids[: a.tokens]
@@ -95,7 +95,7 @@ def _streaming(a) -> None:
 
 
 def _passkey(a) -> None:
-    from leanfm.methods.kvcache.long_context import passkey_accuracy
+    from leanfm.measure.long_context import passkey_accuracy
 
     leanfm, model, tok, _ = _setup(a)
     lengths = [int(x) for x in a.lengths.split(",")]

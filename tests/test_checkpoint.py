@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import leanfm
+from leanfm.errors import LeanfmError
 from leanfm.kernels.checkpoint import load_quantized, quantized_layers, save_quantized
+from leanfm.kernels.lowrank import LowRankLinear
+from leanfm.models.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import tiny_llama
 
 CFGS = [
@@ -39,16 +42,35 @@ def test_compressed_tensors_export_matches_leanfm_logits(tmp_path):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
-    from leanfm.kernels.checkpoint import _dense_state, quantized_layers
-    from leanfm.kernels.export_ct import export_compressed_tensors
-
     model = leanfm.apply_(tiny_llama(), {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False, "backend": "reference"},
                           calib=torch.randint(3, 250, (4, 64)))
-    q = quantized_layers(model)
-    export_compressed_tensors(model.config, _dense_state(model, q), {n: m.quantized_weight() for n, m in q.items()}, tmp_path)
+    save_checkpoint(model, tmp_path, fmt="compressed-tensors")
     other = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     ids = torch.randint(3, 250, (1, 24))
     with torch.no_grad():
         ref, got = model(input_ids=ids).logits, other(input_ids=ids).logits
     # reference backend = exact fp32 dequant on both sides; only summation order may differ
     assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("cfg,files", [
+    ({"method": "rtn", "bits": 4, "group_size": 32}, {"leanfm-quant.json"}),
+    ({"method": "svd", "param_ratio": 0.6}, {"leanfm-lowrank.json"}),
+    ({"method": "magnitude", "sparsity": 0.5}, set()),
+], ids=["quant", "lowrank", "plain"])
+def test_save_checkpoint_picks_the_format_and_load_checkpoint_its_loader(cfg, files, tmp_path):
+    model = leanfm.apply_(tiny_llama(), cfg)
+    save_checkpoint(model, tmp_path)
+    manifests = {p.name for p in tmp_path.glob("leanfm-*.json")}
+    assert manifests == files and (tmp_path / "model.safetensors").exists() and (tmp_path / "config.json").exists()
+    back = load_checkpoint(tmp_path)
+    assert len(quantized_layers(back)) == len(quantized_layers(model))
+    assert sum(isinstance(m, LowRankLinear) for m in back.modules()) == sum(isinstance(m, LowRankLinear) for m in model.modules())
+    ids = torch.randint(3, 250, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(back(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_compressed_tensors_needs_packed_layers(tmp_path):
+    with pytest.raises(LeanfmError, match="recipe x leaves no packed quantized layers"):
+        save_checkpoint(tiny_llama(), tmp_path, fmt="compressed-tensors", source="recipe x")

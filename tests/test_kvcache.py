@@ -15,7 +15,7 @@ from leanfm.measure.memory import tensor_bytes
 from leanfm.methods.kvcache import (H2OCache, H2OConfig, KVQuantConfig, QuantizedKVCache, SnapKVCache,
                                     StreamingLLMCache, StreamingLLMConfig, make_cache)
 from leanfm.methods.kvcache.layers import H2OLayer
-from leanfm.methods.kvcache.long_context import passkey_accuracy, passkey_prompt, stream_perplexity
+from leanfm.measure.long_context import passkey_accuracy, passkey_prompt, stream_perplexity
 from leanfm.methods.kvcache.policy_math import group_scores, h2o_keep, snapkv_keep, snapkv_scores, streaming_keep
 from leanfm.methods.kvcache.quant_math import dequantize, pack_nibbles, quantize, unpack_nibbles
 from tests.conftest import tiny_gemma3, tiny_llama, tiny_tokenizer
@@ -323,7 +323,7 @@ def test_passkey_harness_runs_and_hides_key():
 def test_sliding_window_perplexity_matches_bounded_forwards():
     """stride 1 = every target predicted from exactly min(t, window) preceding tokens; a window
     covering the whole text equals one full forward; stride > 1 scores each token once."""
-    from leanfm.methods.kvcache.long_context import sliding_window_perplexity
+    from leanfm.measure.long_context import sliding_window_perplexity
 
     model, ids = tiny_llama(), IDS[0, :30]
     nll = 0.0

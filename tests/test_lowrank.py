@@ -8,7 +8,7 @@ from torch import nn
 import leanfm
 from leanfm.errors import LeanfmError
 from leanfm.measure.flops import linear_flops_per_token
-from leanfm.methods.lowrank.module import LowRankLinear, install_layout, load_lowrank, lowrank_layout, save_lowrank
+from leanfm.kernels.lowrank import LowRankLinear, install_layout, load_lowrank, lowrank_layout, save_lowrank
 from leanfm.methods.lowrank.svd_math import ActStats, rank_for, saves_params, scaled_svd, truncated_svd, whitened_svd
 from leanfm.recipe import load_recipe
 from tests.conftest import tiny_gemma3, tiny_llama

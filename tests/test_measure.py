@@ -143,7 +143,7 @@ def test_cost_from_profile():
 def test_flops_and_decode_bytes_count_packed_linears():
     import leanfm
     from leanfm.measure.flops import linear_flops_per_token
-    from leanfm.measure.roofline import decode_weight_bytes, roofline_metrics
+    from leanfm.measure.bandwidth import decode_weight_bytes, roofline_metrics
 
     dense = tiny_llama()
     q = leanfm.apply_(tiny_llama(), {"method": "rtn", "bits": 4, "group_size": 32})

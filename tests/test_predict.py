@@ -154,7 +154,7 @@ def test_kv_bytes_sliding_window_layers_equal_real_cache():
 @pytest.mark.parametrize("recipe", ["rtn-w4g64", "rtn-w8", "int4-fast"])
 def test_weight_bytes_equal_packed_model(recipe):
     from leanfm.measure.memory import weight_bytes
-    from leanfm.measure.roofline import decode_weight_bytes
+    from leanfm.measure.bandwidth import decode_weight_bytes
 
     if recipe == "int4-fast":
         steps = [{"method": "rtn", "bits": 4, "group_size": 64, "symmetric": False},  # int4-fast without its GPTQ calibration

@@ -1,8 +1,18 @@
 """``leanfm bench``: for each recipe load fresh, apply, measure; baseline always first.
 
-Speed, memory and energy are measured with only the model under test resident; the unmodified
-reference is loaded afterwards for the fidelity metrics, so ``peak_rss_bytes`` is not inflated
-by it. results.json is rewritten after every run, so an interrupted bench loses nothing.
+Two phases. **A**, recipe by recipe: load a fresh model, apply the recipe, measure memory (one
+untimed decode under a peak-RSS probe) and quality (the unmodified reference loaded afterwards
+for the fidelity metrics, so it never inflates ``peak_rss_bytes``); the model is then kept.
+**B**, timing: the speed repeats of all kept models run interleaved, round by round (A B C, A B C,
+...), so load from other processes hits every recipe alike; each repeat records how many cores
+other processes kept busy. A speedup whose repeat range overlaps the baseline's, or measured
+while other processes took cores the run needed, is flagged ``noisy`` (with the reason).
+
+Keeping every model resident costs memory: ``peak_rss_bytes`` of a later recipe subtracts the
+resident set the earlier kept models held when it started (``details.peak_rss_raw_bytes`` is the
+reading itself), and a model that would not leave room for the next is timed at once, alone
+(``details.speed_schedule``). ``interleave=False`` times each recipe alone right after phase A.
+results.json is rewritten after every step, so an interrupted bench loses nothing.
 """
 from __future__ import annotations
 
@@ -21,8 +31,12 @@ from .errors import LeanfmError
 from .measure.cost import load_profile
 from .measure.environment import environment
 from .measure.protocol import Protocol
+from .measure import memory as mem
+from .measure.cpuload import contention
+from .measure.energy import EnergyMeter
 from .measure.quality import make_windows
-from .measure.run import check_seqlen, eval_ids, measure
+from .measure.run import check_seqlen, eval_ids, flags, measure, speed_prompt, timed_metrics
+from .measure.speed import DecodeTimer
 from .models.load import load
 from .predict.versus import compare, prediction_for_run
 from .recipe import Recipe, load_recipe, recipe_file_stem
@@ -58,10 +72,73 @@ def _reused_baseline(path: str | Path, model_name: str, protocol: Protocol) -> d
     return run
 
 
+def _rss() -> int:
+    """Resident set of this process now (bytes; 0 where /proc is missing)."""
+    return mem.proc_bytes("/proc/self/status", "VmRSS") or 0
+
+
+def _noisy(run: dict, base: dict | None, threads: int) -> str | None:
+    """Why this run's speed (or its speedup over the baseline) is not trustworthy, or None."""
+    reasons = []
+    d = run.get("details", {})
+    why = contention(d.get("cpu_other_busy_cores_repeats") or [], threads)
+    if why:
+        reasons.append(why)
+    if base is not None and base is not run:
+        bd = base.get("details", {})
+        why = contention(bd.get("cpu_other_busy_cores_repeats") or [], threads)
+        if why:
+            reasons.append(f"baseline: {why}")
+        lo, hi = d.get("decode_tokens_per_s_min"), d.get("decode_tokens_per_s_max")
+        blo, bhi = bd.get("decode_tokens_per_s_min"), bd.get("decode_tokens_per_s_max")
+        if None not in (lo, hi, blo, bhi) and lo <= bhi and blo <= hi:
+            reasons.append(f"decode tok/s range {lo:.2f}-{hi:.2f} overlaps the baseline's {blo:.2f}-{bhi:.2f}")
+    return "; ".join(reasons) or None
+
+
+class _Timed:
+    """A kept model waiting for (or under) phase-B timing."""
+
+    def __init__(self, run: dict, recipe: Recipe, model, prompt: torch.Tensor, protocol: Protocol, profile: dict):
+        self.run, self.recipe, self.model = run, recipe, model
+        self.meter = EnergyMeter(profile["power_w"])
+        self.timer = DecodeTimer(model, prompt, protocol.gen, self.meter)
+
+
+def _time(entries: list[_Timed], protocol: Protocol) -> None:
+    """``warmup`` rounds, then ``repeats`` recorded rounds, each running one repeat of every entry."""
+    rounds = protocol.warmup + protocol.repeats
+    label = f"speed, {len(entries)} recipes interleaved" if len(entries) > 1 else "speed"
+    with progress.bar(label, rounds * len(entries)) as adv:
+        for r in range(rounds):
+            for e in entries:
+                e.timer.repeat(record=r >= protocol.warmup)
+                adv()
+
+
+def _finish(entry: _Timed, protocol: Protocol, profile: dict, config: dict, schedule: str) -> None:
+    """Speed/energy metrics, the prediction next to them, status ok."""
+    run, recipe = entry.run, entry.recipe
+    sp = entry.timer.result()
+    m, d = timed_metrics(entry.model, sp, protocol, profile, entry.meter)
+    run["metrics"].update(m)
+    run["details"].update(d)
+    run["details"]["speed_schedule"] = schedule
+    if "speed" in protocol.groups:  # the roofline prediction next to the measurement (docs/predict.md)
+        pred = prediction_for_run(config, recipe, protocol.batch, protocol.prompt, protocol.gen, protocol.threads)
+        run["details"]["prediction"] = pred
+        if "error" in pred:  # recorded, and said: never a silent gap in the table
+            progress.info(f"no roofline prediction for {recipe.name}: {pred['error']}")
+        run["metrics"].update(compare(pred, run["metrics"]))
+    run["status"] = "ok"
+
+
 def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol, out: str | Path,
-          calib: Calibration | None = None, profile_path: str | None = None, reuse_baseline: str | Path | None = None) -> dict:
+          calib: Calibration | None = None, profile_path: str | None = None, reuse_baseline: str | Path | None = None,
+          interleave: bool = True) -> dict:
     """Run every recipe on ``model_name`` under ``protocol``; the baseline first (measured, or
-    copied from the results.json directory ``reuse_baseline`` when model and protocol match)."""
+    copied from the results.json directory ``reuse_baseline`` when model and protocol match).
+    ``interleave``: time all recipes' speed repeats round by round (see the module docstring)."""
     protocol.validate()
     recipes = order_recipes(recipe_names)
     profile = load_profile(profile_path)
@@ -72,6 +149,7 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
     results = new_results(environment(protocol.threads, seed=recipes[0].seed), protocol.to_dict())
     results["model"] = model_name
     results["hardware_profile"] = profile
+    results["environment"]["speed_schedule"] = "interleaved" if interleave else "sequential"
     for r in recipes:
         r.save(out / "recipes" / f"{recipe_file_stem(r.name)}.yaml")
 
@@ -84,26 +162,52 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
     ids = eval_ids(tok, protocol)
     if "quality" in protocol.groups:  # a too-small --max-eval-tokens fails now, not after the speed runs
         make_windows(ids, protocol.seqlen, protocol.max_eval_tokens, None)
-    speed_groups = tuple(g for g in protocol.groups if g != "quality")
+    timed = [g for g in protocol.groups if g in ("speed", "energy")]
+    untimed = tuple(g for g in protocol.groups if g not in ("speed", "energy"))
+    prompt = speed_prompt(ids, protocol)
+    kept: list[_Timed] = []
+    kept_rss_base = None  # RSS before the first kept model beyond the baseline process
+
+    def fail(run: dict, recipe: Recipe, e: BaseException):
+        run.update(status="error", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        results["environment"]["load_average_after"] = list(os.getloadavg())
+        write(results, out)
+        if _oom(e):
+            raise LeanfmError(f"out of memory in recipe {recipe.name}; lower --batch/--seqlen or use a smaller model (runs so far saved in {out}/results.json)") from None
+        if isinstance(e, LeanfmError):
+            raise LeanfmError(f"{e} (runs so far saved in {out}/results.json)") from None
+        raise e
+
     for i, recipe in enumerate(recipes):
         if i == 0 and reuse_baseline is not None:
             results["runs"].append({**_reused_baseline(reuse_baseline, model_name, protocol), "id": 0})
             write(results, out)
+            del model
+            gc.collect()
             continue
         run = {"id": i, "model": model_name, "recipe": recipe.to_dict(), "status": "running"}
         results["runs"].append(run)
         try:
             progress.info(f"[{i + 1}/{len(recipes)}] {recipe.name}")
             if i > 0:
+                gc.collect()
+                held = _rss() - kept_rss_base if kept and kept_rss_base is not None else 0
                 model, _ = load(model_name)
+            else:
+                held = 0
             t0 = time.perf_counter()
             calib_ids, run["calibration"] = recipe.calibration(calib, tok)
             apply_(model, recipe, calib=calib_ids)
             run["apply_seconds"] = round(time.perf_counter() - t0, 3)
             res = {"metrics": {}, "details": {}, "flags": {}}
-            if speed_groups:
-                res = measure(model, tok, dataclasses.replace(protocol, groups=speed_groups), profile=profile, ids=ids)
-            if "quality" in protocol.groups:
+            if "memory" in untimed:
+                res = measure(model, tok, dataclasses.replace(protocol, groups=("memory",)), profile=profile, ids=ids)
+                if held > 0:
+                    res["details"]["peak_rss_raw_bytes"] = res["metrics"]["peak_rss_bytes"]
+                    res["metrics"]["peak_rss_bytes"] -= held
+                    res["details"]["peak_rss_scope"] += (f", minus {held} bytes resident in {len(kept)} other models "
+                                                         "kept for interleaved timing")
+            if "quality" in untimed:
                 ref = load(model_name)[0] if i > 0 else None
                 q = measure(model, tok, dataclasses.replace(protocol, groups=("quality",)), reference=ref, profile=profile, ids=ids)
                 del ref
@@ -112,26 +216,48 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
                 res["flags"] = q["flags"]
                 if i == 0:  # the baseline is the reference: identical by definition
                     res["metrics"].update(top1_agreement=1.0, kl_to_baseline=0.0)
-            if speed_groups:  # the roofline prediction next to the measurement (docs/predict.md)
-                pred = prediction_for_run(config, recipe, protocol.batch, protocol.prompt, protocol.gen, protocol.threads)
-                res["details"]["prediction"] = pred
-                if "error" in pred:  # recorded, and said: never a silent gap in the table
-                    progress.info(f"no roofline prediction for {recipe.name}: {pred['error']}")
-                res["metrics"].update(compare(pred, res["metrics"]))
-            run.update(metrics=res["metrics"], details=res["details"], flags=res["flags"], status="ok")
-            add_relative_metrics(run, results["runs"][0] if i > 0 else None)
+            res["flags"] = res["flags"] or flags(model)
+            run.update(metrics=res["metrics"], details=res["details"], flags=res["flags"],
+                       status="timing" if timed else "ok")
+            if timed:
+                entry = _Timed(run, recipe, model, prompt, protocol, profile)
+                room = mem.proc_bytes("/proc/meminfo", "MemAvailable")
+                if interleave and (room is None or room > 3 * mem.weight_bytes(model)):
+                    if not kept:
+                        gc.collect()
+                        kept_rss_base = _rss() - mem.weight_bytes(model)
+                    kept.append(entry)
+                else:  # alone, now (no interleaving, or no room to keep it)
+                    _time([entry], protocol)
+                    _finish(entry, protocol, profile, config,
+                            "sequential" if not interleave else "sequential (too little memory to keep it for interleaving)")
+                    del entry
         except (LeanfmError, RuntimeError, MemoryError) as e:
-            run.update(status="error", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
-            results["environment"]["load_average_after"] = list(os.getloadavg())
-            write(results, out)
-            if _oom(e):
-                raise LeanfmError(f"out of memory in recipe {recipe.name}; lower --batch/--seqlen or use a smaller model (runs so far saved in {out}/results.json)") from None
-            if isinstance(e, LeanfmError):
-                raise LeanfmError(f"{e} (runs so far saved in {out}/results.json)") from None
-            raise
+            fail(run, recipe, e)
         write(results, out)
         del model
         gc.collect()
+    if kept:
+        entry = kept[0]
+        try:
+            _time(kept, protocol)
+            for entry in kept:
+                _finish(entry, protocol, profile, config,
+                        f"interleaved with {len(kept) - 1} other recipes" if len(kept) > 1 else "sequential")
+        except (LeanfmError, RuntimeError, MemoryError) as e:
+            fail(entry.run, entry.recipe, e)
+        kept.clear()
+    base = results["runs"][0]
+    for run in results["runs"]:
+        if run.get("status") != "ok":
+            continue
+        if run is not base:
+            add_relative_metrics(run, base)
+        if timed:
+            why = _noisy(run, base, protocol.threads)
+            run["flags"]["noisy"] = why is not None
+            if why:
+                run["flags"]["noisy_reason"] = why
     results["environment"]["load_average_after"] = list(os.getloadavg())
     write(results, out)
     return results

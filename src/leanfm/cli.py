@@ -50,7 +50,7 @@ def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> Non
     g.add_argument("--repeats", type=int, default=10, help="recorded speed repeats (default 10)")
     g.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up repeats (default 1)")
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, pinned (default: all cores)")
-    g.add_argument("--hardware-profile", default=None, help="YAML with power_w, usd_per_hour, grid_gco2_per_kwh (default: built-in local)")
+    g.add_argument("--hardware-profile", default=None, help="hardware profile: a built-in name (see leanfm predict --hardware) or a YAML file with the same keys as the built-in ones (name, kind, memory_gb, memory_bandwidth_gbps, peak_tflops, power_w, usd_per_hour, grid_gco2_per_kwh; default: local)")
 
 
 def _add_calib(p: argparse.ArgumentParser) -> None:
@@ -156,7 +156,8 @@ def cmd_bench(a) -> int:
     from .report import print_table, write_report
 
     out = Path(a.out) if a.out else _default_out("bench")
-    results = bench(a.model, a.recipe or DEFAULT_RECIPES, _protocol(a), out, calib=_calib(a), profile_path=a.hardware_profile)
+    results = bench(a.model, a.recipe or DEFAULT_RECIPES, _protocol(a), out, calib=_calib(a), profile_path=a.hardware_profile,
+                    interleave=a.interleave)
     print_table(results)
     report = write_report(results, out)
     print(f"results: {out / 'results.json'}\nreport:  {report}")
@@ -185,25 +186,9 @@ def cmd_compress(a) -> int:
     torch.set_num_threads(a.threads)
     model, tok = load(a.model)
     apply_(model, recipe, calib=recipe.calibration(_calib(a), tok)[0])
-    from .kernels.checkpoint import _dense_state, quantized_layers, save_quantized
-    from .methods.lowrank.module import lowrank_layout, save_lowrank
+    from .models.checkpoint import save_checkpoint
 
-    qlayers = quantized_layers(model)
-    out.mkdir(parents=True, exist_ok=True)
-    if a.format == "compressed-tensors":
-        from .kernels.export_ct import export_compressed_tensors
-
-        if not qlayers:
-            raise LeanfmError(f"recipe {recipe.name} leaves no packed quantized layers; compressed-tensors export needs a quantizing recipe without backend: fake")
-        export_compressed_tensors(model.config, _dense_state(model, qlayers), {n: q.quantized_weight() for n, q in qlayers.items()}, out, tok)
-    elif qlayers:
-        save_quantized(model, out, tok)
-    elif lowrank_layout(model):  # two smaller linears per layer: plain transformers cannot rebuild them
-        save_lowrank(model, out)
-        tok.save_pretrained(str(out))
-    else:
-        model.save_pretrained(str(out))
-        tok.save_pretrained(str(out))
+    save_checkpoint(model, out, tok, a.format, source=f"recipe {recipe.name}")
     recipe.save(out / "recipe.yaml")
     simulated = any(s.get("simulated") for s in model.leanfm_info["steps"])
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -236,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local HF directory or hub id (default {DEFAULT_MODEL})")
     s.add_argument("--recipe", action="append", help=f"built-in name or YAML path; repeatable (default: {' '.join(DEFAULT_RECIPES)})")
     s.add_argument("--out", default=None, help="output directory (default runs/bench-<timestamp>)")
+    s.add_argument("--no-interleave", dest="interleave", action="store_false",
+                   help="time each recipe alone right after applying it, instead of all recipes' speed repeats "
+                        "interleaved round by round (which keeps every model resident)")
     _add_protocol(s)
     _add_calib(s)
     s.set_defaults(fn=cmd_bench)

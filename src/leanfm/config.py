@@ -136,6 +136,12 @@ def methods() -> list[str]:
 available_methods = methods  # exported as leanfm.available_methods (leanfm.methods is the subpackage)
 
 
+def registered(method: str) -> type[BaseConfig] | None:
+    """The config class registered under ``method`` now, or None (e.g. a step recorded by loading
+    a checkpoint); unlike :func:`config_class`, it neither loads the built-ins nor raises."""
+    return _REGISTRY.get(method)
+
+
 def config_class(method: str) -> type[BaseConfig]:
     _load_builtins()
     if method not in _REGISTRY:

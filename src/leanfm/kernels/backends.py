@@ -1,7 +1,7 @@
 """Execution backends for packed integer weights: one storage layout + one forward each.
 
 The algorithm that chose a layer's codes (RTN, GPTQ, AWQ, HQQ) hands over a
-:class:`~leanfm.methods.quantize.grid.QuantizedWeight`; a backend packs it into the tensors its
+:class:`~leanfm.formats.quantized.QuantizedWeight`; a backend packs it into the tensors its
 kernel reads, runs the forward, and unpacks it back exactly (for checkpoints and export).
 
 - ``reference``: portable nibble/int8 storage; every call dequantizes to fp32 and runs a dense
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LeanfmError
-from ..methods.quantize.grid import QuantizedWeight, dequantize
+from ..formats.layout import AUTO_ORDER, Layout, kernel_group, layout_unsupported
+from ..formats.quantized import QuantizedWeight, dequantize
 from . import cpp_int4, packing
-from .layout import AUTO_ORDER, Layout, kernel_group, layout_unsupported
 
 DECODE_MAX_TOKENS = 16
 
@@ -36,7 +36,7 @@ class Backend:
 
     def unsupported(self, lay: Layout, symmetric: bool) -> str | None:
         """Why this backend cannot run the layout (None when it can): the shape rules of
-        ``layout.py``; a backend adds its own availability check."""
+        ``formats/layout.py``; a backend adds its own availability check."""
         return layout_unsupported(self.name, lay, symmetric)
 
     def pack(self, qw: QuantizedWeight) -> dict[str, torch.Tensor]:

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ..errors import LeanfmError
-from ..methods.quantize.grid import QuantizedWeight
+from ..formats.quantized import QuantizedWeight
 from . import backends, packing
+from .actquant import ActQuant
+from .modules import set_module
 from .qlinear import QuantLinear, is_symmetric
 
 MANIFEST = "leanfm-quant.json"
@@ -34,9 +36,10 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, FusedSlice)) and n not in fused}
 
 
-def _act_bits(model: nn.Module) -> dict[str, int]:
-    """Layers wrapped with activation fake-quant (SmoothQuant): outer name -> bits."""
-    return {n: m.bits for n, m in model.named_modules() if type(m).__name__ == "ActQuant"}
+def act_quant_bits(model: nn.Module) -> dict[str, int]:
+    """Layers wrapped with activation fake-quant (SmoothQuant's :class:`.actquant.ActQuant`):
+    outer name -> bits."""
+    return {n: m.bits for n, m in model.named_modules() if isinstance(m, ActQuant)}
 
 
 def kernel_summary(model: nn.Module) -> str:
@@ -48,7 +51,7 @@ def kernel_summary(model: nn.Module) -> str:
     return "; ".join(f"{backends.BACKENDS[b].kernel} [{b}: {n} layers]" for b, n in used.items())
 
 
-def _dense_state(model: nn.Module, qlayers: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
+def dense_state(model: nn.Module, qlayers: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
     """State dict without the quantized layers' buffers (tied tensors stored once)."""
     prefixes = tuple(n + "." for n in qlayers)
     out, seen = {}, {}
@@ -71,9 +74,9 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     qlayers = quantized_layers(model)
-    tensors = _dense_state(model, qlayers)
+    tensors = dense_state(model, qlayers)
     layers = {}
-    acts = _act_bits(model)
+    acts = act_quant_bits(model)
     for inner_name, q in qlayers.items():
         name = inner_name[: -len(".inner")] if inner_name.endswith(".inner") and inner_name[: -len(".inner")] in acts else inner_name
         qw = q.quantized_weight()
@@ -117,8 +120,6 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
             )
         except KeyError as e:
             raise LeanfmError(f"quantized checkpoint {path} lacks tensor {e.args[0]}; the file is incomplete") from None
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         bias = tensors.pop(f"{name}.bias", None)
         be = backend or spec.get("backend", "auto")
         if be not in backends.BACKENDS or backends.BACKENDS[be].unsupported(
@@ -127,10 +128,8 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
             be = "auto"
         layer = QuantLinear(qw, bias, be)
         if spec.get("act_bits"):
-            from ..methods.quantize.smoothquant import ActQuant
-
             layer = ActQuant(layer, spec["act_bits"])
-        setattr(parent, child, layer)
+        set_module(model, name, layer)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     qnames = tuple(man["layers"])
     missing = [k for k in missing if not k.startswith(qnames)]

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LeanfmError
-from ..methods.quantize.grid import QuantizedWeight
+from ..formats.quantized import QuantizedWeight
 
 VERIFIED_WITH = {"compressed-tensors": "0.17.1", "transformers": "5.23.0", "torch": "2.13.0"}
 FORMAT = "pack-quantized"

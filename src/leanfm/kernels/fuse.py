@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..methods.quantize.grid import QuantizedWeight
+from ..formats.quantized import QuantizedWeight
 from . import backends as B
-from .qlinear import QuantLinear, is_symmetric
+from .qlinear import LayoutInfo, QuantLinear, is_symmetric
 
 
 class FusedGroup(nn.Module):
@@ -59,7 +59,7 @@ class FusedGroup(nn.Module):
         return y
 
 
-class FusedSlice(nn.Module):
+class FusedSlice(LayoutInfo, nn.Module):
     """Stands in for one member of a :class:`FusedGroup`; holds only its bias."""
 
     def __init__(self, group: FusedGroup, index: int, member: QuantLinear):
@@ -73,14 +73,6 @@ class FusedSlice(nn.Module):
     @property
     def backend(self):
         return self._group.fused.backend
-
-    @property
-    def bits(self) -> int:
-        return self.layout.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.layout.group_size
 
     def _rows(self) -> slice:
         start = sum(self._group.sizes[: self.index])

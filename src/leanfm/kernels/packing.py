@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LeanfmError
-from .layout import storage_bits  # noqa: F401  (re-exported: packing.storage_bits)
+from ..formats.layout import storage_bits  # noqa: F401  (re-exported: packing.storage_bits)
 
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..methods.quantize.grid import QuantizedWeight
+from ..formats.quantized import QuantizedWeight
 from . import backends as B
 
 
@@ -16,7 +16,21 @@ def is_symmetric(qw: QuantizedWeight) -> bool:
     return bool((qw.zero == 2 ** (qw.bits - 1)).all())
 
 
-class QuantLinear(nn.Module):
+class LayoutInfo:
+    """``bits`` and ``group_size`` of a packed layer, read from its ``layout``."""
+
+    layout: "B.Layout"
+
+    @property
+    def bits(self) -> int:
+        return self.layout.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.layout.group_size
+
+
+class QuantLinear(LayoutInfo, nn.Module):
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None, backend: str = "auto", persistent: bool = True):
         super().__init__()
         out_f, in_f = qw.codes.shape
@@ -39,14 +53,6 @@ class QuantLinear(nn.Module):
     def _bufs(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self._names}
 
-    @property
-    def bits(self) -> int:
-        return self.layout.bits
-
-    @property
-    def group_size(self) -> int:
-        return self.layout.group_size
-
     def quantized_weight(self) -> QuantizedWeight:
         return self.backend.unpack(self._bufs(), self.layout)
 
@@ -59,10 +65,3 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, backend={self.backend.name}"
-
-
-def replace_linear(parent: nn.Module, child_name: str, qw: QuantizedWeight, backend: str) -> QuantLinear:
-    lin = getattr(parent, child_name)
-    q = QuantLinear(qw, lin.bias, backend)
-    setattr(parent, child_name, q)
-    return q

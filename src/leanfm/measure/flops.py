@@ -15,7 +15,7 @@ from ..models.family import decoder_config
 
 
 def linear_flops_per_token(model: nn.Module) -> int:
-    from .roofline import linear_like  # nn.Linear and packed QuantLinear alike
+    from .bandwidth import linear_like  # nn.Linear and packed QuantLinear alike
 
     # a CSR layer multiplies only its stored non-zeros; masked (simulated) zeros still cost FLOPs
     return sum(2 * (getattr(mod, "nnz", None) or mod.in_features * mod.out_features) for mod in linear_like(model))

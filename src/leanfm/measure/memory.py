@@ -1,9 +1,7 @@
 """Memory metrics: bytes really held by the weights, checkpoint size, peak RSS, KV cache."""
 from __future__ import annotations
 
-import os
 import resource
-import tempfile
 
 import torch
 from torch import nn
@@ -36,17 +34,9 @@ def quantized_linear_bytes(model: nn.Module) -> tuple[int, int]:
 def model_size_on_disk_bytes(model: nn.Module) -> int:
     """Size of the model's safetensors file, written for real to a temporary directory (packed
     models in the leanfm checkpoint format that ``leanfm compress`` writes)."""
-    from safetensors.torch import save_model
+    from ..models.checkpoint import tensors_file_bytes
 
-    from ..kernels.checkpoint import quantized_layers, save_quantized
-
-    with tempfile.TemporaryDirectory(prefix="leanfm-size-") as d:
-        path = os.path.join(d, "model.safetensors")
-        if quantized_layers(model):
-            save_quantized(model, d)
-        else:
-            save_model(model, path)
-        return os.path.getsize(path)
+    return tensors_file_bytes(model)
 
 
 def tensor_bytes(obj, _seen=None) -> int:
@@ -104,12 +94,18 @@ def _release_free_heap() -> None:
         pass
 
 
-def _vm_hwm() -> int | None:
+def proc_bytes(path: str, key: str) -> int | None:
+    """A ``kB`` field of a /proc file (``/proc/self/status`` VmHWM, VmRSS; ``/proc/meminfo``
+    MemAvailable) in bytes; None where it cannot be read."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _vm_hwm() -> int | None:
+    return proc_bytes("/proc/self/status", "VmHWM")

@@ -13,7 +13,7 @@ from .energy import EnergyMeter
 from .flops import flops_per_token
 from .protocol import Protocol
 from .quality import evaluate, make_windows
-from .roofline import roofline_metrics
+from .bandwidth import roofline_metrics
 from .speed import decode_benchmark
 
 
@@ -50,12 +50,31 @@ def flags(model) -> dict:
     }
 
 
-def _prompt(ids: torch.Tensor, protocol: Protocol) -> torch.Tensor:
+def speed_prompt(ids: torch.Tensor, protocol: Protocol) -> torch.Tensor:
     """Real text as the prompt: ``batch`` different slices of the evaluation corpus."""
     need = protocol.batch * protocol.prompt
     reps = -(-need // ids.numel())
     src = ids.repeat(reps) if reps > 1 else ids
     return src[:need].view(protocol.batch, protocol.prompt)
+
+
+def timed_metrics(model, sp: dict, protocol: Protocol, profile: dict, meter) -> tuple[dict, dict]:
+    """Metrics of the ``speed`` / ``energy`` groups from a timing result (:class:`.speed.DecodeTimer`)."""
+    groups = set(protocol.groups)
+    metrics, details = {}, {}
+    context = protocol.prompt + (protocol.gen + 1) / 2
+    if "speed" in groups:
+        metrics.update(sp["metrics"])
+        details.update(sp["details"])
+        metrics["flops_per_token"] = flops_per_token(model, context)
+        kv_mean = mem.tensor_bytes(sp["cache"]) * context / (protocol.prompt + protocol.gen)
+        roof = roofline_metrics(model, metrics["decode_tokens_per_s"], protocol.batch, metrics["flops_per_token"], kv_mean, profile)
+        details["decode_bytes_per_step"] = roof.pop("decode_bytes_per_step", None)
+        metrics.update(roof)
+    if "energy" in groups:
+        metrics.update(meter.metrics())
+        metrics.update(cost_metrics(sp["metrics"]["decode_tokens_per_s"], metrics.get("energy_j_per_token"), profile))
+    return metrics, details
 
 
 def measure(model, tok, protocol: Protocol | None = None, reference=None, profile: dict | None = None,
@@ -76,29 +95,20 @@ def measure(model, tok, protocol: Protocol | None = None, reference=None, profil
     details: dict = {"protocol": protocol.to_dict(), "hardware_profile": profile.get("source"),
                      "steps": _json_safe(getattr(model, "leanfm_info", {}).get("steps", []))}
 
-    if groups & {"speed", "memory", "energy"}:
+    timed = groups & {"speed", "energy"}
+    if timed or "memory" in groups:
         meter = EnergyMeter(profile["power_w"])
-        with mem.PeakRSS() as peak:
-            meter.begin()
-            sp = decode_benchmark(model, _prompt(ids, protocol), protocol.gen, protocol.repeats, protocol.warmup,
-                                  on_timed=meter.add)
-        context = protocol.prompt + (protocol.gen + 1) / 2
-        kv_bytes = mem.tensor_bytes(sp["cache"])
-        if "speed" in groups:
-            metrics.update(sp["metrics"])
-            details.update(sp["details"])
-            metrics["flops_per_token"] = flops_per_token(model, context)
-            kv_mean = kv_bytes * context / (protocol.prompt + protocol.gen)
-            roof = roofline_metrics(model, metrics["decode_tokens_per_s"], protocol.batch, metrics["flops_per_token"], kv_mean, profile)
-            details["decode_bytes_per_step"] = roof.pop("decode_bytes_per_step", None)
-            metrics.update(roof)
+        with mem.PeakRSS() as peak:  # memory alone needs one repeat: the peak and the cache are the same in each
+            sp = decode_benchmark(model, speed_prompt(ids, protocol), protocol.gen, protocol.repeats if timed else 1,
+                                  protocol.warmup if timed else 0, meter=meter)
         if "memory" in groups:
-            metrics["kv_cache_bytes"] = kv_bytes
+            metrics["kv_cache_bytes"] = mem.tensor_bytes(sp["cache"])
             metrics["peak_rss_bytes"] = peak.bytes
             details["peak_rss_scope"] = peak.scope
-        if "energy" in groups:
-            metrics.update(meter.metrics())
-            metrics.update(cost_metrics(sp["metrics"]["decode_tokens_per_s"], metrics.get("energy_j_per_token"), profile))
+        if timed:
+            m, d = timed_metrics(model, sp, protocol, profile, meter)
+            metrics.update(m)
+            details.update(d)
         del sp
     if "memory" in groups:
         metrics["weight_bytes"] = mem.weight_bytes(model)

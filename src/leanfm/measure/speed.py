@@ -13,6 +13,10 @@ that over the tokens it emitted (a policy emits several per forward, so ``tpot_m
 over the repeats' means, not single steps); the policy's own metrics (``acceptance_rate``,
 ``mean_accepted_tokens``, ``mean_layers_used``, ...) come with them. ``kv_cache_bytes`` is then the
 target model's cache after one untimed plain decode of the same length.
+
+:class:`DecodeTimer` runs one repeat at a time, so ``leanfm bench`` can interleave the repeats of
+all recipes of an invocation (A B C A B C ...) and a busy machine hits them alike; each repeat
+also records how many cores other processes kept busy meanwhile (:mod:`.cpuload`).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import time
 import torch
 
 from .. import progress
+from .cpuload import CpuLoad
 
 
 def _sync() -> None:
@@ -61,78 +66,96 @@ def _one_repeat(model, prompt_ids: torch.Tensor, gen: int):
     return prefill, steps, cache
 
 
-def _policy_benchmark(model, policy, prompt_ids: torch.Tensor, gen: int, repeats: int, warmup: int, on_timed) -> dict:
-    from .decoding import check_policy_batch, policy_repeat
+class DecodeTimer:
+    """Prefill + ``gen`` decode steps of one model, one repeat per :meth:`repeat` call.
 
-    check_policy_batch(policy, prompt_ids.shape[0])
-    prefills, tps, tpots, decodes, stats = [], [], [], [], []
-    with progress.bar(f"speed (prefill + decode through {policy.name})", warmup + repeats + 1) as adv:
+    ``meter``: an energy meter (``begin()`` / ``add(seconds, tokens)``) charged with each recorded
+    repeat. With a decoding policy attached (``model.leanfm_decoder``) the decode runs through it.
+    """
+
+    def __init__(self, model, prompt_ids: torch.Tensor, gen: int, meter=None):
+        self.model, self.prompt_ids, self.gen, self.meter = model, prompt_ids, gen, meter
+        self.policy = getattr(model, "leanfm_decoder", None)
+        if self.policy is not None:
+            from .decoding import check_policy_batch
+
+            check_policy_batch(self.policy, prompt_ids.shape[0])
+        self.prefills, self.tps, self.tpots, self.decodes, self.stats, self.others, self.selfs = [], [], [], [], [], [], []
+        self.all_steps: list[float] = []
+        self.cache = None
+        self.repeats_run = 0
+
+    @property
+    def label(self) -> str:
+        return "prefill + decode" + (f" through {self.policy.name}" if self.policy is not None else "")
+
+    def repeat(self, record: bool = True) -> None:
+        """One repeat; kept in the statistics when ``record`` (else a warm-up)."""
+        if record and self.meter is not None:
+            self.meter.begin()
+        with CpuLoad() as load:
+            if self.policy is None:
+                prefill, steps, self.cache = _one_repeat(self.model, self.prompt_ids, self.gen)
+                decode_s, new = sum(steps), self.prompt_ids.shape[0] * self.gen
+            else:
+                from .decoding import policy_repeat
+
+                prefill, decode_s, new, st = policy_repeat(self.model, self.policy, self.prompt_ids, self.gen, seed=self.repeats_run)
+        self.repeats_run += 1
+        if not record:
+            return
+        self.prefills.append(prefill * 1e3)
+        self.tps.append(new / decode_s)
+        self.decodes.append(decode_s)
+        self.others.append(load.other_busy_cores)
+        self.selfs.append(load.self_busy_cores)
+        if self.policy is None:
+            self.all_steps.extend(x * 1e3 for x in steps)
+        else:
+            self.tpots.append(decode_s * 1e3 / new)
+            self.stats.append(st)
+        if self.meter is not None:
+            self.meter.add(decode_s, new)
+
+    def result(self) -> dict:
+        """Medians over the recorded repeats, the spread, the per-repeat CPU load, and the cache at
+        P + G (for a policy: from one untimed plain decode)."""
+        if not self.tps:
+            raise ValueError("no recorded repeat")
+        if self.policy is not None and self.cache is None:
+            self.cache = _one_repeat(self.model, self.prompt_ids, self.gen)[2]
+        steps = self.all_steps if self.policy is None else self.tpots
+        metrics = {
+            "prefill_ms": statistics.median(self.prefills),
+            "tpot_ms_p50": _percentile(steps, 0.5),
+            "tpot_ms_p90": _percentile(steps, 0.9),
+            "decode_tokens_per_s": statistics.median(self.tps),
+        }
+        details = {
+            "prefill_ms_min": min(self.prefills), "prefill_ms_max": max(self.prefills),
+            "decode_tokens_per_s_min": min(self.tps), "decode_tokens_per_s_max": max(self.tps),
+            "decode_tokens_per_s_repeats": [round(x, 3) for x in self.tps],
+            "decode_seconds_total": sum(self.decodes),
+            "decode_tokens_total": (sum(s["new_tokens"] for s in self.stats) if self.policy is not None
+                                    else self.prompt_ids.shape[0] * self.gen * len(self.tps)),
+            "cpu_other_busy_cores_repeats": self.others, "cpu_self_busy_cores_repeats": self.selfs,
+        }
+        if self.policy is not None:
+            metrics.update(self.policy.metrics(self.stats))
+            details.update(decoding_policy=self.policy.name, decoding_policy_stats=self.stats,
+                           tpot_scope="per-repeat mean (the policy emits several tokens per forward)")
+        return {"metrics": metrics, "details": details, "cache": self.cache}
+
+
+def decode_benchmark(model, prompt_ids: torch.Tensor, gen: int, repeats: int, warmup: int, on_timed=None, meter=None) -> dict:
+    """Time prefill + ``gen`` decode steps, ``warmup`` unrecorded then ``repeats`` recorded repeats
+    in a row (through the model's decoding policy when one is attached). ``on_timed(seconds,
+    tokens)`` sees each recorded repeat; ``meter`` is charged with them."""
+    timer = DecodeTimer(model, prompt_ids, gen, meter)
+    with progress.bar(f"speed ({timer.label})", warmup + repeats) as adv:
         for r in range(warmup + repeats):
-            prefill, decode_s, new, st = policy_repeat(model, policy, prompt_ids, gen, seed=r)
+            timer.repeat(record=r >= warmup)
+            if on_timed and r >= warmup:
+                on_timed(timer.decodes[-1], round(timer.tps[-1] * timer.decodes[-1]))
             adv()
-            if r < warmup:
-                continue
-            prefills.append(prefill * 1e3)
-            tps.append(new / decode_s)
-            tpots.append(decode_s * 1e3 / new)
-            decodes.append(decode_s)
-            stats.append(st)
-            if on_timed:
-                on_timed(decode_s, new)
-        cache = _one_repeat(model, prompt_ids, gen)[2]  # untimed: the target's cache at P + G
-        adv()
-    return {
-        "metrics": {
-            "prefill_ms": statistics.median(prefills),
-            "tpot_ms_p50": _percentile(tpots, 0.5),
-            "tpot_ms_p90": _percentile(tpots, 0.9),
-            "decode_tokens_per_s": statistics.median(tps),
-            **policy.metrics(stats),
-        },
-        "details": {
-            "prefill_ms_min": min(prefills), "prefill_ms_max": max(prefills),
-            "decode_tokens_per_s_min": min(tps), "decode_tokens_per_s_max": max(tps),
-            "decode_tokens_per_s_repeats": [round(x, 3) for x in tps],
-            "decode_seconds_total": sum(decodes),
-            "decode_tokens_total": sum(s["new_tokens"] for s in stats),
-            "decoding_policy": policy.name, "decoding_policy_stats": stats,
-            "tpot_scope": "per-repeat mean (the policy emits several tokens per forward)",
-        },
-        "cache": cache,
-    }
-
-
-def decode_benchmark(model, prompt_ids: torch.Tensor, gen: int, repeats: int, warmup: int, on_timed=None) -> dict:
-    """Time prefill + ``gen`` decode steps (through the model's decoding policy when one is
-    attached). ``on_timed(seconds, tokens)`` sees each recorded repeat."""
-    policy = getattr(model, "leanfm_decoder", None)
-    if policy is not None:
-        return _policy_benchmark(model, policy, prompt_ids, gen, repeats, warmup, on_timed)
-    batch = prompt_ids.shape[0]
-    prefills, tps, all_steps, cache = [], [], [], None
-    with progress.bar("speed (prefill + decode)", warmup + repeats) as adv:
-        for r in range(warmup + repeats):
-            prefill, steps, cache = _one_repeat(model, prompt_ids, gen)
-            adv()
-            if r < warmup:
-                continue
-            prefills.append(prefill * 1e3)
-            all_steps.extend(s * 1e3 for s in steps)
-            tps.append(batch * gen / sum(steps))
-            if on_timed:
-                on_timed(sum(steps), batch * gen)
-    return {
-        "metrics": {
-            "prefill_ms": statistics.median(prefills),
-            "tpot_ms_p50": _percentile(all_steps, 0.5),
-            "tpot_ms_p90": _percentile(all_steps, 0.9),
-            "decode_tokens_per_s": statistics.median(tps),
-        },
-        "details": {
-            "prefill_ms_min": min(prefills), "prefill_ms_max": max(prefills),
-            "decode_tokens_per_s_min": min(tps), "decode_tokens_per_s_max": max(tps),
-            "decode_tokens_per_s_repeats": [round(x, 3) for x in tps],
-            "decode_seconds_total": sum(all_steps) / 1e3, "decode_tokens_total": batch * gen * repeats,
-        },
-        "cache": cache,
-    }
+    return timer.result()

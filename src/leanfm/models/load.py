@@ -14,22 +14,15 @@ from .registry import ALIASES
 
 
 def _from_dir(path: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # leanfm shows its own progress; per-load bars are noise
 
-    from ..kernels.checkpoint import is_quantized_checkpoint, load_quantized
+    from .checkpoint import load_checkpoint
 
     tok = AutoTokenizer.from_pretrained(path)
-    if is_quantized_checkpoint(path):
-        return load_quantized(path), tok
-    from ..methods.lowrank.module import MANIFEST as LOWRANK_MANIFEST, load_lowrank
-
-    if (Path(path) / LOWRANK_MANIFEST).exists():  # factorized linears: rebuild them before loading
-        return load_lowrank(path), tok
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, tok
+    return load_checkpoint(path, dtype), tok
 
 
 def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
@@ -67,10 +60,10 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
         "name": name, "path": path, "source": source, "tokenizer": tok,
         "load_seconds": round(time.perf_counter() - t0, 2), "steps": [],
     }
-    from ..kernels.checkpoint import _act_bits, kernel_summary, quantized_layers
+    from ..kernels.checkpoint import act_quant_bits, kernel_summary, quantized_layers
 
     if quantized_layers(model):  # a packed checkpoint: record what runs it
-        acts = _act_bits(model)  # SmoothQuant activations are fake-quantized: simulated
+        acts = act_quant_bits(model)  # SmoothQuant activations are fake-quantized: simulated
         kernel = kernel_summary(model) + ("; fake-quant activations" if acts else "")
         model.leanfm_info["steps"].append({"method": "load-quantized", "simulated": bool(acts), "kernel": kernel})
     return model, tok

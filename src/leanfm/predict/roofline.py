@@ -21,6 +21,9 @@ a query at causal position j sees ``min(stored + j, window)`` keys. An RMSNorm c
 per token. Bytes: the weights once per forward (shared by the batch), activations in and out of
 each op at the dense dtype, and the KV cache read by attention (fused attention: the score
 matrix never reaches memory, FlashAttention, Dao et al. 2022).
+
+A step measured by ``leanfm bench`` is set against the same bound with the profile's flat rates
+(:func:`measured_step`: ``achieved_gbps`` and ``roofline_fraction``).
 """
 from __future__ import annotations
 
@@ -210,3 +213,15 @@ def forward(plan: Plan, tgt: Target, batch: int, n: int, past: float, head_token
     fw.overhead_seconds = (tgt.per_step_us + tgt.per_layer_us * len(ids) + tgt.per_op_us * max(extra_ops, 0)) / 1e6
     fw.seconds = fw.roofline_seconds + fw.overhead_seconds
     return fw
+
+
+def measured_step(step_s: float, step_bytes: float, step_flops: float, profile: dict) -> dict:
+    """A measured step (``leanfm bench``'s decode) against the flat roofline of ``profile``:
+    ``roofline_fraction`` = max(bytes / ``memory_bandwidth_gbps``, flops / ``peak_gflops_fp32``) /
+    ``step_s`` (1.0 = running at the hardware limit), ``achieved_gbps`` = bytes / ``step_s``.
+    ``{}`` when the profile lacks either rate."""
+    bw, peak = profile.get("memory_bandwidth_gbps"), profile.get("peak_gflops_fp32")
+    if not bw or not peak:
+        return {}
+    bound = max(step_bytes / (bw * 1e9), step_flops / (peak * 1e9))
+    return {"achieved_gbps": step_bytes / step_s / 1e9, "roofline_fraction": bound / step_s, "decode_bytes_per_step": step_bytes}

@@ -23,13 +23,20 @@ COLUMNS = [
 ]
 
 
-def cell(metrics: dict, key: str, fmt) -> str:
+def cell(metrics: dict, key: str, fmt, run: dict | None = None) -> str:
     v = metrics.get(key)
-    return "–" if v is None else fmt(v)
+    text = "–" if v is None else fmt(v)
+    if key == "speedup" and v is not None and run is not None and (run.get("flags") or {}).get("noisy"):
+        text += " noisy"  # the reason is in the execution column and results.json
+    return text
 
 
 def flag_text(run: dict) -> str:
     f = run.get("flags") or {}
-    if run.get("status") != "ok":
+    status = run.get("status")
+    if status == "timing":
+        return "interrupted before its speed was measured (other metrics kept)"
+    if status != "ok":
         return f"error: {run.get('error', '')}"
-    return ("simulated" if f.get("simulated") else "real") + f" · {f.get('kernel', '?')}"
+    text = ("simulated" if f.get("simulated") else "real") + f" · {f.get('kernel', '?')}"
+    return text + (f" · NOISY: {f['noisy_reason']}" if f.get("noisy_reason") else "")

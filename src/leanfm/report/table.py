@@ -16,8 +16,8 @@ def print_table(results: dict, console: Console | None = None) -> None:
     present = [c for c in COLUMNS if any(c[0] in (r.get("metrics") or {}) for r in results["runs"])]
     for _, header, _ in present:
         t.add_column(header, justify="right")
-    t.add_column("execution")
+    t.add_column("execution", overflow="fold")
     for run in results["runs"]:
         m = run.get("metrics") or {}
-        t.add_row(run["recipe"]["name"], *[cell(m, k, f) for k, _, f in present], flag_text(run))
+        t.add_row(run["recipe"]["name"], *[cell(m, k, f, run) for k, _, f in present], flag_text(run))
     console.print(t)

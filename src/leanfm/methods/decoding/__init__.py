@@ -5,7 +5,7 @@ prompt lookup) and CALM-style dynamic early exit, declared in :mod:`.decl` (``sp
 Names below are imported from their submodule on first use (PEP 562), so importing the package
 (or its ``decl``) does not load torch.
 """
-from importlib import import_module
+from .. import lazy_exports
 
 _EXPORTS = {
     "EarlyExitConfig": "decl", "SpeculativeConfig": "decl",
@@ -17,15 +17,4 @@ _EXPORTS = {
     "ModelStepper": "steppers", "Stepper": "steppers",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -3,12 +3,13 @@
 Layout: ``decl`` (the configs: torch-free declarations), ``policy_math`` / ``quant_math`` (pure
 keep-set and quantization math), ``layers`` (one cache layer per policy), ``caches`` (whole-model
 ``DynamicCache`` subclasses), ``scores`` (attention probabilities for H2O / SnapKV), ``policies``
-(the handler and ``make_cache``), ``long_context`` (streaming perplexity and passkey retrieval).
+(the handler and ``make_cache``). Measuring a bounded cache on long inputs (streaming perplexity,
+passkey retrieval) is in :mod:`leanfm.measure.long_context`.
 
 Names below are imported from their submodule on first use (PEP 562), so importing the package
 (or its ``decl``) does not load torch.
 """
-from importlib import import_module
+from .. import lazy_exports
 
 _EXPORTS = {
     "H2OCache": "caches", "KVPolicyCache": "caches", "QuantizedKVCache": "caches", "SnapKVCache": "caches",
@@ -17,15 +18,4 @@ _EXPORTS = {
     "make_cache": "policies",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

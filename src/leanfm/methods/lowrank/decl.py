@@ -49,7 +49,7 @@ class SVDConfig(BaseConfig):
     def targets(self, model) -> dict:
         """``{name: nn.Linear}`` of the layers this step factorizes (not the factors of earlier ones)."""
         from ..targets import iter_linears
-        from .module import LowRankLinear
+        from ...kernels.lowrank import LowRankLinear
 
         inner = {id(m) for lr in model.modules() if isinstance(lr, LowRankLinear) for m in (lr.a, lr.b)}
         return {n: m for n, m in iter_linears(model, self.skip, self.only) if id(m) not in inner}

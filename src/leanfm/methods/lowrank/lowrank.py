@@ -1,8 +1,9 @@
 """Low-rank factorization techniques ``svd`` and ``asvd``: model glue (configs in :mod:`.decl`).
 
 Each target ``nn.Linear`` (all but ``skip``; only ``only`` when given) is replaced by a
-:class:`.module.LowRankLinear` when its rank r saves parameters (r (in + out) < in x out);
-layers where it would not are left dense and listed under ``skipped_layers``.
+:class:`~leanfm.kernels.lowrank.LowRankLinear` when its rank r saves parameters
+(r (in + out) < in x out); layers where it would not are left dense and listed under
+``skipped_layers``.
 
 ``asvd`` collects each layer's input statistics on calibration tokens, layer by layer with
 :class:`~..layers.LayerwiseRunner` (each layer sees the outputs of the already-factorized layers
@@ -18,10 +19,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...kernels.lowrank import LowRankLinear
+from ...kernels.modules import set_module
 from ..layers import LayerwiseRunner, targets_in
-from ..structured.common import check_calibration, n_params, set_module
+from ..structured.common import check_calibration, n_params
 from .decl import SCALINGS, ASVDConfig, SVDConfig  # noqa: F401 (re-exported)
-from .module import LowRankLinear
 from .svd_math import ActStats, scaled_svd, truncated_svd, whitened_svd
 
 def _replace(model: nn.Module, name: str, lin: nn.Linear, a: torch.Tensor, b: torch.Tensor) -> None:

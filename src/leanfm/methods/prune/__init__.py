@@ -6,17 +6,8 @@ fp32 ``nn.Linear`` (zeros in a dense matrix), so every pruning step reports ``si
 
 Names are imported on first use (PEP 562), so importing the package loads no torch.
 """
-from importlib import import_module
+from .. import lazy_exports
 
 _EXPORTS = {"MagnitudeConfig": "decl", "PruneConfig": "decl", "SparseGPTConfig": "decl", "WandaConfig": "decl"}
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -155,7 +155,9 @@ def apply_magnitude(model: nn.Module, cfg: MagnitudeConfig, calib=None) -> dict:
     return _info(cfg, targets, extra, model)
 
 
-def apply_wanda(model: nn.Module, cfg: WandaConfig, calib: torch.Tensor) -> dict:
+def _prune_layerwise(model: nn.Module, cfg, calib: torch.Tensor, make_stats, prune_one) -> dict:
+    """Calibrated pruning, one decoder layer at a time: ``make_stats(linear)`` collects each
+    target's input statistics, ``prune_one(linear, stats, sparsity)`` prunes it in place."""
     cfg.check_model(model)
     check_calibration(calib, cfg.method)
     targets = cfg.targets(model)
@@ -163,26 +165,25 @@ def apply_wanda(model: nn.Module, cfg: WandaConfig, calib: torch.Tensor) -> dict
 
     def prune(mods, stats):
         for n, m in mods.items():
-            _zero(m, _mask(wanda_scores(m.weight, stats.pop(n).norms), cfg, plan[n], per_row=True))
+            prune_one(m, stats.pop(n), plan[n])
 
-    rest = _layerwise(model, calib, targets, lambda m: InputNorms(m.in_features), prune, f"{cfg.method} (layer by layer)")
+    rest = _layerwise(model, calib, targets, make_stats, prune, f"{cfg.method} (layer by layer)")
     extra.update(_magnitude_fallback(cfg, targets, rest, plan))
     return {**_info(cfg, targets, extra, model), "calibration_tokens": int(calib.numel())}
+
+
+def apply_wanda(model: nn.Module, cfg: WandaConfig, calib: torch.Tensor) -> dict:
+    def prune_one(m, st, sparsity):
+        _zero(m, _mask(wanda_scores(m.weight, st.norms), cfg, sparsity, per_row=True))
+
+    return _prune_layerwise(model, cfg, calib, lambda m: InputNorms(m.in_features), prune_one)
 
 
 def apply_sparsegpt(model: nn.Module, cfg: SparseGPTConfig, calib: torch.Tensor) -> dict:
-    cfg.check_model(model)
-    check_calibration(calib, cfg.method)
-    targets = cfg.targets(model)
-    plan, extra = _plan(model, cfg, calib, targets)
+    def prune_one(m, st, sparsity):
+        res = sparsegpt_prune(m.weight.detach(), st.H, sparsity, cfg.nm, cfg.block_size, cfg.damp,
+                              cfg.bits, cfg.group_size, cfg.symmetric)
+        with torch.no_grad():
+            m.weight.copy_(res.weight.to(m.weight.dtype))
 
-    def prune(mods, stats):
-        for n, m in mods.items():
-            res = sparsegpt_prune(m.weight.detach(), stats.pop(n).H, plan[n], cfg.nm, cfg.block_size, cfg.damp,
-                                  cfg.bits, cfg.group_size, cfg.symmetric)
-            with torch.no_grad():
-                m.weight.copy_(res.weight.to(m.weight.dtype))
-
-    rest = _layerwise(model, calib, targets, lambda m: HessianAccumulator(m.in_features), prune, f"{cfg.method} (layer by layer)")
-    extra.update(_magnitude_fallback(cfg, targets, rest, plan))
-    return {**_info(cfg, targets, extra, model), "calibration_tokens": int(calib.numel())}
+    return _prune_layerwise(model, cfg, calib, lambda m: HessianAccumulator(m.in_features), prune_one)

@@ -35,9 +35,9 @@ def check_layers(cfg, model: nn.Module) -> None:
 
 
 def _quantized_by(step: dict) -> bool:
-    from ...config import _REGISTRY
+    from ...config import registered
 
-    cls = _REGISTRY.get(step.get("method"))
+    cls = registered(step.get("method"))
     return cls is not None and cls.produces == "int-weights"
 
 

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from ...config import BaseConfig
 from ...errors import LeanfmError
-from ...kernels.layout import BACKEND_NAMES
+from ...formats.layout import BACKEND_NAMES
 from ..effects import QuantSpec, Rule
 
 BACKEND_CHOICES = ("auto", "fake", *BACKEND_NAMES)

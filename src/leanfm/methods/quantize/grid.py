@@ -14,23 +14,11 @@ An all-zero group gets the range [-1, 1] so its scale is never 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ...errors import LeanfmError
+from ...formats.quantized import QuantizedWeight, dequantize, grouped  # noqa: F401 (re-exported: the record lives below the kernels)
 from .decl import check_bits  # noqa: F401 (re-exported: the torch-free check lives with the declarations)
-
-
-@dataclass
-class QuantizedWeight:
-    """Integer codes plus per-(row, group) scale and zero point."""
-
-    codes: torch.Tensor  # uint8 [out, in]
-    scale: torch.Tensor  # float32 [out, n_groups]
-    zero: torch.Tensor  # float32 [out, n_groups] (integer-valued)
-    bits: int
-    group_size: int  # columns per group (== in_features for per-channel)
 
 
 def _suggest_divisors(n: int, g: int) -> str:
@@ -55,16 +43,11 @@ def resolve_group_size(in_features: int, group_size: int | None, layer: str = "w
     return group_size
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
-    out, inf = w.shape
-    return w.reshape(out, inf // group_size, group_size)
-
-
 def choose_qparams(
     w: torch.Tensor, bits: int, group_size: int, symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per (row, group) for a 2-D weight; shapes ``[out, in // group_size]``."""
-    g = _grouped(w.float(), group_size)
+    g = grouped(w.float(), group_size)
     maxq = 2**bits - 1
     xmin = g.amin(dim=-1).clamp(max=0)
     xmax = g.amax(dim=-1).clamp(min=0)
@@ -84,15 +67,9 @@ def choose_qparams(
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Integer codes (uint8) of ``w`` on the given grid."""
-    g = _grouped(w.float(), group_size)
+    g = grouped(w.float(), group_size)
     q = torch.clamp(torch.round(g / scale.unsqueeze(-1)) + zero.unsqueeze(-1), 0, 2**bits - 1)
     return q.reshape(w.shape).to(torch.uint8)
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Float32 weight ``s * (q - z)`` from codes and per-group parameters."""
-    g = _grouped(codes.float(), group_size)
-    return ((g - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(codes.shape)
 
 
 def rtn_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True) -> QuantizedWeight:

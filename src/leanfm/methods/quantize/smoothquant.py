@@ -13,11 +13,10 @@ here). The step is therefore recorded as ``simulated: true``.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
-from ...errors import LeanfmError
+from ...kernels.actquant import ActQuant, fake_quant_act  # noqa: F401 (fake_quant_act re-exported)
 from ..fold import divide_output, find_producer
 from ..layers import LayerwiseRunner, group_by_input, targets_in
 from ..targets import iter_linears
@@ -31,24 +30,6 @@ def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: flo
     """SmoothQuant Eq. 4 for linears sharing an input with per-channel max ``act_max [in]``."""
     w_max = torch.cat([w.detach().abs().float() for w in weights], dim=0).amax(dim=0).clamp(min=1e-5)
     return (act_max.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
-
-
-def fake_quant_act(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Symmetric per-token dynamic activation quantization (round trip)."""
-    qmax = 2 ** (bits - 1) - 1
-    s = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / qmax
-    return torch.clamp(torch.round(x / s), -qmax - 1, qmax) * s
-
-
-class ActQuant(nn.Module):
-    """Fake-quantizes a linear's input activations, then runs the (packed) linear."""
-
-    def __init__(self, inner: nn.Module, bits: int):
-        super().__init__()
-        self.inner, self.bits = inner, bits
-
-    def forward(self, x):
-        return self.inner(fake_quant_act(x, self.bits))
 
 
 def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head",), only=()) -> dict:

@@ -5,17 +5,8 @@ plain, smaller checkpoint that reloads with ``transformers.AutoModelForCausalLM.
 :mod:`.decl` declares the methods (configs, no torch); :mod:`.layerdrop` and :mod:`.width` hold
 the handlers. Names are imported on first use (PEP 562), so importing the package loads no torch.
 """
-from importlib import import_module
+from .. import lazy_exports
 
 _EXPORTS = {"LayerDropConfig": "decl", "WidthPruneConfig": "decl"}
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

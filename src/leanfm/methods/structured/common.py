@@ -17,8 +17,3 @@ def check_calibration(calib, method: str) -> None:
 def n_params(model: nn.Module) -> int:
     """Parameters counted once (tied embeddings / LM head share one tensor)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)

@@ -1,8 +1,8 @@
 """Packed-weight layout rules as plain arithmetic (no torch): which backend can run a layout,
 the group size the int4 kernels run, storage bits per code.
 
-``backends.py`` (which runs the kernels) and the cost predictor (``predict/formats.py``, which
-must not import torch) both read these, so a rule lives in one place.
+``kernels/backends.py`` (which runs the kernels) and the cost predictor (``predict/formats.py``,
+which must not import torch) both read these, so a rule lives in one place.
 """
 from __future__ import annotations
 

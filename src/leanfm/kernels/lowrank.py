@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import LeanfmError
-from ..structured.common import set_module
+from ..errors import LeanfmError
+from .modules import set_module
 
 MANIFEST = "leanfm-lowrank.json"
 FORMAT_VERSION = 1
@@ -85,13 +85,17 @@ def save_lowrank(model: nn.Module, out_dir: str | Path) -> Path:
     return out
 
 
+def is_lowrank_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).exists()
+
+
 def load_lowrank(model_dir: str | Path) -> nn.Module:
     """Rebuild a model written by :func:`save_lowrank` (fp32 unless the config says otherwise)."""
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
     d = Path(model_dir)
-    if not (d / MANIFEST).exists():
+    if not is_lowrank_checkpoint(d):
         raise LeanfmError(f"{d} has no {MANIFEST}: not a leanfm low-rank checkpoint")
     manifest = json.loads((d / MANIFEST).read_text())
     if manifest.get("format_version") != FORMAT_VERSION:

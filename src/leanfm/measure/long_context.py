@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import LeanfmError
-from ...measure.memory import tensor_bytes
-from .policies import make_cache
+from ..errors import LeanfmError
+from ..methods.kvcache.policies import make_cache
+from .memory import tensor_bytes
 
 
 def _factory(model: nn.Module, policy) -> Callable[[], object]:
@@ -133,7 +133,7 @@ def passkey_accuracy(model: nn.Module, tokenizer, policy=None, context_lengths=(
     SnapKV's setting, and a bounded policy is only bounded during decoding).
     Returns ``{"accuracy": {length: share}, "trials": trials, "prompt_tokens": {length: n}}``.
     """
-    from ...models.family import needs_bos
+    from ..models.family import needs_bos
 
     if trials < 1:
         raise LeanfmError(f"trials={trials} must be at least 1")

@@ -1,15 +1,16 @@
-"""Where decode time goes: bytes a decode step must read, achieved bandwidth, roofline share.
+"""Bytes a decode step reads and the bandwidth a measured step achieved.
 
 A batch-``B`` decode step reads every weight a token passes through once (each linear layer's
 stored tensors, packed or not; a tied LM head reads the embedding matrix; the embedding lookup
-itself reads one row and is ignored) plus the KV cache. The roofline bound of the step is
-``max(bytes / bandwidth, B x flops_per_token / peak_flops)`` with the hardware profile's
-``memory_bandwidth_gbps`` and ``peak_gflops_fp32``; ``roofline_fraction`` = bound / measured step
-time (1.0 = running at the hardware limit). ``achieved_gbps`` = bytes / measured step time.
+itself reads one row and is ignored) plus the KV cache. ``achieved_gbps`` = bytes / measured
+step time; the roofline bound the step is compared with (``roofline_fraction``) is the roofline
+model's, :func:`leanfm.predict.roofline.measured_step`.
 """
 from __future__ import annotations
 
 from torch import nn
+
+from ..predict.roofline import measured_step
 
 
 def linear_like(model: nn.Module):
@@ -34,10 +35,8 @@ def decode_weight_bytes(model: nn.Module) -> int:
 
 
 def roofline_metrics(model: nn.Module, tokens_per_s: float, batch: int, flops_per_token: float, kv_bytes_mean: float, profile: dict) -> dict:
-    bw, peak = profile.get("memory_bandwidth_gbps"), profile.get("peak_gflops_fp32")
-    if not bw or not peak or not tokens_per_s:
+    """``achieved_gbps``, ``roofline_fraction`` and ``decode_bytes_per_step`` of a decode step
+    measured at ``tokens_per_s`` (``{}`` without a speed or without the profile's rates)."""
+    if not tokens_per_s:
         return {}
-    step_s = batch / tokens_per_s
-    nbytes = decode_weight_bytes(model) + kv_bytes_mean
-    bound = max(nbytes / (bw * 1e9), batch * flops_per_token / (peak * 1e9))
-    return {"achieved_gbps": nbytes / step_s / 1e9, "roofline_fraction": bound / step_s, "decode_bytes_per_step": nbytes}
+    return measured_step(batch / tokens_per_s, decode_weight_bytes(model) + kv_bytes_mean, batch * flops_per_token, profile)
