@@ -83,3 +83,13 @@ def test_bench_interleaves_and_records_load(tiny_model_dir, tiny_text, tmp_path)
     assert "peak_rss_raw_bytes" in w4["details"]  # the baseline model was resident during its memory pass
     seq = bench(str(tiny_model_dir), ["baseline", "rtn-w4"], proto, tmp_path / "s", interleave=False)
     assert seq["runs"][1]["details"]["speed_schedule"] == "sequential"
+
+
+def test_report_marks_noisy_and_keeps_execution_on_its_own_row():
+    from leanfm.report.html import render
+
+    run = {"status": "ok", "recipe": {"name": "rtn-w4g64"}, "metrics": {"decode_tokens_per_s": 5.27, "speedup": 1.06},
+           "flags": {"simulated": False, "kernel": "k", "noisy": True, "noisy_reason": "overlap"}}
+    page = render({"runs": [run], "schema_version": "1.1"})
+    assert "1.06× noisy" in page and "NOISY: overlap" in page
+    assert '<tr class=exec><td colspan=2>' in page  # full-width line under the metrics: the table fits the page

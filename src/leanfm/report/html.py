@@ -15,7 +15,7 @@ CAVEAT = (
     "is real pretrained quality but already sits on that grid, so group-32 RTN can look falsely lossless. "
     "Runs flagged <b>simulated</b> hold fake-quantized fp32 weights: their memory and speed are those of fp32. "
     "A speedup marked <b>noisy</b> is not trustworthy: its repeats overlap the baseline's, or other processes "
-    "took cores the run needed (the reason is in the execution column)."
+    "took cores the run needed (the reason is on the line under the row)."
 )
 
 
@@ -53,10 +53,10 @@ def render(results: dict) -> str:
     runs = results["runs"]
     present = [c for c in COLUMNS if any(c[0] in (r.get("metrics") or {}) for r in runs)]
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in present)
-    rows = "".join(
-        f"<tr><td>{html.escape(r['recipe']['name'])}</td>"
+    rows = "".join(  # the execution text on its own full-width row, so the table fits the page
+        f"<tr><td rowspan=2>{html.escape(r['recipe']['name'])}</td>"
         + "".join(f"<td>{cell(r.get('metrics') or {}, k, f, r)}</td>" for k, _, f in present)
-        + f"<td>{html.escape(flag_text(r))}</td></tr>"
+        + f"</tr><tr class=exec><td colspan={max(len(present), 1)}>{html.escape(flag_text(r))}</td></tr>"
         for r in runs
     )
     plots = []
@@ -68,11 +68,11 @@ def render(results: dict) -> str:
     proto = html.escape(json.dumps(results.get("protocol", {}), indent=2))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>leanfm report · {html.escape(str(results.get('model', '')))}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;font-size:12px;width:100%}}
-td,th{{border:1px solid #ccc;padding:3px 5px;text-align:right}}td:first-child,td:last-child{{text-align:left}}
-td:last-child{{overflow-wrap:anywhere;min-width:16em}}.wide{{overflow-x:auto}}
+td,th{{border:1px solid #ccc;padding:3px 5px;text-align:right}}td:first-child{{text-align:left}}
+tr.exec td{{text-align:left;color:#444;font-size:11px;overflow-wrap:anywhere}}.wide{{overflow-x:auto}}
 pre{{background:#f6f6f6;padding:1em;font-size:12px}}img{{margin:1em 1em 0 0}}.note{{color:#555;font-size:13px}}</style></head><body>
 <h1>leanfm report</h1><p>model <b>{html.escape(str(results.get('model', '')))}</b> · results schema {html.escape(str(results.get('schema_version')))}</p>
-<div class="wide"><table><tr><th>recipe</th>{head}<th>execution</th></tr>{rows}</table></div>
+<div class="wide"><table><tr><th>recipe</th>{head}</tr>{rows}</table></div>
 <p class="note">{CAVEAT}</p>
 <div>{''.join(plots)}</div>
 <h2>Protocol</h2><pre>{proto}</pre><h2>Environment</h2><pre>{env}</pre></body></html>"""
