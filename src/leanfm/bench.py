@@ -221,11 +221,11 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
                        status="timing" if timed else "ok")
             if timed:
                 entry = _Timed(run, recipe, model, prompt, protocol, profile)
-                room = mem.proc_bytes("/proc/meminfo", "MemAvailable")
-                if interleave and (room is None or room > 3 * mem.weight_bytes(model)):
+                room, size = mem.proc_bytes("/proc/meminfo", "MemAvailable"), mem.weight_bytes(model)
+                if interleave and (room is None or room > 3 * size):
                     if not kept:
                         gc.collect()
-                        kept_rss_base = _rss() - mem.weight_bytes(model)
+                        kept_rss_base = _rss() - size
                     kept.append(entry)
                 else:  # alone, now (no interleaving, or no room to keep it)
                     _time([entry], protocol)

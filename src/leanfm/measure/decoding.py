@@ -14,18 +14,14 @@ from ..errors import LeanfmError
 from ..methods.decoding.policy import generate_with_policy
 from ..methods.decoding.speculative import plain_generate
 from ..methods.decoding.steppers import model_device
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from .speed import sync_device
 
 
 def _timed(fn):
-    _sync()
+    sync_device()
     t0 = time.perf_counter()
     out = fn()
-    _sync()
+    sync_device()
     return time.perf_counter() - t0, out
 
 

@@ -29,7 +29,8 @@ from .. import progress
 from .cpuload import CpuLoad
 
 
-def _sync() -> None:
+def sync_device() -> None:
+    """Wait for queued GPU work, so a timer reads finished work (nothing to do on the CPU)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -43,7 +44,7 @@ def _percentile(xs: list[float], q: float) -> float:
 
 @torch.no_grad()
 def _one_repeat(model, prompt_ids: torch.Tensor, gen: int):
-    _sync()
+    sync_device()
     t0 = time.perf_counter()
     kw = {}
     if getattr(model, "leanfm_kv_policy", None) is not None:  # a KV-cache policy (StreamingLLM, H2O, ...)
@@ -52,7 +53,7 @@ def _one_repeat(model, prompt_ids: torch.Tensor, gen: int):
         kw["past_key_values"] = make_cache(model)
     out = model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1, **kw)  # LM head on the last position, as generate
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    _sync()
+    sync_device()
     prefill = time.perf_counter() - t0
     cache = out.past_key_values
     steps = []
@@ -60,7 +61,7 @@ def _one_repeat(model, prompt_ids: torch.Tensor, gen: int):
         t0 = time.perf_counter()
         out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        _sync()
+        sync_device()
         steps.append(time.perf_counter() - t0)
         cache = out.past_key_values
     return prefill, steps, cache
@@ -147,15 +148,13 @@ class DecodeTimer:
         return {"metrics": metrics, "details": details, "cache": self.cache}
 
 
-def decode_benchmark(model, prompt_ids: torch.Tensor, gen: int, repeats: int, warmup: int, on_timed=None, meter=None) -> dict:
+def decode_benchmark(model, prompt_ids: torch.Tensor, gen: int, repeats: int, warmup: int, meter=None) -> dict:
     """Time prefill + ``gen`` decode steps, ``warmup`` unrecorded then ``repeats`` recorded repeats
-    in a row (through the model's decoding policy when one is attached). ``on_timed(seconds,
-    tokens)`` sees each recorded repeat; ``meter`` is charged with them."""
+    in a row (through the model's decoding policy when one is attached); ``meter`` (an energy
+    meter) is charged with each recorded repeat."""
     timer = DecodeTimer(model, prompt_ids, gen, meter)
     with progress.bar(f"speed ({timer.label})", warmup + repeats) as adv:
         for r in range(warmup + repeats):
             timer.repeat(record=r >= warmup)
-            if on_timed and r >= warmup:
-                on_timed(timer.decodes[-1], round(timer.tps[-1] * timer.decodes[-1]))
             adv()
     return timer.result()
