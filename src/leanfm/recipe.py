@@ -17,7 +17,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
 from urllib.parse import unquote
 
 import yaml
@@ -74,11 +73,9 @@ def builtin_names() -> list[str]:
     return sorted(_recipe_name(p.name[:-5]) for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
-def parse_recipe(text: str, source: str = "<recipe>", build_step: Callable[..., Any] = config_from_dict) -> Recipe:
-    """Parse and validate recipe YAML; errors carry ``source`` and the 1-based line.
-
-    ``build_step(raw, where=...)`` turns each step mapping into a step: a validated config by
-    default (declarations are torch-free, so the cost predictor reads recipes this way too)."""
+def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
+    """Parse and validate recipe YAML; errors carry ``source`` and the 1-based line. Steps become
+    validated configs (declarations are torch-free, so the cost predictor reads recipes this way too)."""
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -105,32 +102,32 @@ def parse_recipe(text: str, source: str = "<recipe>", build_step: Callable[..., 
     steps = []
     for i, raw in enumerate(steps_raw):
         line = step_lines[i] if i < len(step_lines) else key_lines.get("steps", 1)
-        steps.append(build_step(raw, where=f"recipe {source} line {line}: "))
+        steps.append(config_from_dict(raw, where=f"recipe {source} line {line}: "))
     return Recipe(name=str(name), seed=seed, steps=steps, description=str(data.get("description", "")), source=source)
 
 
-def load_recipe(name_or_path: str | Recipe, build_step: Callable[..., Any] = config_from_dict) -> Recipe:
+def load_recipe(name_or_path: str | Recipe) -> Recipe:
     """A built-in recipe name, a ``+`` composition of them, a YAML path, or an already-built
-    Recipe (``build_step``: see :func:`parse_recipe`)."""
+    Recipe."""
     if isinstance(name_or_path, Recipe):
         return name_or_path
     arg = str(name_or_path)
     if arg in builtin_names():
         text = resources.files("leanfm.recipes").joinpath(f"{recipe_file_stem(arg)}.yaml").read_text()
-        return parse_recipe(text, source=f"{arg}.yaml", build_step=build_step)
+        return parse_recipe(text, source=f"{arg}.yaml")
     p = Path(arg)
     if "+" in arg and not p.exists() and all(part in builtin_names() for part in arg.split("+")):
-        return compose(arg.split("+"), build_step)
+        return compose(arg.split("+"))
     if p.suffix in (".yaml", ".yml") or p.exists():
         if not p.is_file():
             raise LeanfmError(f"recipe file '{arg}' does not exist")
-        return parse_recipe(p.read_text(), source=str(p), build_step=build_step)
+        return parse_recipe(p.read_text(), source=str(p))
     raise LeanfmError(f"unknown recipe '{arg}'; built-in recipes: {', '.join(builtin_names())}; or pass a .yaml file "
                       "(or join built-in names with '+' to run them in order, e.g. wanda50+gptq-w4g64)")
 
 
-def compose(names: list[str], build_step: Callable[..., Any] = config_from_dict) -> Recipe:
+def compose(names: list[str]) -> Recipe:
     """Built-in recipes run in order as one recipe named ``a+b`` (the first one's seed)."""
-    parts = [load_recipe(n, build_step) for n in names]
+    parts = [load_recipe(n) for n in names]
     return Recipe(name="+".join(r.name for r in parts), seed=parts[0].seed, steps=[st for r in parts for st in r.steps],
                   description=" then ".join(r.name for r in parts), source="+".join(r.source for r in parts))
