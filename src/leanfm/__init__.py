@@ -39,8 +39,8 @@ def _config_classes() -> dict:
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    elif name.endswith("Config") and name in _config_classes():
-        value = _config_classes()[name]
+    elif name.endswith("Config") and name in (configs := _config_classes()):
+        value = configs[name]
     else:
         raise AttributeError(f"module 'leanfm' has no attribute '{name}'")
     globals()[name] = value
