@@ -74,3 +74,196 @@ def test_save_checkpoint_picks_the_format_and_load_checkpoint_its_loader(cfg, fi
 def test_compressed_tensors_needs_packed_layers(tmp_path):
     with pytest.raises(LeanfmError, match="recipe x leaves no packed quantized layers"):
         save_checkpoint(tiny_llama(), tmp_path, fmt="compressed-tensors", source="recipe x")
+
+
+# --- writing checkpoints: temp folder + rename, refuse or replace an existing one ------------
+
+import os  # noqa: E402
+
+from leanfm.models import checkpoint as ckpt_mod  # noqa: E402
+from leanfm.models.checkpoint import check_checkpoint_target  # noqa: E402
+
+QUANT = {"method": "rtn", "bits": 4, "group_size": 32}
+LOWRANK = {"method": "svd", "param_ratio": 0.6}
+
+
+def _siblings(d):
+    """Temp/old folders left next to ``d``."""
+    return sorted(p.name for p in d.parent.iterdir() if p.name.startswith(f".{d.name}."))
+
+
+def test_save_into_an_existing_checkpoint_is_refused_without_overwrite(tmp_path):
+    out = tmp_path / "ck"
+    save_checkpoint(leanfm.apply_(tiny_llama(), QUANT), out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(LeanfmError) as e:
+        save_checkpoint(leanfm.apply_(tiny_llama(), LOWRANK), out)
+    assert str(e.value) == (f"checkpoint folder {out} already exists and is not empty; pass --overwrite to replace it as a whole, "
+                            "or choose another --out")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before and _siblings(out) == []
+
+
+@pytest.mark.parametrize("fmt", ["leanfm", "compressed-tensors"])
+def test_overwrite_replaces_the_whole_folder(fmt, tmp_path):
+    """The old leanfm-quant.json (and any other file) must not survive next to the new checkpoint."""
+    out = tmp_path / "ck"
+    save_checkpoint(leanfm.apply_(tiny_llama(), QUANT), out, extra_files={"recipe.yaml": "name: old\n"})
+    (out / "notes.txt").write_text("stale")
+    model = leanfm.apply_(tiny_llama(), LOWRANK if fmt == "leanfm" else {"method": "rtn", "bits": 8})
+    assert save_checkpoint(model, out, fmt=fmt, overwrite=True, extra_files={"recipe.yaml": "name: new\n"}) == out
+    names = {p.name for p in out.iterdir()}
+    assert "leanfm-quant.json" not in names and "notes.txt" not in names
+    assert (out / "recipe.yaml").read_text() == "name: new\n"  # extra files land in the final folder
+    assert ("leanfm-lowrank.json" in names) == (fmt == "leanfm")
+    assert _siblings(out) == []
+    if fmt == "leanfm":
+        back = load_checkpoint(out)
+        assert sum(isinstance(m, LowRankLinear) for m in back.modules()) > 0 and not quantized_layers(back)
+
+
+def test_save_into_an_empty_existing_folder(tmp_path):
+    out = tmp_path / "ck"
+    out.mkdir()
+    save_checkpoint(leanfm.apply_(tiny_llama(), QUANT), out)
+    assert (out / "leanfm-quant.json").exists() and _siblings(out) == []
+
+
+def test_a_failed_write_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    def crash(model, out, *a):
+        (out / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("disk vanished")
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    save_checkpoint(leanfm.apply_(tiny_llama(), QUANT), old)
+    before = sorted(p.name for p in old.iterdir())
+    monkeypatch.setattr(ckpt_mod, "_write", crash)
+    for out, overwrite in ((new, False), (old, True)):
+        with pytest.raises(RuntimeError, match="disk vanished"):
+            save_checkpoint(tiny_llama(), out, overwrite=overwrite)
+        assert _siblings(out) == []
+    assert not new.exists()
+    assert sorted(p.name for p in old.iterdir()) == before  # the old checkpoint is untouched
+    load_checkpoint(old)
+
+
+def test_an_os_error_while_writing_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    def full(model, out, *a):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.safetensors"))
+
+    monkeypatch.setattr(ckpt_mod, "_write", full)
+    out = tmp_path / "ck"
+    with pytest.raises(LeanfmError, match=f"could not write checkpoint folder {out}: no space left on the device; nothing was replaced"):
+        save_checkpoint(tiny_llama(), out)
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_stale_partial_folders_of_dead_processes_are_removed(tmp_path):
+    out = tmp_path / "ck"
+    dead = tmp_path / ".ck.partial-999999999"  # no such pid
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"half")
+    save_checkpoint(leanfm.apply_(tiny_llama(), QUANT), out)
+    assert not dead.exists() and _siblings(out) == []
+
+
+def test_the_temp_folder_is_a_hidden_sibling(tmp_path, monkeypatch):
+    seen = []
+    real = ckpt_mod._write
+
+    def spy(model, out, *a):
+        seen.append(out)
+        real(model, out, *a)
+
+    monkeypatch.setattr(ckpt_mod, "_write", spy)
+    out = tmp_path / "ck"
+    save_checkpoint(leanfm.apply_(tiny_llama(), QUANT), out)
+    assert seen == [tmp_path / f".ck.partial-{os.getpid()}"]
+
+
+@pytest.mark.parametrize("case,overwrite,needle", [
+    ("file", False, "exists as a file"),
+    ("file", True, "exists as a file"),
+    ("under a file", False, "is a file, not a folder"),
+    ("not a checkpoint", True, "holds no checkpoint"),
+    ("working directory", True, "holds the working directory"),
+    ("non-empty", False, "pass --overwrite"),
+])
+def test_check_checkpoint_target_refuses(case, overwrite, needle, tmp_path, monkeypatch):
+    if case == "file":
+        out = tmp_path / "ck"
+        out.write_text("x")
+    elif case == "under a file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "sub" / "ck"
+    elif case == "not a checkpoint":
+        out = tmp_path / "docs"
+        out.mkdir()
+        (out / "thesis.tex").write_text("x")
+    elif case == "working directory":
+        out = tmp_path / "ck"
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        monkeypatch.chdir(out)
+        out = "."
+    else:
+        out = tmp_path / "ck"
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+    with pytest.raises(LeanfmError, match=needle) as e:
+        check_checkpoint_target(out, overwrite)
+    assert str(out) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(LeanfmError, match=needle):  # save_checkpoint runs the same check first
+        save_checkpoint(leanfm.apply_(tiny_llama(), QUANT), out, overwrite=overwrite)
+
+
+@pytest.mark.parametrize("case", ["missing", "missing parents", "empty", "checkpoint with overwrite"])
+def test_check_checkpoint_target_accepts(case, tmp_path):
+    out = tmp_path / ("a/b/ck" if case == "missing parents" else "ck")
+    if case in ("empty", "checkpoint with overwrite"):
+        out.mkdir()
+    if case == "checkpoint with overwrite":
+        (out / "config.json").write_text("{}")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    check_checkpoint_target(out, overwrite=case == "checkpoint with overwrite")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # creates nothing, leaves no probe behind
+
+
+def test_unwritable_parent_is_refused(tmp_path, monkeypatch):
+    import tempfile
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", denied)
+    with pytest.raises(LeanfmError, match=f"cannot write checkpoint folder {tmp_path / 'ck'}: {tmp_path} is not writable "
+                                          r"\(permission denied\)"):
+        check_checkpoint_target(tmp_path / "ck", False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_read_only_parent_is_refused(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(LeanfmError, match="is not writable"):
+            save_checkpoint(leanfm.apply_(tiny_llama(), QUANT), ro / "ck")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_extra_file_names_must_be_plain(tmp_path):
+    with pytest.raises(LeanfmError, match="must be a plain file name"):
+        save_checkpoint(tiny_llama(), tmp_path / "ck", extra_files={"../escape.yaml": "x"})
+    assert not (tmp_path / "ck").exists()
+
+
+def test_save_into_an_empty_working_directory_keeps_it(tmp_path, monkeypatch):
+    out = tmp_path / "here"
+    out.mkdir()
+    ino = out.stat().st_ino
+    monkeypatch.chdir(out)
+    save_checkpoint(leanfm.apply_(tiny_llama(), QUANT), ".")
+    assert out.stat().st_ino == ino and (out / "leanfm-quant.json").exists() and _siblings(out) == []

@@ -5,12 +5,14 @@ uniformly; here the draw uses its own ``torch.Generator`` so global RNG state is
 """
 from __future__ import annotations
 
+import numbers
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import LeanfmError
-from .text import load_text
+from .text import check_dataset, load_text
 
 
 @dataclass
@@ -22,13 +24,20 @@ class Calibration:
     seqlen: int = 2048
     seed: int = 0
     data_dir: str | None = None
+    sizing: str = ""  # why this size (e.g. "scaled to --max-eval-tokens 4096"), recorded with the run
     _cache: dict = field(default_factory=dict, repr=False)
 
     def describe(self) -> dict:
-        return {"dataset": self.dataset, "n": self.n, "seqlen": self.seqlen, "seed": self.seed}
+        d = {"dataset": self.dataset, "n": self.n, "seqlen": self.seqlen, "seed": self.seed}
+        return {**d, "sizing": self.sizing} if self.sizing else d
+
+    def check(self) -> None:
+        """Fail now, in one line, when the calibration text cannot be read (cheap: nothing is
+        tokenized); see :func:`leanfm.data.text.check_dataset`."""
+        check_dataset(self.dataset, "test", self.data_dir, flag="--calib-dataset")
 
     def tokens(self, tokenizer) -> torch.Tensor:
-        key = (getattr(tokenizer, "name_or_path", id(tokenizer)), self.dataset, self.n, self.seqlen, self.seed)
+        key = (getattr(tokenizer, "name_or_path", id(tokenizer)), self.dataset, self.n, self.seqlen, self.seed, self.data_dir)
         if key not in self._cache:
             self._cache[key] = sample_windows(
                 encode(tokenizer, load_text(self.dataset, "test", self.data_dir)), self.n, self.seqlen, self.seed, self.dataset
@@ -37,9 +46,14 @@ class Calibration:
 
 
 def calibration(dataset: str = "gensim-wiki", n: int = 128, seqlen: int = 2048, seed: int = 0, data_dir: str | None = None) -> Calibration:
+    for what, v in (("n", n), ("seqlen", seqlen), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise LeanfmError(f"calibration {what} must be a whole number, got {v!r}")
+    if not isinstance(dataset, (str, os.PathLike)):
+        raise LeanfmError(f"calibration dataset must be a name (wikitext2, gensim-wiki) or a text file path, got {dataset!r}")
     if n < 1 or seqlen < 2:
         raise LeanfmError(f"calibration needs n >= 1 samples of seqlen >= 2 tokens (got n={n}, seqlen={seqlen})")
-    return Calibration(dataset, n, seqlen, seed, data_dir)
+    return Calibration(str(dataset), int(n), int(seqlen), int(seed), data_dir)
 
 
 def encode(tokenizer, text: str) -> torch.Tensor:
@@ -57,7 +71,8 @@ def encode(tokenizer, text: str) -> torch.Tensor:
 
 def sample_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int, name: str = "corpus") -> torch.Tensor:
     if ids.numel() <= seqlen:
-        raise LeanfmError(f"calibration corpus {name} has {ids.numel()} tokens, fewer than one window of {seqlen}; use a larger corpus or a smaller --calib-seqlen")
+        raise LeanfmError(f"calibration corpus {name} has only {ids.numel()} tokens, fewer than one window of {seqlen} (it needs more than {seqlen}); "
+                          "use a larger corpus or a smaller --calib-seqlen")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (n,), generator=g)
     return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])

@@ -11,6 +11,7 @@ int4 kernel here and on the reference path elsewhere.
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -25,6 +26,123 @@ from .qlinear import QuantLinear, is_symmetric
 
 MANIFEST = "leanfm-quant.json"
 FORMAT_VERSION = 1
+REWRITE_HINT = "re-run leanfm compress to rewrite it, or re-download the model"
+
+
+# --- reading checkpoint files defensively: every damaged file is one LeanfmError naming it ---
+
+def check_safetensors(file: str | Path) -> None:
+    """Refuse a truncated or corrupt safetensors file, naming it, by reading only its header:
+    8 bytes of header length, the JSON header, then the data its offsets must exactly cover."""
+    file = Path(file)
+    bad = f"{file} is truncated or corrupt"
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LeanfmError(f"{bad} (it has only {size} bytes); {REWRITE_HINT}")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise LeanfmError(f"{file} is truncated (its header alone needs {n + 8} bytes, the file has {size}); {REWRITE_HINT}")
+            raw = f.read(n)
+    except OSError as e:
+        raise LeanfmError(f"cannot read {file}: {e.strerror or e}; check that the file is readable") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError):
+        raise LeanfmError(f"{bad} (its header is not valid safetensors JSON); {REWRITE_HINT}") from None
+    want = 8 + n + end
+    if size < want:
+        raise LeanfmError(f"{file} is truncated ({size} bytes, its header describes {want}); {REWRITE_HINT}")
+    if size > want:
+        raise LeanfmError(f"{bad} ({size} bytes, its header describes {want}); {REWRITE_HINT}")
+
+
+def check_tensor_files(path: str | Path) -> None:
+    """:func:`check_safetensors` for every ``*.safetensors`` file directly in the folder ``path``."""
+    for f in sorted(Path(path).glob("*.safetensors")):
+        check_safetensors(f)
+
+
+def load_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a missing, truncated or corrupt file reported as a
+    one-line :class:`LeanfmError` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = Path(file)
+    if not file.is_file():
+        raise LeanfmError(f"checkpoint {file.parent} has no {file.name}; the checkpoint is incomplete: {REWRITE_HINT}")
+    check_safetensors(file)
+    try:
+        return load_file(str(file))
+    except SafetensorError as e:
+        raise LeanfmError(f"{file} is truncated or corrupt ({e}); {REWRITE_HINT}") from None
+
+
+_INT = "a whole number"
+_TYPES = {int: _INT, bool: "true or false", str: "a string", dict: "an object", type(None): "null"}
+
+
+def _is(v, types: tuple) -> bool:
+    if isinstance(v, bool):  # JSON true/false are not numbers here
+        return bool in types
+    return isinstance(v, types)
+
+
+def read_manifest(file: str | Path, version: int, layer_fields: dict[str, tuple], optional: dict[str, tuple] | None = None) -> dict:
+    """The JSON manifest ``file`` checked against its schema: ``{"format_version": version,
+    "layers": {name: {field: value}}}`` with each field of ``layer_fields`` (required) and
+    ``optional`` of the given JSON types. Anything else: one line naming the file and the problem."""
+    file = Path(file)
+    fix = f"the checkpoint is damaged: {REWRITE_HINT}"
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LeanfmError(f"{file} is not a text file; {fix}") from None
+    except OSError as e:
+        raise LeanfmError(f"cannot read {file}: {e.strerror or e}; check that the file is readable") from None
+    try:
+        man = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LeanfmError(f"{file} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); {fix}") from None
+    if not isinstance(man, dict):
+        raise LeanfmError(f"{file} holds a JSON {type(man).__name__}, not an object with format_version and layers; {fix}")
+    if "format_version" not in man:
+        raise LeanfmError(f"{file} has no format_version; {fix}")
+    if man["format_version"] != version:
+        raise LeanfmError(f"{file} has format_version {man['format_version']!r}; this leanfm reads {version}: "
+                          "upgrade leanfm, or re-run leanfm compress with this version")
+    layers = man.get("layers")
+    if not isinstance(layers, dict):
+        raise LeanfmError(f"{file} has {'no layers' if layers is None else 'layers that are not an object of name: entry'}; {fix}")
+    fields = {**layer_fields, **(optional or {})}
+    for name, spec in layers.items():
+        if not isinstance(spec, dict):
+            raise LeanfmError(f"{file}: layer '{name}' is not an object of its settings; {fix}")
+        for key, types in fields.items():
+            if key not in spec:
+                if key in layer_fields:
+                    raise LeanfmError(f"{file}: layer '{name}' has no '{key}'; {fix}")
+                continue
+            v = spec[key]
+            if not _is(v, types) or (isinstance(v, int) and not isinstance(v, bool) and v < 1):
+                want = " or ".join(_TYPES.get(t, t.__name__) for t in types)
+                if int in types:
+                    want = want.replace(_INT, "a positive whole number")
+                raise LeanfmError(f"{file}: layer '{name}' has {key} = {json.dumps(v)}, expected {want}; {fix}")
+    return man
+
+
+def read_quant_manifest(path: str | Path) -> dict:
+    """``leanfm-quant.json`` of the checkpoint folder ``path``, schema-checked."""
+    return read_manifest(Path(path) / MANIFEST, FORMAT_VERSION,
+                         {"bits": (int,), "group_size": (int,), "in_features": (int,), "out_features": (int,), "bias": (bool,)},
+                         {"backend": (str, type(None)), "act_bits": (int, type(None))})
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -102,35 +220,47 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
 
     backend: None = the backend recorded for each layer when this machine runs it, else ``auto``.
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    man = json.loads((path / MANIFEST).read_text())
-    if man.get("format_version") != FORMAT_VERSION:
-        raise LeanfmError(f"{path / MANIFEST} has format_version {man.get('format_version')}; this leanfm reads {FORMAT_VERSION}")
+    man = read_quant_manifest(path)
+    tensors = load_safetensors(path / "model.safetensors")  # checked before the (slower) model build
     config = AutoConfig.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_file(str(path / "model.safetensors"))
+    fix = f"the checkpoint is damaged: {REWRITE_HINT}"
     for name, spec in man["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise LeanfmError(f"{path / MANIFEST} names layer '{name}', which the model in {path / 'config.json'} does not have; {fix}") from None
+        if not isinstance(old, nn.Linear):
+            raise LeanfmError(f"{path / MANIFEST} names layer '{name}', which is a {type(old).__name__}, not a linear layer; {fix}")
         try:
             qw = QuantizedWeight(
                 packing.unpack_codes(tensors.pop(f"{name}.qweight"), spec["bits"]),
                 tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.zero").float(), spec["bits"], spec["group_size"],
             )
+            if tuple(qw.codes.shape) != (spec["out_features"], spec["in_features"]) or tuple(old.weight.shape) != tuple(qw.codes.shape):
+                raise ValueError(f"codes {tuple(qw.codes.shape)}, layer {tuple(old.weight.shape)}")
+            bias = tensors.pop(f"{name}.bias", None)
+            be = backend or spec.get("backend") or "auto"
+            if be not in backends.BACKENDS or backends.BACKENDS[be].unsupported(
+                backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]), is_symmetric(qw)
+            ):
+                be = "auto"
+            layer = QuantLinear(qw, bias, be)
         except KeyError as e:
-            raise LeanfmError(f"quantized checkpoint {path} lacks tensor {e.args[0]}; the file is incomplete") from None
-        bias = tensors.pop(f"{name}.bias", None)
-        be = backend or spec.get("backend", "auto")
-        if be not in backends.BACKENDS or backends.BACKENDS[be].unsupported(
-            backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]), is_symmetric(qw)
-        ):
-            be = "auto"
-        layer = QuantLinear(qw, bias, be)
+            raise LeanfmError(f"quantized checkpoint {path} lacks tensor {e.args[0]}; the file is incomplete: {REWRITE_HINT}") from None
+        except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
+            raise LeanfmError(f"{path / 'model.safetensors'}: the tensors of layer '{name}' do not match its entry in {MANIFEST} "
+                              f"(bits {spec['bits']}, group_size {spec['group_size']}: {' '.join(str(e).split())[:160]}); {fix}") from None
         if spec.get("act_bits"):
             layer = ActQuant(layer, spec["act_bits"])
         set_module(model, name, layer)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise LeanfmError(f"quantized checkpoint {path} does not match its config.json ({' '.join(str(e).split())[:200]}); {fix}") from None
     qnames = tuple(man["layers"])
     missing = [k for k in missing if not k.startswith(qnames)]
     if getattr(config, "tie_word_embeddings", False):

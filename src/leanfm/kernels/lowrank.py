@@ -89,18 +89,41 @@ def is_lowrank_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).exists()
 
 
+def read_lowrank_manifest(model_dir: str | Path) -> dict:
+    """``leanfm-lowrank.json`` of the folder ``model_dir``, schema-checked (one line naming the
+    file and the problem when it is not valid JSON, misses keys or has wrong types)."""
+    from .checkpoint import read_manifest
+
+    return read_manifest(Path(model_dir) / MANIFEST, FORMAT_VERSION,
+                         {"in": (int,), "out": (int,), "rank": (int,), "bias": (bool,)})
+
+
 def load_lowrank(model_dir: str | Path) -> nn.Module:
     """Rebuild a model written by :func:`save_lowrank` (fp32 unless the config says otherwise)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .checkpoint import REWRITE_HINT, check_safetensors
 
     d = Path(model_dir)
     if not is_lowrank_checkpoint(d):
         raise LeanfmError(f"{d} has no {MANIFEST}: not a leanfm low-rank checkpoint")
-    manifest = json.loads((d / MANIFEST).read_text())
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise LeanfmError(f"{d / MANIFEST} has format_version {manifest.get('format_version')}; this leanfm reads {FORMAT_VERSION}")
+    manifest = read_lowrank_manifest(d)
+    tensors = d / "model.safetensors"
+    if not tensors.is_file():
+        raise LeanfmError(f"checkpoint {d} has no model.safetensors; the checkpoint is incomplete: {REWRITE_HINT}")
+    check_safetensors(tensors)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(d)))
-    install_layout(model, manifest["layers"])
-    load_model(model, str(d / "model.safetensors"))
+    try:
+        install_layout(model, manifest["layers"])
+    except LeanfmError as e:  # the manifest does not fit config.json's model
+        raise LeanfmError(f"{d / MANIFEST}: {e} (config.json disagrees); the checkpoint is damaged: {REWRITE_HINT}") from None
+    try:
+        load_model(model, str(tensors))
+    except SafetensorError as e:
+        raise LeanfmError(f"{tensors} is truncated or corrupt ({e}); {REWRITE_HINT}") from None
+    except RuntimeError as e:  # missing/unexpected tensors or a shape that is not the manifest's rank
+        raise LeanfmError(f"{tensors} does not match {d / MANIFEST} ({' '.join(str(e).split())[:200]}); "
+                          f"the checkpoint is damaged: {REWRITE_HINT}") from None
     return model.eval()

@@ -12,8 +12,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from .. import progress
 from ..errors import LeanfmError
 from .packaged import gguf_path, remove_assembled, sha256_file
@@ -21,7 +19,13 @@ from .registry import ModelSpec
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("LEANFM_CACHE", Path.home() / ".cache" / "leanfm")).expanduser()
+    """``$LEANFM_CACHE`` or ``~/.cache/leanfm`` (converted models, cached and default datasets)."""
+    return Path(os.environ.get("LEANFM_CACHE") or Path.home() / ".cache" / "leanfm").expanduser()
+
+
+def data_root() -> Path:
+    """The default place for local datasets, searched after ``--data-dir`` and ``$LEANFM_DATA_DIR``."""
+    return cache_root() / "data"
 
 
 def model_cache_dir(alias: str) -> Path:
@@ -37,6 +41,7 @@ def build_cache(spec: ModelSpec) -> Path:
     dest = model_cache_dir(spec.alias)
     if is_cached(spec.alias):
         return dest
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

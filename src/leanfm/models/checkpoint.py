@@ -14,64 +14,237 @@ The file layouts live with the layers they store:
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import LeanfmError
-from ..kernels.checkpoint import dense_state, is_quantized_checkpoint, load_quantized, quantized_layers, save_quantized
+from ..errors import LeanfmError, os_reason
+from ..kernels.checkpoint import (
+    REWRITE_HINT, check_tensor_files, dense_state, is_quantized_checkpoint, load_quantized, quantized_layers, save_quantized,
+)
 from ..kernels.lowrank import is_lowrank_checkpoint, load_lowrank, lowrank_layout, save_lowrank
 
 FORMATS = ("leanfm", "compressed-tensors")
+# What makes an existing folder replaceable with ``overwrite``: something leanfm (or
+# save_pretrained) writes into every checkpoint. Anything else is not deleted on request.
+_CHECKPOINT_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json", "leanfm-quant.json", "leanfm-lowrank.json")
 
 
-def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, fmt: str = "leanfm",
-                    source: str = "the model") -> Path:
-    """Write ``model`` (and ``tokenizer`` when given) to the directory ``out``; return it.
 
-    ``fmt="leanfm"``: packed quantized layers in the leanfm-quant format, else factorized layers
-    in the leanfm-lowrank format, else a plain Hugging Face directory. ``fmt="compressed-tensors"``:
-    the packed layers in the compressed-tensors format (refused, naming ``source``, when the
-    model has none).
-    """
-    if fmt not in FORMATS:
-        raise LeanfmError(f"unknown checkpoint format '{fmt}'; use one of {', '.join(FORMATS)}")
-    out = Path(out)
-    qlayers = quantized_layers(model)
-    out.mkdir(parents=True, exist_ok=True)
+
+def _target(out: str | Path) -> Path:
+    """``out`` as an absolute path without ``.``/``..`` (so ``--out .`` has a name), a symlink
+    followed to the folder it points at (the link itself is left alone)."""
+    p = Path(os.path.abspath(Path(out).expanduser()))
+    return p.resolve() if p.is_symlink() else p
+
+
+def _nearest_existing(p: Path) -> Path:
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_checkpoint_target(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse, in one line, a checkpoint folder ``out`` that :func:`save_checkpoint` could not
+    fill: a file, an existing non-empty folder without ``overwrite`` (or, with it, a folder that
+    is not a checkpoint, or holds the working directory), or a place this process cannot write.
+    Cheap (it writes and removes one empty probe folder): call it before loading and calibrating."""
+    shown = str(out)
+    p = _target(out)
+    if p.exists() and not p.is_dir():
+        raise LeanfmError(f"checkpoint folder {shown} exists as a file; pass a folder path to --out (or remove the file)")
+    if p.is_dir():
+        try:
+            entries = sorted(e.name for e in p.iterdir())
+        except OSError as e:
+            raise LeanfmError(f"cannot read checkpoint folder {shown}: {os_reason(e)}; choose a folder you can write to") from None
+        if entries and not overwrite:
+            raise LeanfmError(f"checkpoint folder {shown} already exists and is not empty; pass --overwrite to replace it "
+                              "as a whole, or choose another --out")
+        if entries:
+            cwd, home = Path.cwd().resolve(), Path.home().resolve()
+            real = p.resolve()
+            if real in (home, Path(real.anchor)) or cwd == real or real in cwd.parents:
+                raise LeanfmError(f"--overwrite would delete {shown}, which holds the working directory or is the home or "
+                                  "root folder; choose a new folder for --out")
+            if not any(m in entries for m in _CHECKPOINT_MARKERS):
+                raise LeanfmError(f"checkpoint folder {shown} is not empty and holds no checkpoint (no config.json; it has "
+                                  f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); --overwrite replaces only "
+                                  "a checkpoint folder: choose another --out or empty it yourself")
+    parent = _nearest_existing(p.parent)
+    if not parent.is_dir():
+        raise LeanfmError(f"cannot create checkpoint folder {shown}: {parent} is a file, not a folder; choose another --out")
+    try:  # the real test of writability (os.access says yes to root on a read-only mount)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{p.name}.probe-", dir=parent))
+    except OSError as e:
+        raise LeanfmError(f"cannot write checkpoint folder {shown}: {parent} is not writable ({os_reason(e)}); "
+                          "choose a folder you can write to for --out") from None
+
+
+def _remove_stale_partials(p: Path) -> None:
+    """Temp folders of earlier ``save_checkpoint`` runs on ``p`` whose process has ended."""
+    for d in p.parent.glob(f".{p.name}.partial-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _write(model: nn.Module, out: Path, tokenizer, fmt: str, qlayers) -> None:
     if fmt == "compressed-tensors":
         from ..kernels.export_ct import export_compressed_tensors
 
-        if not qlayers:
-            raise LeanfmError(f"{source} leaves no packed quantized layers; "
-                              "compressed-tensors export needs a quantizing recipe without backend: fake")
         dense = dense_state(model, qlayers)
         export_compressed_tensors(model.config, dense, {n: q.quantized_weight() for n, q in qlayers.items()}, out, tokenizer)
-        return out
+        return
     if qlayers:
-        return save_quantized(model, out, tokenizer)
+        save_quantized(model, out, tokenizer)
+        return
     if lowrank_layout(model):  # two smaller linears per layer: plain transformers cannot rebuild them
         save_lowrank(model, out)
     else:
         model.save_pretrained(str(out))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    return out
+
+
+def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, fmt: str = "leanfm",
+                    source: str = "the model", overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (and ``tokenizer`` when given) to the directory ``out``; return it.
+
+    ``fmt="leanfm"``: packed quantized layers in the leanfm-quant format, else factorized layers
+    in the leanfm-lowrank format, else a plain Hugging Face directory. ``fmt="compressed-tensors"``:
+    the packed layers in the compressed-tensors format (refused, naming ``source``, when the
+    model has none). ``extra_files``: more files for the folder, ``{name: text}`` (e.g.
+    ``{"recipe.yaml": ...}``).
+
+    Everything is written to a temporary sibling ``.<name>.partial-<pid>`` that is renamed to
+    ``out`` only when complete, so an interrupted save never leaves a half checkpoint. An existing
+    non-empty ``out`` is refused (:func:`check_checkpoint_target`) unless ``overwrite``; then the
+    old folder is replaced as a whole (renamed aside, the new one renamed in, the old deleted),
+    so no stale file of it survives.
+    """
+    if fmt not in FORMATS:
+        raise LeanfmError(f"unknown checkpoint format '{fmt}'; use one of {', '.join(FORMATS)}")
+    for name in extra_files or {}:
+        if not name or os.sep in name or name in (".", "..") or (os.altsep and os.altsep in name):
+            raise LeanfmError(f"extra checkpoint file name {name!r} must be a plain file name")
+    qlayers = quantized_layers(model)
+    if fmt == "compressed-tensors" and not qlayers:
+        raise LeanfmError(f"{source} leaves no packed quantized layers; "
+                          "compressed-tensors export needs a quantizing recipe without backend: fake")
+    check_checkpoint_target(out, overwrite)
+    shown, p = str(out), _target(out)
+    _remove_stale_partials(p)
+    tmp = p.parent / f".{p.name}.partial-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _write(model, tmp, tokenizer, fmt, qlayers)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        _move_into_place(tmp, p, shown, overwrite)
+    except OSError as e:
+        raise LeanfmError(f"could not write checkpoint folder {shown}: {os_reason(e)}"
+                          + (f" ({e.filename})" if e.filename and e.errno not in (errno.ENOSPC, errno.EDQUOT) else "")
+                          + "; nothing was replaced: free space or choose another --out") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a failed write leaves nothing behind
+    return Path(out)
+
+
+def _move_into_place(tmp: Path, p: Path, shown: str, overwrite: bool) -> None:
+    cwd = Path.cwd().resolve()
+    if p.is_dir() and not any(p.iterdir()) and (p.resolve() == cwd or p.resolve() in cwd.parents):
+        for f in tmp.iterdir():  # an empty working directory stays the same folder (the shell is in it)
+            os.rename(f, p / f.name)
+        return
+    try:
+        os.rename(tmp, p)  # no folder there, or an empty one (rename replaces an empty folder)
+        return
+    except OSError as e:
+        if e.errno == errno.EBUSY:  # an empty mount point: it cannot be replaced, so fill it
+            for f in tmp.iterdir():
+                os.rename(f, p / f.name)
+            return
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if not overwrite:  # another process filled it since the check
+        raise LeanfmError(f"checkpoint folder {shown} was filled by something else while leanfm wrote; "
+                          "pass --overwrite to replace it, or choose another --out")
+    old = p.parent / f".{p.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(p, old)
+    try:
+        os.rename(tmp, p)
+    except OSError:
+        os.rename(old, p)  # put the old checkpoint back: never leave neither
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model stored in the directory ``path`` by the loader its format needs (``dtype``
-    applies to a plain Hugging Face directory; the leanfm formats rebuild their own)."""
+    applies to a plain Hugging Face directory; the leanfm formats rebuild their own). A truncated
+    or corrupt tensors file or manifest raises a one-line :class:`LeanfmError` naming it."""
     if is_quantized_checkpoint(path):
         return load_quantized(path)
     if is_lowrank_checkpoint(path):  # factorized linears: rebuild them before loading
         return load_lowrank(path)
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if Path(path).is_dir():
+        check_tensor_files(path)
+    held: list[logging.LogRecord] = []
+    try:
+        with _hold_transformers_logs(held):
+            return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except SafetensorError as e:
+        raise LeanfmError(f"a tensors file in {path} is truncated or corrupt ({e}); {REWRITE_HINT}") from None
+    except RuntimeError as e:  # weights that do not fit config.json (transformers logs a table, then raises)
+        if "mismatch" not in str(e) and "state_dict" not in str(e):
+            raise
+        lines = [ln for r in held for ln in r.getMessage().splitlines() if "MISMATCH" in ln or "size mismatch" in ln]
+        example = " ".join(lines[0].replace("|", " ").split()) if lines else " ".join(str(e).split())[:200]
+        raise LeanfmError(f"the tensors in {path} do not match its config.json ({example}); the model directory is damaged: "
+                          "re-download the model, or re-run leanfm compress") from None
+
+
+@contextmanager
+def _hold_transformers_logs(held: list):
+    """Hold back what transformers logs while the block runs: replayed when it succeeds, dropped
+    when it raises (its multi-line load report would bury the one-line error)."""
+    lg = logging.getLogger("transformers")
+
+    class _Hold(logging.Handler):
+        def emit(self, record):
+            held.append(record)
+
+    old = lg.handlers[:]
+    lg.handlers = [_Hold()]
+    try:
+        yield
+    except BaseException:
+        lg.handlers = old
+        raise
+    lg.handlers = old
+    for r in held:
+        if r.levelno >= lg.getEffectiveLevel():
+            lg.handle(r)
 
 
 def tensors_file_bytes(model: nn.Module) -> int:
