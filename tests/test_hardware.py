@@ -67,7 +67,65 @@ def test_unknown_hardware_lists_known_names():
         load_hardware("xyz")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("unknown hardware 'xyz'; known: ")
-    assert ", ".join(known_hardware()) in msg and msg.endswith("(or pass a YAML file)")
+    assert all(name in msg for name in known_hardware()) and msg.endswith("(or pass a YAML file)")
+    assert "h100-sxm (h100, h100-sxm5)" in msg and "raspberry-pi-5 (pi5, raspberry-pi5, rpi5)" in msg  # aliases beside names
+
+
+@pytest.mark.parametrize("asked,resolved", [("h100", "h100-sxm"), ("RPI5", "raspberry-pi-5"), ("this", "local")])
+def test_alias_records_what_was_asked(asked, resolved):
+    p = load_hardware(asked)
+    assert p["name"] == resolved and p["requested"] == asked
+
+
+@pytest.mark.parametrize("asked", ["h100-sxm", "H100-SXM", "local"])
+def test_canonical_name_records_no_request(asked, tmp_path):
+    assert "requested" not in load_hardware(asked)
+
+
+def test_yaml_path_records_no_request(tmp_path):
+    p = _write(tmp_path, {**yaml.safe_load(_profile_text("l4")), "name": "my-gpu"})
+    assert "requested" not in load_hardware(str(p))
+
+
+def test_hardware_rows_list_every_profile():
+    from leanfm.predict.hardware import HARDWARE_COLUMNS, hardware_rows
+
+    rows = hardware_rows()
+    assert [r["name"] for r in rows] == known_hardware()
+    for r in rows:
+        assert tuple(r) == HARDWARE_COLUMNS
+        prof = load_hardware(r["name"], calibrated=False)
+        for key in ("kind", "memory_gb", "memory_bandwidth_gbps", "peak_tflops", "power_w", "usd_per_hour", "grid_gco2_per_kwh"):
+            assert r[key] == prof[key], (r["name"], key)
+        assert r["source"].startswith("builtin:") and r["source"].endswith(".yaml")
+        assert isinstance(r["aliases"], list)
+    h100 = next(r for r in rows if r["name"] == "h100-sxm")
+    assert "h100" in h100["aliases"] and h100["memory_gb"] == 80 and h100["peak_tflops"]["bf16"] > 900
+    json.dumps(rows)
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_print_hardware(as_json, capsys):
+    import io
+
+    from rich.console import Console
+
+    from leanfm.predict.hardware import hardware_rows, print_hardware
+
+    print_hardware(as_json=as_json)
+    out = capsys.readouterr().out
+    if as_json:
+        assert json.loads(out) == hardware_rows()
+    else:
+        for header in ("name", "aliases", "kind", "memory GB", "bandwidth GB/s", "peak TFLOPS", "power W", "$/hour", "gCO2/kWh", "source"):
+            assert header in out
+        for name in known_hardware():
+            assert name in out
+        assert "builtin:profiles/raspberry-pi-5.yaml" in out and "pi5" in out
+    buf = io.StringIO()
+    print_hardware(Console(file=buf, width=250), as_json=as_json)
+    text = buf.getvalue()
+    assert ("raspberry-pi-5" in text) and (json.loads(text) == hardware_rows() if as_json else "memory GB" in text)
 
 
 def _write(tmp_path, prof: dict, name: str = "dev.yaml"):
@@ -205,3 +263,21 @@ def test_calibration_overlays_local_and_invalidates_on_key_change(tmp_cache, mon
     monkeypatch.setattr(calibrate, "cpu_model", lambda: "another CPU")
     assert load_hardware("local")["calibrated"] is False          # stale: different machine
     assert calibrate.read_cache(2) is None
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_hardware_subcommand_entry_points(as_json, capsys):
+    """What ``leanfm hardware [--json]`` wires: cli_predict.add_hardware_arguments + run_hardware."""
+    import argparse
+
+    from leanfm.predict.cli_predict import add_hardware_arguments, run_hardware
+    from leanfm.predict.hardware import hardware_rows
+
+    p = argparse.ArgumentParser(prog="leanfm hardware")
+    add_hardware_arguments(p)
+    assert run_hardware(p.parse_args(["--json"] if as_json else [])) == 0
+    out = capsys.readouterr().out
+    if as_json:
+        assert json.loads(out) == hardware_rows()
+    else:
+        assert "h100-sxm" in out and "peak TFLOPS" in out

@@ -309,10 +309,99 @@ def test_cost_energy_and_memory_fields():
     assert r["weight_bytes"] == pytest.approx(r["architecture"]["params"] * 2)
     assert r["kv_cache_bytes"] == 2 * 80 * 8 * 128 * (1024 + 256) * 2
     assert not r["fits"] and "does NOT fit" in r["fits_text"]  # 141 GB of bf16 weights on an 80 GB card
+    json.dumps(r)
+    r = predict("llama-3.1-70b", "baseline", {**GPU, "memory_gb": 200}, prompt=1024, gen=256)  # the same setup, fitting
+    assert r["fits"]
     assert r["energy_j_per_token"] == pytest.approx(500 * r["tpot_ms"] / 1e3)
     assert r["usd_per_million_tokens"] == pytest.approx(2.0 / 3600 / r["decode_tokens_per_s"] * 1e6)
     assert r["co2_g_per_million_tokens"] == pytest.approx(r["energy_j_per_token"] * 1e6 / 3.6e6 * 400)
     json.dumps(r)
+
+
+# ---------------------------------------------------------------- does not fit: no verdict, no cost
+
+
+@pytest.mark.parametrize("model,recipe,hardware", [
+    ("llama-3.1-70b", "baseline", "raspberry-pi-5"),
+    ("llama-3.1-70b", "gptq-w4g128", "raspberry-pi-5"),  # ~44 GB of int4 weights on an 8 GB board: "WILL speed up" before
+    ("llama-3.1-70b", "rtn-w4g64", "pi5"),
+    ("llama-3.1-70b", "baseline", "h100"),
+])
+def test_setup_that_does_not_fit_gets_no_verdict_nor_cost(model, recipe, hardware):
+    from leanfm.predict.cli_predict import render
+    from leanfm.predict.hardware import load_hardware
+    from leanfm.predict.versus import prediction_for_run
+
+    r = predict(model, recipe, hardware)
+    hw = load_hardware(hardware)
+    assert not r["fits"] and r["memory_total_bytes"] > hw["memory_gb"] * 1e9
+    for key in ("will_speed_up", "energy_j_per_token", "usd_per_million_tokens", "co2_g_per_million_tokens"):
+        assert key in r and r[key] is None, key  # keys kept for consumers, values null
+    need = f"needs {r['memory_total_bytes'] / 1e9:.1f} GB, {hw['name']} has {hw['memory_gb']:g} GB"
+    assert r["will_speed_up_reason"] == r["no_verdict_reason"]
+    assert r["no_verdict_reason"].startswith(f"does NOT fit: {need} — no speed verdict or cost")
+    assert "smaller model" in r["no_verdict_reason"] and "lower-bit recipe" in r["no_verdict_reason"]
+    assert r["speedup_vs_baseline"]["decode"] > 0 and r["decode_tokens_per_s"] > 0  # what-if numbers stay
+    json.loads(json.dumps(r))
+    text = render(r)
+    assert "WILL speed up" not in text and "will NOT speed up" not in text and "J/token" not in text and "per 1M tokens" not in text
+    assert f"does NOT fit: {need}" in text and "no speed verdict or cost" in text
+    # bench's compact prediction keeps its keys (versus.py) and records the null verdict
+    pred = prediction_for_run(model, recipe, 1, 128, 32, 2, hardware=hardware)
+    assert "error" not in pred and pred["will_speed_up"] is None and "does NOT fit" in pred["will_speed_up_reason"]
+    assert pred["fits"] is False and pred["decode_tokens_per_s"] > 0
+
+
+def test_fitting_setup_keeps_verdict_and_cost():
+    from leanfm.predict.cli_predict import render
+
+    r = predict("llama-3.1-8b", "rtn-w4g64", "h100")
+    assert r["fits"] and r["will_speed_up"] is True and r["no_verdict_reason"] is None
+    assert r["energy_j_per_token"] > 0 and r["usd_per_million_tokens"] > 0 and r["co2_g_per_million_tokens"] > 0
+    text = render(r)
+    assert "WILL speed up" in text and "J/token" in text and "does NOT fit" not in text
+
+
+def test_compressed_fits_where_the_baseline_does_not_says_so():
+    r = predict("llama-3.1-70b", "gptq-w4g128", "h100", prompt=1024, gen=256)  # ~40 GB of int4 vs 141 GB bf16 on 80 GB
+    assert r["fits"] and r["will_speed_up"] is not None
+    assert "baseline itself does NOT fit" in r["will_speed_up_reason"]
+
+
+# ---------------------------------------------------------------- context length
+
+
+@pytest.mark.parametrize("prompt,gen", [(200000, 32), (8192, 1), (8000, 193)])
+def test_prompt_plus_gen_beyond_context_is_refused(prompt, gen):
+    with pytest.raises(LeanfmError) as e:
+        predict("smollm2-135m", "baseline", "local", prompt=prompt, gen=gen)
+    msg = str(e.value)
+    assert "\n" not in msg and f"= {prompt + gen} tokens exceed" in msg and "context of 8192 tokens" in msg
+    assert "max_position_embeddings" in msg and "--prompt" in msg
+
+
+def test_prompt_plus_gen_at_the_context_is_accepted():
+    assert predict("smollm2-135m", "baseline", "local", prompt=8000, gen=192)["prompt"] == 8000
+    assert predict({**TINY}, "baseline", CPU, prompt=100000, gen=1)["prompt"] == 100000  # no max_position_embeddings: unchecked
+    with pytest.raises(LeanfmError, match="context of 64 tokens"):
+        predict({**TINY, "max_position_embeddings": 64}, "baseline", CPU, prompt=60, gen=5)
+
+
+def test_speculative_draft_context_is_checked():
+    short = {**TINY, "max_position_embeddings": 16}
+    steps = [{"method": "speculative", "draft": "DRAFT", "k": 2}]
+    from leanfm.predict import analyzer
+
+    real = analyzer.load_arch
+
+    def fake(model):
+        return real(short) if model == "DRAFT" else real(model)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(analyzer, "load_arch", fake):
+        with pytest.raises(LeanfmError, match="the draft model .*context of 16 tokens"):
+            predict({**TINY, "max_position_embeddings": 4096}, steps, CPU, prompt=32, gen=8)
 
 
 def test_builtin_configs_have_published_parameter_counts():
@@ -373,6 +462,32 @@ def test_bad_numbers_and_recipes():
         predict(TINY, "no-such-recipe", CPU)
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--batch", "0"], "batch must be a positive integer"),
+    (["--batch", "-4"], "batch must be a positive integer"),
+    (["--prompt", "0"], "prompt must be a positive integer"),
+    (["--gen", "-1"], "gen must be a positive integer"),
+    (["--gen", "0"], "gen must be a positive integer"),
+    (["--acceptance-rate", "1.5"], "acceptance rate 1.5 must be a number in [0, 1]"),
+    (["--acceptance-rate", "-0.1"], "acceptance rate -0.1 must be a number in [0, 1]"),
+    (["--acceptance-rate", "nan"], "acceptance rate nan"),
+    (["--threads", "0"], "--threads must be a positive integer"),
+    (["--prompt", "200000"], "exceed smollm2-135m's context of 8192 tokens"),
+    (["--hardware", "tpu9"], "unknown hardware 'tpu9'"),
+    (["--batch", "two"], "invalid int value"),
+])
+def test_cli_bad_numbers_are_one_line_errors(args, needle, capsys):
+    from leanfm.cli import main
+
+    with pytest.raises(SystemExit) as e:  # argparse's own errors exit from inside parse_args
+        raise SystemExit(main(["predict", "--model", "smollm2-135m", *args]))
+    assert e.value.code == 2
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert err.startswith("leanfm") and "error:" in err and needle in err and "\n" not in err and "Traceback" not in err
+    assert out.out == ""  # nothing computed, nothing printed
+
+
 # ---------------------------------------------------------------- CLI entry
 
 
@@ -388,6 +503,72 @@ def test_cli_predict_prints_table_and_writes_json(tmp_path, capsys):
     assert data["speedup_vs_baseline"]["decode"] > 2 and data["per_layer"]["decode"]
     assert main(["--model", "nope", "--hardware", "h100"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["/proc/nope/x.json", "/proc/version", "{tmp}", "{tmp}/file.txt/x.json", ""])
+def test_cli_unwritable_json_fails_before_computing(target, tmp_path, capsys, monkeypatch):
+    from leanfm.cli import main
+    from leanfm.predict import cli_predict
+
+    (tmp_path / "file.txt").write_text("a file, not a directory")
+    called = []
+    monkeypatch.setattr("leanfm.predict.analyzer.predict", lambda *a, **k: called.append(1))
+    path = target.format(tmp=tmp_path)
+    assert main(["predict", "--model", "smollm2-135m", "--json", path]) == 2
+    out = capsys.readouterr()
+    err = out.err.strip()
+    assert err.startswith("leanfm: error:") and "--json" in err and "\n" not in err and "internal error" not in err
+    assert path in err or not path
+    assert out.out == "" and not called  # refused before any prediction was computed or printed
+    with pytest.raises(LeanfmError):
+        cli_predict.check_output_path(path)
+
+
+def test_cli_json_is_written_atomically_into_new_directories(tmp_path, capsys):
+    from leanfm.cli import main
+
+    out = tmp_path / "a" / "b" / "p.json"
+    assert main(["predict", "--model", "smollm2-135m", "--hardware", "h100", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and json.loads(out.read_text())["hardware"] == "h100-sxm"
+    assert [p.name for p in out.parent.iterdir()] == ["p.json"]  # no temporary file left behind
+    out.write_text("old")
+    assert main(["predict", "--model", "smollm2-135m", "--json", str(out)]) == 0  # an existing file is replaced
+    assert json.loads(out.read_text())["model"] == "smollm2-135m"
+
+
+def test_failed_json_write_leaves_old_file_and_no_partial(tmp_path, monkeypatch):
+    from leanfm.predict import cli_predict
+
+    out = tmp_path / "p.json"
+    out.write_text("old")
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli_predict.os, "replace", boom)
+    with pytest.raises(LeanfmError, match="cannot write --json .*No space left on device"):
+        cli_predict.write_json_atomic({"a": 1}, out)
+    assert out.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["p.json"]
+
+
+@pytest.mark.parametrize("asked,resolved", [("h100", "h100-sxm"), ("pi5", "raspberry-pi-5"), ("A100", "a100-80gb")])
+def test_alias_resolution_is_shown(asked, resolved, capsys):
+    from leanfm.predict.cli_predict import main
+
+    r = predict(TINY, "baseline", asked)
+    assert r["hardware"] == resolved and r["hardware_requested"] == asked
+    assert main(["--model", "smollm2-135m", "--hardware", asked]) == 0
+    assert f"hardware   {resolved} (you asked for '{asked}')" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("asked", ["h100-sxm", "H100-SXM", "local"])
+def test_canonical_name_is_not_annotated(asked, capsys):
+    from leanfm.predict.cli_predict import main
+
+    assert predict(TINY, "baseline", asked)["hardware_requested"] is None
+    assert main(["--model", "smollm2-135m", "--hardware", asked]) == 0
+    assert "you asked for" not in capsys.readouterr().out
 
 
 def test_dtype_the_hardware_lacks_is_one_line_error(capsys):

@@ -48,7 +48,48 @@ def read(path_or_dir: str | Path) -> dict:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise LeanfmError(f"{p} is not valid JSON (line {e.lineno}): {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise LeanfmError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
+    validate(data, p)
+    return data
+
+
+_FIX = "it is not a results.json written by leanfm bench/eval; pass the directory of one"
+
+
+def _kind(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number" if isinstance(v, (int, float)) else type(v).__name__)
+
+
+def validate(data, path: str | Path = "results.json") -> None:
+    """The structure every reader relies on, or a one-line LeanfmError naming ``path`` and the problem:
+    a top-level object with a ``schema_version`` of this major version and ``runs``, a list of
+    objects, each with a ``recipe`` object holding a ``name``; ``metrics`` / ``details`` / ``flags``,
+    ``environment`` / ``protocol`` objects where present."""
+    p = path
+    if not isinstance(data, dict):
+        raise LeanfmError(f"{p}: the top level is {_kind(data)}, expected an object with schema_version and runs; {_FIX}")
+    if "schema_version" not in data:
+        raise LeanfmError(f"{p} lacks 'schema_version'; {_FIX}")
     major = str(data.get("schema_version", "")).split(".")[0]
     if major != SCHEMA_VERSION.split(".")[0]:
-        raise LeanfmError(f"{p} has schema_version {data.get('schema_version')!r}; this leanfm reads {SCHEMA_VERSION}")
-    return data
+        raise LeanfmError(f"{p} has schema_version {data.get('schema_version')!r}; this leanfm reads {SCHEMA_VERSION}: "
+                          "re-run leanfm bench/eval with this leanfm, or read the file with the leanfm that wrote it")
+    if "runs" not in data:
+        raise LeanfmError(f"{p} lacks 'runs' (the list of measured recipes); {_FIX}")
+    runs = data["runs"]
+    if not isinstance(runs, list):
+        raise LeanfmError(f"{p}: 'runs' is {_kind(runs)}, expected a list of run objects; {_FIX}")
+    for key in ("environment", "protocol", "hardware_profile"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise LeanfmError(f"{p}: '{key}' is {_kind(data[key])}, expected an object; {_FIX}")
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise LeanfmError(f"{p}: runs[{i}] is {_kind(run)}, expected an object; {_FIX}")
+        recipe = run.get("recipe")
+        if not isinstance(recipe, dict) or not isinstance(recipe.get("name"), str):
+            raise LeanfmError(f"{p}: runs[{i}] lacks a recipe object with a name; {_FIX}")
+        for key in ("metrics", "details", "flags"):
+            if run.get(key) is not None and not isinstance(run[key], dict):
+                raise LeanfmError(f"{p}: runs[{i}].{key} is {_kind(run[key])}, expected an object; {_FIX}")

@@ -15,7 +15,12 @@ Conventions:
   ``tpot_ms``;
 - speculative decoding (Leviathan et al. 2023, eq. 1): with acceptance rate a and k draft tokens a
   verification round yields E = (1 - a^(k+1)) / (1 - a) tokens and costs k draft steps plus one
-  target forward over k + 1 tokens, so time per token = (k t_draft + t_verify) / E.
+  target forward over k + 1 tokens, so time per token = (k t_draft + t_verify) / E;
+- a setup whose memory total exceeds the hardware's ``memory_gb`` cannot run there: ``fits`` is
+  false, ``will_speed_up``, ``energy_j_per_token``, ``usd_per_million_tokens`` and
+  ``co2_g_per_million_tokens`` are null (keys kept) and ``no_verdict_reason`` /
+  ``will_speed_up_reason`` say why; times and speed-up ratios remain as what-if numbers;
+- ``prompt + gen`` beyond the config's ``max_position_embeddings`` is refused.
 """
 from __future__ import annotations
 
@@ -170,9 +175,22 @@ class _Model:
 def _check(batch, prompt, gen, acceptance_rate) -> None:
     for name, v in (("batch", batch), ("prompt", prompt), ("gen", gen)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise LeanfmError(f"{name} must be a positive integer, got {v!r}")
-    if acceptance_rate is not None and not 0 <= acceptance_rate <= 1:
-        raise LeanfmError(f"acceptance rate {acceptance_rate} must be in [0, 1]")
+            raise LeanfmError(f"{name} must be a positive integer (--{name} 1 or more), got {v!r}")
+    if acceptance_rate is not None:
+        if isinstance(acceptance_rate, bool) or not isinstance(acceptance_rate, (int, float)) or not 0 <= acceptance_rate <= 1:
+            raise LeanfmError(f"acceptance rate {acceptance_rate!r} must be a number in [0, 1] (--acceptance-rate 0.6, say)")
+
+
+def check_context(arch: Arch, prompt: int, gen: int, role: str = "") -> None:
+    """One-line error when ``prompt + gen`` tokens exceed the model's ``max_position_embeddings``
+    (a config without that field is not checked)."""
+    limit = arch.max_position
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        return
+    if prompt + gen > limit:
+        raise LeanfmError(
+            f"prompt {prompt} + gen {gen} = {prompt + gen} tokens exceed {role}{arch.name}'s context of {limit} tokens "
+            f"(max_position_embeddings in {arch.source}); lower --prompt/--gen so they sum to {limit} or less")
 
 
 def predict(model, recipe="baseline", hardware="local", batch: int = 1, prompt: int = 128, gen: int = 32,
@@ -186,7 +204,10 @@ def predict(model, recipe="baseline", hardware="local", batch: int = 1, prompt: 
 
     _check(batch, prompt, gen, acceptance_rate)
     arch, tgt = load_arch(model), target(hardware, dtype)
+    check_context(arch, prompt, gen)
     eff = recipe_effects(recipe)
     cur = _Model(arch, eff, tgt, acceptance_rate)
+    if cur.draft is not None:
+        check_context(cur.draft.plan.arch, prompt, gen, "the draft model ")
     base = cur if not eff.steps else _Model(arch, recipe_effects("baseline"), tgt, None)
     return assemble(cur, base, batch, prompt, gen, acceptance_rate)

@@ -1,12 +1,15 @@
 """``leanfm predict``: roofline prediction of a recipe's effect on a model and hardware.
 
 Needs no weights: the model is a config.json (path, built-in name such as ``llama-3.1-70b``, or a
-leanfm alias). Prints a compact table; ``--json FILE`` writes the full prediction.
+leanfm alias). Prints a compact table; ``--json FILE`` writes the full prediction (the path is
+checked before anything is computed, and written atomically).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import tempfile
 from pathlib import Path
 
 
@@ -40,22 +43,38 @@ def _num(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
 
 
+def hardware_text(r: dict) -> str:
+    """``h100-sxm (you asked for 'h100')`` when an alias was resolved, else the profile's name."""
+    asked = r.get("hardware_requested")
+    return f"{r['hardware']} (you asked for '{asked}')" if asked and asked != r["hardware"] else str(r["hardware"])
+
+
 def render(r: dict, per_layer: bool = False) -> str:
-    """The compact human-readable summary of a prediction dict."""
+    """The compact human-readable summary of a prediction dict. A setup that does not fit in the
+    hardware's memory gets no speed verdict and no cost line (its times are what-if numbers)."""
     sp = r["speedup_vs_baseline"]
+    fits = r.get("fits", True)
+    whatif = "" if fits else "  [what-if: does not fit]"
     lines = [
         f"model      {r['model']} ({r['architecture']['params'] / 1e9:.2f}B params, {r['architecture']['layers']} layers)",
         f"recipe     {r['recipe']}" + ("  [simulated formats]" if r["simulated"] else ""),
-        f"hardware   {r['hardware']} ({r['dtype']} dense)  batch {r['batch']}, prompt {r['prompt']}, gen {r['gen']}",
+        f"hardware   {hardware_text(r)} ({r['dtype']} dense)  batch {r['batch']}, prompt {r['prompt']}, gen {r['gen']}",
         f"memory     weights {_bytes(r['weight_bytes'])} + KV {_bytes(r['kv_cache_bytes'])} + activations "
         f"{_bytes(r['activation_bytes'])} = {_bytes(r['memory_total_bytes'])}: {r['fits_text']}",
-        f"prefill    {_num(r['prefill_ms'])} ms ({r['bound']['prefill']}-bound)",
+        f"prefill    {_num(r['prefill_ms'])} ms ({r['bound']['prefill']}-bound){whatif}",
         f"decode     {_num(r['decode_tokens_per_s'])} tok/s, {_num(r['tpot_ms'])} ms/token ({r['bound']['decode']}-bound"
-        + (f", {r['overhead_share']['decode']:.0%} fixed overhead" if r["overhead_share"]["decode"] > 0.005 else "") + ")",
-        f"cost       {_num(r['energy_j_per_token'])} J/token, ${_num(r['usd_per_million_tokens'])} per 1M tokens, "
-        f"{_num(r['co2_g_per_million_tokens'])} g CO2 per 1M tokens",
-        f"vs base    decode {sp['decode']:.2f}x, prefill {sp['prefill']:.2f}x -> "
-        f"{'WILL speed up' if r['will_speed_up'] else 'will NOT speed up'}: {r['will_speed_up_reason']}",
+        + (f", {r['overhead_share']['decode']:.0%} fixed overhead" if r["overhead_share"]["decode"] > 0.005 else "") + ")" + whatif,
+    ]
+    if not fits or r["will_speed_up"] is None or r["energy_j_per_token"] is None:
+        lines.append(f"verdict    {r.get('no_verdict_reason') or r['will_speed_up_reason']}")
+    else:
+        lines += [
+            f"cost       {_num(r['energy_j_per_token'])} J/token, ${_num(r['usd_per_million_tokens'])} per 1M tokens, "
+            f"{_num(r['co2_g_per_million_tokens'])} g CO2 per 1M tokens",
+            f"vs base    decode {sp['decode']:.2f}x, prefill {sp['prefill']:.2f}x -> "
+            f"{'WILL speed up' if r['will_speed_up'] else 'will NOT speed up'}: {r['will_speed_up_reason']}",
+        ]
+    lines += [
         "batch      " + "  ".join(f"{c['batch']}:{_num(c['decode_tokens_per_s'])}" + ("" if c["fits"] else "(no fit)")
                                   for c in r["throughput_vs_batch"]) + "  (decode tok/s)",
     ]
@@ -75,28 +94,111 @@ def render(r: dict, per_layer: bool = False) -> str:
     return "\n".join(lines)
 
 
+def check_output_path(arg: str, flag: str = "--json") -> Path:
+    """The path ``flag`` names, checked before any work: not a directory, and its directory (or the
+    nearest existing ancestor, when the rest is to be created) accepts a new file (probed with a
+    temporary file, removed at once). One-line LeanfmError naming the path otherwise."""
+    from ..errors import LeanfmError
+
+    text = str(arg)
+    if not text.strip():
+        raise LeanfmError(f"{flag} needs a file path, got an empty string; pass e.g. {flag} prediction.json")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise LeanfmError(f"{flag} {text} is a directory; pass a file path such as {path / 'prediction.json'}")
+    if path.exists() and not path.is_file():
+        return path  # a device or pipe such as /dev/stdout: written as is
+    anc = Path(os.path.realpath(path)).parent if path.is_symlink() else path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise LeanfmError(f"cannot write {flag} {text}: {anc} is not a directory; pass a path in a writable directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=anc, prefix=".leanfm-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise LeanfmError(f"cannot write {flag} {text}: cannot create a file in {anc} ({e.strerror or type(e).__name__}); "
+                          "pass a path in a writable directory") from None
+    return path
+
+
+def _mode(dest: Path) -> int:
+    """The permissions a plain ``open(dest, "w")`` would leave: the existing file's, else 0o666 minus the umask."""
+    try:
+        return dest.stat().st_mode & 0o777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def write_json_atomic(data, path: Path, flag: str = "--json") -> Path:
+    """Write ``data`` as JSON to ``path`` via a temporary file in the same directory and
+    ``os.replace``, so a failure never leaves a half-written file (a device or pipe such as
+    /dev/stdout is written directly). One-line LeanfmError on an OS error."""
+    from ..errors import LeanfmError
+
+    text = json.dumps(data, indent=2)
+    try:
+        if path.exists() and not path.is_file():  # /dev/stdout, a FIFO: nothing to replace
+            with open(path, "w") as f:
+                f.write(text)
+            return path
+        dest = Path(os.path.realpath(path)) if path.is_symlink() else path  # replace the file a link points to, not the link
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, _mode(dest))
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise LeanfmError(f"cannot write {flag} {path}: {e.strerror or type(e).__name__}; pass a path in a writable directory") from None
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     from ..errors import LeanfmError
     from .analyzer import predict
     from .hardware import load_hardware
 
+    if isinstance(args.threads, bool) or not isinstance(args.threads, int) or args.threads < 1:
+        raise LeanfmError(f"--threads must be a positive integer, got {args.threads!r}")
+    if args.model is None and not args.calibrate:
+        raise LeanfmError("--model is required (a config.json path, a built-in config such as llama-3.1-70b, or an alias)")
+    out = check_output_path(args.json) if args.json is not None and args.model is not None else None
     if args.calibrate:
         from .calibrate import calibrate_cli
 
         print(calibrate_cli(args.threads, force=True))
         if args.model is None:
             return 0
-    if args.model is None:
-        raise LeanfmError("--model is required (a config.json path, a built-in config such as llama-3.1-70b, or an alias)")
     hw = load_hardware(args.hardware, threads=args.threads)
     r = predict(args.model, args.recipe, hw, batch=args.batch, prompt=args.prompt, gen=args.gen,
                 acceptance_rate=args.acceptance_rate, dtype=args.dtype)
+    if out is not None:  # written before printing: an error then never follows a printed prediction
+        write_json_atomic(r, out)
     print(render(r, per_layer=args.per_layer))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(r, indent=2))
-        print(f"wrote {path}")
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
+
+
+def add_hardware_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``leanfm hardware`` (the list of built-in hardware profiles)."""
+    p.add_argument("--json", action="store_true", help="print the profiles as a JSON list instead of a table")
+
+
+def run_hardware(args: argparse.Namespace) -> int:
+    """``leanfm hardware``: every built-in profile (name, aliases, kind, memory, bandwidth, peak
+    TFLOPS, power, $/hour, gCO2/kWh, source file) as a table, or JSON with ``--json``."""
+    from .hardware import print_hardware
+
+    print_hardware(as_json=bool(getattr(args, "json", False)))
     return 0
 
 

@@ -87,6 +87,15 @@ def known_hardware() -> list[str]:
     return sorted(_builtin())
 
 
+def known_hardware_text() -> str:
+    """``a100-80gb (a100, a100-sxm), apple-m3 (...), ...``: every built-in name with its aliases."""
+    by_name: dict[str, list[str]] = {n: [] for n in known_hardware()}
+    for alias, name in sorted(_aliases().items()):
+        if alias != name:
+            by_name[name].append(alias)
+    return ", ".join(f"{n} ({', '.join(a)})" if a else n for n, a in by_name.items())
+
+
 def _number(prof: dict, key: str, src: str, positive: bool) -> None:
     v = prof[key]
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and (v > 0 if positive else v >= 0)
@@ -129,6 +138,7 @@ def read_profile(name_or_path: str) -> dict:
     ``profile["source"]`` says where it came from."""
     key = str(name_or_path).strip()
     path = Path(key).expanduser()
+    canonical = None
     if path.suffix.lower() in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise LeanfmError(f"hardware profile file '{key}' not found")
@@ -137,11 +147,13 @@ def read_profile(name_or_path: str) -> dict:
     else:
         canonical = _aliases().get(key.lower())
         if canonical is None:
-            raise LeanfmError(f"unknown hardware '{key}'; known: {', '.join(known_hardware())} (or pass a YAML file)")
+            raise LeanfmError(f"unknown hardware '{key}'; known: {known_hardware_text()} (or pass a YAML file)")
         text, src = _builtin()[canonical]
         prof = _read_yaml(text, src)
     prof = validate(prof, src)
     prof["source"] = src
+    if canonical is not None and key.lower() != canonical:
+        prof["requested"] = key  # an alias: what the user typed, so output can say what it resolved to
     return prof
 
 
@@ -239,3 +251,49 @@ def profile_summary(profile: dict) -> str:
 
 def _fmt(v: float) -> str:
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
+
+
+# --- the profile list (``leanfm hardware``) -----------------------------------------------------
+
+HARDWARE_COLUMNS = ("name", "aliases", "kind", "memory_gb", "memory_bandwidth_gbps", "peak_tflops", "power_w", "usd_per_hour",
+                    "grid_gco2_per_kwh", "source")
+
+
+def hardware_rows() -> list[dict]:
+    """One dict per built-in profile (``local`` included, nominal rates), sorted by name, with the
+    keys of :data:`HARDWARE_COLUMNS`: ``aliases`` a list, ``peak_tflops`` a dtype -> TFLOP/s dict,
+    ``source`` the file it came from (``builtin:profiles/h100-sxm.yaml``)."""
+    rows = []
+    for name in known_hardware():
+        p = read_profile(name)
+        rows.append({k: copy.deepcopy(p[k]) for k in HARDWARE_COLUMNS})
+    return rows
+
+
+def print_hardware(console=None, as_json: bool = False) -> None:
+    """Print every built-in profile: a table on ``console`` (a rich Console; default: stdout), or,
+    with ``as_json``, the :func:`hardware_rows` list as JSON on stdout (or through ``console``)."""
+    import json
+
+    rows = hardware_rows()
+    if as_json:
+        text = json.dumps(rows, indent=2)
+        if console is None:
+            print(text)
+        else:
+            console.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=max(Console().width, 220))
+    t = Table(title="leanfm hardware profiles (--hardware NAME or alias, or a YAML file with the same keys)")
+    for header, justify in (("name", "left"), ("aliases", "left"), ("kind", "left"), ("memory GB", "right"),
+                            ("bandwidth GB/s", "right"), ("peak TFLOPS", "left"), ("power W", "right"), ("$/hour", "right"),
+                            ("gCO2/kWh", "right"), ("source", "left")):
+        t.add_column(header, justify=justify, overflow="fold")
+    for r in rows:
+        t.add_row(r["name"], ", ".join(r["aliases"]) or "-", r["kind"], _fmt(r["memory_gb"]), _fmt(r["memory_bandwidth_gbps"]),
+                  ", ".join(f"{d} {_fmt(v)}" for d, v in r["peak_tflops"].items()), _fmt(r["power_w"]),
+                  f"{r['usd_per_hour']:.4g}", _fmt(r["grid_gco2_per_kwh"]), r["source"])
+    console.print(t)

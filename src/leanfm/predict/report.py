@@ -152,9 +152,38 @@ def assemble(cur, base, batch: int, prompt: int, gen: int, acceptance) -> dict:
         "speedup_vs_baseline": {"decode": d, "prefill": p},
         "will_speed_up": d > 1.01,
         "will_speed_up_reason": _reason(cur, base, step, bstep, d, p),
+        "hardware_requested": prof.get("requested"),
         "assumptions": _assumptions(cur, context, acceptance),
         "per_layer": {"prefill": _clean(pre.rows), "decode": _clean(step.rows)},
     }
     out["fits_text"] = (f"fits on one {tgt.name} ({prof['memory_gb']:g} GB)" if mem["fits"]
                         else f"does NOT fit on one {tgt.name} ({prof['memory_gb']:g} GB): needs {mem['memory_total_bytes'] / GB:.1f} GB")
+    out["no_verdict_reason"] = None
+    if not mem["fits"]:
+        _no_fit(out, tgt.name, prof["memory_gb"], mem["memory_total_bytes"])
+    else:
+        bmem = base.memory(batch, prompt, gen)
+        if not bmem["fits"]:
+            out["will_speed_up_reason"] += (f"; the uncompressed baseline itself does NOT fit ({bmem['memory_total_bytes'] / GB:.1f} GB "
+                                            f"on {prof['memory_gb']:g} GB): the speed-up is against a baseline that could not run here")
     return out
+
+
+# Keys a prediction that does not fit in memory leaves empty (present, null): no cost without a run.
+NO_FIT_NULLS = ("will_speed_up", "energy_j_per_token", "usd_per_million_tokens", "co2_g_per_million_tokens")
+
+
+def no_fit_message(hardware: str, memory_gb: float, needed_bytes: float) -> str:
+    return (f"does NOT fit: needs {needed_bytes / GB:.1f} GB, {hardware} has {memory_gb:g} GB — no speed verdict or cost; "
+            "use a smaller model, a lower-bit recipe, or hardware with more memory")
+
+
+def _no_fit(out: dict, hardware: str, memory_gb: float, needed: float) -> None:
+    """A setup that does not fit in memory cannot run: no verdict, no energy, money or CO2 per token
+    (the keys stay, as null, with the reason in ``will_speed_up_reason`` and ``no_verdict_reason``).
+    Times and the speed-up ratios stay as the roofline's what-if numbers."""
+    msg = no_fit_message(hardware, memory_gb, needed)
+    for key in NO_FIT_NULLS:
+        out[key] = None
+    out["will_speed_up_reason"] = msg
+    out["no_verdict_reason"] = msg

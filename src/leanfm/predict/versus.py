@@ -32,6 +32,7 @@ def prediction_for_run(config, recipe, batch: int, prompt: int, gen: int, thread
         "weight_bytes": r["weight_bytes"], "kv_cache_bytes": r["kv_cache_bytes"], "flops_per_token": r["flops_per_token"],
         "bound": r["bound"], "speedup_vs_baseline": r["speedup_vs_baseline"],
         "will_speed_up": r["will_speed_up"], "will_speed_up_reason": r["will_speed_up_reason"],
+        "fits": r["fits"], "memory_total_bytes": r["memory_total_bytes"],  # will_speed_up is null when it does not fit
     }
 
 

@@ -6,9 +6,11 @@ import base64
 import html
 import io
 import json
+import math
+import os
 from pathlib import Path
 
-from .columns import COLUMNS, MiB, cell, flag_text
+from .columns import MiB, cell, flag_text, footnotes, present_columns
 
 CAVEAT = (
     "Packaged checkpoints were published as 4-bit GGUF (SmolLM2: Q4_1, blocks of 32); the fp32 baseline "
@@ -25,19 +27,22 @@ def _scatter(runs: list[dict], xkey: str, xlabel: str, scale: float = 1.0) -> st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def num(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v != 0
+
     pts = [(r["metrics"][xkey] / scale, r["metrics"]["perplexity"], r) for r in runs
-           if r.get("status") == "ok" and r["metrics"].get(xkey) and r["metrics"].get("perplexity")]
+           if r.get("status") == "ok" and num((r.get("metrics") or {}).get(xkey)) and num((r.get("metrics") or {}).get("perplexity"))]
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for k, (x, y, r) in enumerate(pts):
         sim = (r.get("flags") or {}).get("simulated")
         d = r.get("details") or {}
-        if f"{xkey}_min" in d:  # spread over repeats, so noise is visible next to the median
-            ax.errorbar([x], [y], xerr=[[x - d[f"{xkey}_min"] / scale], [d[f"{xkey}_max"] / scale - x]], color="tab:blue", alpha=0.4)
+        if num(d.get(f"{xkey}_min")) and num(d.get(f"{xkey}_max")):  # spread over repeats, so noise is visible next to the median
+            ax.errorbar([x], [y], xerr=[[max(x - d[f"{xkey}_min"] / scale, 0.0)], [max(d[f"{xkey}_max"] / scale - x, 0.0)]], color="tab:blue", alpha=0.4)
         ax.scatter([x], [y], s=60, facecolors="none" if sim else "tab:blue", edgecolors="tab:blue")
         # stagger labels so coinciding points stay readable
-        ax.annotate(r["recipe"]["name"], (x, y), textcoords="offset points", xytext=(5, 4 - 11 * (k % 3)), fontsize=8)
+        ax.annotate(str(r["recipe"]["name"]), (x, y), textcoords="offset points", xytext=(5, 4 - 11 * (k % 3)), fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(f"perplexity vs {xlabel}  (hollow = simulated; bars = min-max over repeats)", fontsize=9)
@@ -50,12 +55,12 @@ def _scatter(runs: list[dict], xkey: str, xlabel: str, scale: float = 1.0) -> st
 
 
 def render(results: dict) -> str:
-    runs = results["runs"]
-    present = [c for c in COLUMNS if any(c[0] in (r.get("metrics") or {}) for r in runs)]
+    runs = results.get("runs") or []
+    present = present_columns(runs)
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in present)
     rows = "".join(  # the execution text on its own full-width row, so the table fits the page
-        f"<tr><td rowspan=2>{html.escape(r['recipe']['name'])}</td>"
-        + "".join(f"<td>{cell(r.get('metrics') or {}, k, f, r)}</td>" for k, _, f in present)
+        f"<tr><td rowspan=2>{html.escape(str((r.get('recipe') or {}).get('name', '?')))}</td>"
+        + "".join(f"<td>{html.escape(cell(r.get('metrics') or {}, k, f, r, runs))}</td>" for k, _, f in present)
         + f"</tr><tr class=exec><td colspan={max(len(present), 1)}>{html.escape(flag_text(r))}</td></tr>"
         for r in runs
     )
@@ -64,6 +69,7 @@ def render(results: dict) -> str:
         png = _scatter(runs, key, label, scale)
         if png:
             plots.append(f'<img alt="perplexity vs {label}" src="data:image/png;base64,{png}">')
+    notes = "".join(f'<p class="note energy">{html.escape(line)}</p>' for line in footnotes(results))
     env = html.escape(json.dumps(results.get("environment", {}), indent=2))
     proto = html.escape(json.dumps(results.get("protocol", {}), indent=2))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>leanfm report · {html.escape(str(results.get('model', '')))}</title>
@@ -73,12 +79,27 @@ tr.exec td{{text-align:left;color:#444;font-size:11px;overflow-wrap:anywhere}}.w
 pre{{background:#f6f6f6;padding:1em;font-size:12px}}img{{margin:1em 1em 0 0}}.note{{color:#555;font-size:13px}}</style></head><body>
 <h1>leanfm report</h1><p>model <b>{html.escape(str(results.get('model', '')))}</b> · results schema {html.escape(str(results.get('schema_version')))}</p>
 <div class="wide"><table><tr><th>recipe</th>{head}</tr>{rows}</table></div>
+{notes}
 <p class="note">{CAVEAT}</p>
 <div>{''.join(plots)}</div>
 <h2>Protocol</h2><pre>{proto}</pre><h2>Environment</h2><pre>{env}</pre></body></html>"""
 
 
 def write_report(results: dict, out_dir: str | Path) -> Path:
+    """Write ``out_dir/report.html`` atomically; a one-line LeanfmError when it cannot be written."""
+    from ..errors import LeanfmError
+
     path = Path(out_dir) / "report.html"
-    path.write_text(render(results))
+    tmp = path.with_name(".report.html.partial")
+    text = render(results)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise LeanfmError(f"cannot write {path}: {e.strerror or type(e).__name__}; make {Path(out_dir)} writable "
+                          "or copy results.json to a writable directory and run leanfm report there") from None
     return path

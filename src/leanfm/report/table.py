@@ -4,20 +4,25 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from .columns import COLUMNS, cell, flag_text
+from .columns import cell, flag_text, footnotes, present_columns
 
 
 def print_table(results: dict, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 200))
-    env = results.get("environment", {})
-    title = f"leanfm bench · {results.get('model', '')} · {results.get('protocol', {}).get('dataset', '')} · {env.get('threads')} threads"
+    env = results.get("environment") or {}
+    runs = results.get("runs") or []
+    title = (f"leanfm bench · {results.get('model', '')} · {(results.get('protocol') or {}).get('dataset', '')} · "
+             f"{env.get('threads')} threads")
     t = Table(title=title, show_lines=False)
     t.add_column("recipe", style="bold")
-    present = [c for c in COLUMNS if any(c[0] in (r.get("metrics") or {}) for r in results["runs"])]
+    present = present_columns(runs)
     for _, header, _ in present:
         t.add_column(header, justify="right")
     t.add_column("execution", overflow="fold")
-    for run in results["runs"]:
+    for run in runs:
         m = run.get("metrics") or {}
-        t.add_row(run["recipe"]["name"], *[cell(m, k, f, run) for k, _, f in present], flag_text(run))
+        t.add_row(str((run.get("recipe") or {}).get("name", "?")), *[cell(m, k, f, run, runs) for k, _, f in present],
+                  flag_text(run))
     console.print(t)
+    for line in footnotes(results):
+        console.print(line, markup=False, highlight=False)
