@@ -29,6 +29,11 @@ def apply_(model: nn.Module, config: BaseConfig | Recipe | dict | str, calib=Non
     Each applied step is recorded in ``model.leanfm_info["steps"]`` with ``simulated`` and
     ``kernel``, which the measurement reports as the run's flags.
     """
+    if not isinstance(model, nn.Module):
+        raise LeanfmError(f"apply_ needs the model first (a torch nn.Module from leanfm.load), got {type(model).__name__}")
+    if not isinstance(config, (BaseConfig, Recipe, dict, str)):
+        raise LeanfmError(f"apply_ takes a method config (e.g. leanfm.RTNConfig(bits=4)), a dict like {{'method': 'rtn', 'bits': 4}}, "
+                          f"a Recipe or a recipe name, not {type(config).__name__} {config!r}")
     if isinstance(config, (Recipe, str)):
         recipe = load_recipe(config)
         torch.manual_seed(recipe.seed)
@@ -50,6 +55,10 @@ def apply_(model: nn.Module, config: BaseConfig | Recipe | dict | str, calib=Non
                 f"calibration windows of {ids.shape[1]} tokens exceed the model's context of {max_context(model)}; lower --calib-seqlen"
             )
     info = handler(model, config, ids)
+    if config.produces not in ("kv-policy", "decoding-policy"):  # weights replaced: let the fp32 file mapping go
+        from .models.mapped import copy_out_of_mapped_files
+
+        copy_out_of_mapped_files(model)
     if not hasattr(model, "leanfm_info"):
         model.leanfm_info = {"steps": []}
     model.leanfm_info["steps"].append({**config.to_dict(), **info})

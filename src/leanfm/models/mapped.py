@@ -1,0 +1,50 @@
+"""Tensors that still live in a memory-mapped checkpoint file.
+
+transformers loads safetensors by mapping the file: parameters are views of its pages. When a
+recipe replaces most weights (packed int4, factorized, pruned copies), the few tensors it keeps
+(embeddings, norms) hold the whole mapping alive, and every page read while compressing stays
+counted in the process's resident set: a model quantized to 210 MiB measured a higher peak RSS
+than its 513 MiB fp32 original. Copying the kept tensors into ordinary memory lets the mapping
+go, so ``peak_rss_bytes`` reflects the compressed model. Linux only (reads ``/proc/self/maps``);
+elsewhere nothing is copied.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+def _file_mappings(suffix: str = ".safetensors") -> list[tuple[int, int]]:
+    spans = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].strip().endswith(suffix):
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    spans.append((lo, hi))
+    except OSError:
+        return []
+    return spans
+
+
+def copy_out_of_mapped_files(model: nn.Module) -> int:
+    """Give every parameter and buffer that points into a mapped checkpoint file its own memory
+    (tied tensors stay tied); return the bytes copied."""
+    spans = _file_mappings()
+    if not spans:
+        return 0
+    copied, done = 0, {}
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in store.items():
+                if t is None or t.device.type != "cpu":
+                    continue
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in done:
+                    t.data = done[ptr]
+                    continue
+                if any(lo <= ptr < hi for lo, hi in spans):
+                    done[ptr] = t.data.clone()
+                    copied += t.nbytes
+                    t.data = done[ptr]
+    return copied
