@@ -1,12 +1,12 @@
 """Layers point one way: a module imports only from its own layer or the layers below it.
 
-    base (errors, progress, sysinfo)
+    base (errors, progress, sysinfo, _callable)
       <- formats (quantized weight, packed layouts, checkpoint files)
       <- kernels
       <- models, data
       <- methods (with the registry: config, recipe)
       <- measure, predict, report, results
-      <- bench, api
+      <- bench, api, outdir
       <- cli, the package's lazy exports
 
 Every import in src/ counts, including those inside functions (``ast`` reads them all).
@@ -19,13 +19,13 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "leanfm"
 
 LEVEL = {
-    "errors": 0, "progress": 0, "sysinfo": 0,
+    "errors": 0, "progress": 0, "sysinfo": 0, "_callable": 0,
     "formats": 1,
     "kernels": 2,
     "models": 3, "data": 3,
     "methods": 4, "config": 4, "recipe": 4, "recipes": 4,
     "measure": 5, "predict": 5, "report": 5, "results": 5, "hardware": 5,
-    "bench": 6, "api": 6,
+    "bench": 6, "api": 6, "outdir": 6,
     "cli": 7, "__init__": 7, "__main__": 7,
 }
 

@@ -1,7 +1,8 @@
 """The fixed, documented measurement settings shared by ``measure`` and ``bench``."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 
 from ..errors import LeanfmError
 
@@ -30,10 +31,25 @@ class Protocol:
     gen: int = 32
     repeats: int = 10
     warmup: int = 1
-    threads: int = 2
+    threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))  # 2, or fewer cores where fewer exist
     groups: tuple[str, ...] = GROUPS
 
     def validate(self) -> None:
+        if isinstance(self.groups, str) or not all(isinstance(g, str) for g in self.groups):
+            raise LeanfmError(f"metric groups must be a list of names from {', '.join(GROUPS)}, got {self.groups!r}")
+        if not self.groups:
+            raise LeanfmError(f"no metric group selected; pass --metrics with one or more of: {', '.join(GROUPS)}")
+        for name in ("seqlen", "batch", "prompt", "gen", "repeats", "threads", "warmup"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise LeanfmError(f"--{name} must be a whole number (got {v!r})")
+        for name in ("max_eval_tokens", "max_fidelity_tokens"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise LeanfmError(f"--{name.replace('_', '-')} must be a whole number or all (got {v!r})")
+        cores = os.cpu_count() or 1
+        if self.threads > cores:
+            raise LeanfmError(f"--threads {self.threads} exceeds the {cores} CPU cores of this machine; use at most {cores}")
         bad = [g for g in self.groups if g not in GROUPS]
         if bad:
             raise LeanfmError(f"unknown metric group '{bad[0]}'; choose from: {', '.join(GROUPS)}")

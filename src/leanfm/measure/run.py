@@ -1,6 +1,8 @@
 """``measure``: run the protocol's metric groups on one model and return metrics + details."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..data.calib import encode
@@ -15,6 +17,19 @@ from .protocol import Protocol
 from .quality import evaluate, make_windows
 from .bandwidth import roofline_metrics
 from .speed import decode_benchmark
+
+
+def with_settings(protocol: Protocol, settings: dict) -> Protocol:
+    """``protocol`` with the keyword ``settings`` applied (unknown names refused)."""
+    if not isinstance(protocol, Protocol):
+        raise LeanfmError(f"protocol must be a leanfm.Protocol(...), got {type(protocol).__name__}")
+    fields = [f.name for f in dataclasses.fields(Protocol)]
+    bad = [k for k in settings if k not in fields]
+    if bad:
+        raise LeanfmError(f"unknown measurement setting '{bad[0]}'; leanfm.measure accepts: {', '.join(fields)}")
+    if isinstance(settings.get("groups"), str):
+        settings = {**settings, "groups": tuple(g.strip() for g in settings["groups"].split(",") if g.strip())}
+    return dataclasses.replace(protocol, **settings)
 
 
 def eval_ids(tok, protocol: Protocol) -> torch.Tensor:
@@ -78,13 +93,15 @@ def timed_metrics(model, sp: dict, protocol: Protocol, profile: dict, meter) -> 
 
 
 def measure(model, tok, protocol: Protocol | None = None, reference=None, profile: dict | None = None,
-            ids: torch.Tensor | None = None) -> dict:
+            ids: torch.Tensor | None = None, **settings) -> dict:
     """Measure ``model`` under ``protocol``; returns ``{"metrics", "details", "flags"}``.
 
     ``reference``: the unmodified model, for ``top1_agreement`` / ``kl_to_baseline``.
     ``ids``: the pre-tokenized evaluation corpus (else it is loaded and tokenized here).
+    ``settings``: protocol fields set by keyword (``dataset="wikitext2"``, ``max_eval_tokens=4096``,
+    ``groups=("quality",)``, ...), applied on top of ``protocol``.
     """
-    protocol = protocol or Protocol()
+    protocol = with_settings(protocol or Protocol(), settings)
     protocol.validate()
     check_seqlen(model, protocol)
     profile = profile or load_profile()
