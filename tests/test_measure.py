@@ -188,6 +188,7 @@ class _StubPolicy:
     def generate(self, model, input_ids, max_new_tokens, generator=None, eos_token_id=None):
         import time
 
+        model(input_ids=input_ids, use_cache=True, logits_to_keep=1)  # a real policy prefills too: speed.py subtracts one
         time.sleep(self.delay * max_new_tokens)
         out = torch.cat([input_ids, input_ids[:, -1:].repeat(1, max_new_tokens)], dim=1)
         return out, {"new_tokens": max_new_tokens, "proposed": 4, "accepted": self.accepted}

@@ -38,6 +38,7 @@ from .measure.quality import make_windows
 from .measure.run import check_seqlen, eval_ids, flags, measure, speed_prompt, timed_metrics
 from .measure.speed import DecodeTimer
 from .models.load import load
+from .outdir import OutputDir
 from .predict.versus import compare, prediction_for_run
 from .recipe import Recipe, load_recipe, recipe_file_stem
 from .results import add_relative_metrics, new_results, write
@@ -49,6 +50,51 @@ def order_recipes(names: list[str | Recipe]) -> list[Recipe]:
     base = [r for r in recipes if not r.steps]
     rest = [r for r in recipes if r.steps]
     return [base[0] if base else load_recipe("baseline")] + rest
+
+
+def auto_calibration_size(job_tokens: int | None) -> tuple[int, int]:
+    """Calibration ``(windows, tokens per window)`` scaled to the job: about as many tokens as
+    are evaluated, at least 4096 and at most the GPTQ paper's 128 x 2048 (which a whole-split
+    evaluation, ``job_tokens=None``, gets). Short windows (512) below that: calibration cost
+    grows with its tokens, and for the layer statistics these methods collect (Hessians,
+    activation norms) more windows matter more than longer ones."""
+    full = 128 * 2048
+    total = full if job_tokens is None else min(full, max(4096, job_tokens))
+    seqlen = 2048 if total >= full else 512
+    return total // seqlen, seqlen
+
+
+def check_inputs(recipes: list[Recipe], calib: Calibration, protocol: Protocol | None = None) -> None:
+    """Everything checkable without the model, before any work: the evaluation data and, when a
+    recipe calibrates, the calibration source."""
+    from .data.text import check_dataset
+
+    if protocol is not None:
+        check_dataset(protocol.dataset, protocol.split, protocol.data_dir)
+    if any(s.needs_calibration for r in recipes for s in r.steps):
+        calib.check()
+
+
+def announce_calibration(recipes: list[Recipe], calib: Calibration) -> None:
+    """Say what calibration the recipes will use and why (printed even without a terminal)."""
+    users = [r.name for r in recipes if any(s.needs_calibration for s in r.steps)]
+    if users:
+        progress.info(f"calibration for {', '.join(users)}: {calib.n} windows x {calib.seqlen} tokens of {calib.dataset} "
+                      f"({calib.sizing or 'as requested'}; --calib-samples/--calib-seqlen to change)")
+
+
+def decode_check(model, ids: torch.Tensor, prompts: int = 3, length: int = 32, gen: int = 8) -> dict | None:
+    """For a model with packed decode kernels: greedy tokens of the decode path checked against
+    the dequantized reference path of the same weights on ``prompts`` slices of the evaluation
+    text (:mod:`leanfm.measure.kernel_check`); raises when they disagree. None when nothing to check."""
+    from .measure.kernel_check import check_decode_kernel, needs_decode_check
+
+    if not needs_decode_check(model):
+        return None
+    length = min(length, max(2, ids.numel() // prompts))
+    step = max(1, (ids.numel() - length) // prompts)
+    starts = [i * step for i in range(prompts)]
+    return check_decode_kernel(model, torch.stack([ids[s : s + length] for s in starts]), gen=gen)
 
 
 def _oom(e: BaseException) -> bool:
@@ -65,6 +111,8 @@ def _reused_baseline(path: str | Path, model_name: str, protocol: Protocol) -> d
         mine.pop("threads"), theirs.pop("threads", None)
     if prev.get("model") != model_name or theirs != mine:
         raise LeanfmError(f"cannot reuse the baseline in {path}: it was measured with another model or protocol")
+    if not prev["runs"]:
+        raise LeanfmError(f"cannot reuse the baseline in {path}: it holds no runs")
     run = dict(prev["runs"][0])
     if run.get("status") != "ok" or run["recipe"].get("steps"):
         raise LeanfmError(f"cannot reuse the baseline in {path}: its first run is not a successful baseline")
@@ -135,16 +183,26 @@ def _finish(entry: _Timed, protocol: Protocol, profile: dict, config: dict, sche
 
 def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol, out: str | Path,
           calib: Calibration | None = None, profile_path: str | None = None, reuse_baseline: str | Path | None = None,
-          interleave: bool = True) -> dict:
+          interleave: bool = True, overwrite: bool = False, baseline_is_reference: bool = True) -> dict:
     """Run every recipe on ``model_name`` under ``protocol``; the baseline first (measured, or
     copied from the results.json directory ``reuse_baseline`` when model and protocol match).
-    ``interleave``: time all recipes' speed repeats round by round (see the module docstring)."""
+    ``interleave``: time all recipes' speed repeats round by round (see the module docstring).
+    ``out`` must not already hold results unless ``overwrite`` (:mod:`leanfm.outdir`).
+    ``baseline_is_reference=False`` (``leanfm eval``): the first run is not the reference of
+    anything, so it gets no fidelity metrics (``top1_agreement``/``kl_to_baseline``)."""
     protocol.validate()
     recipes = order_recipes(recipe_names)
     profile = load_profile(profile_path)
-    calib = calib or Calibration()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if calib is None:
+        n, seqlen = auto_calibration_size(protocol.max_eval_tokens)
+        calib = Calibration(n=n, seqlen=seqlen, sizing=f"scaled to max_eval_tokens={protocol.max_eval_tokens}")
+    check_inputs(recipes, calib, protocol)
+    with OutputDir(out, overwrite):
+        return _bench(model_name, recipes, protocol, Path(out), calib, profile, reuse_baseline, interleave, baseline_is_reference)
+
+
+def _bench(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path, calib: Calibration, profile: dict,
+           reuse_baseline, interleave: bool, baseline_is_reference: bool) -> dict:
     torch.set_num_threads(protocol.threads)
     results = new_results(environment(protocol.threads, seed=recipes[0].seed), protocol.to_dict())
     results["model"] = model_name
@@ -159,6 +217,7 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
     for r in recipes:  # fail on an impossible recipe before measuring anything
         for step in r.steps:
             step.check_model(model)
+    announce_calibration(recipes, calib)
     ids = eval_ids(tok, protocol)
     if "quality" in protocol.groups:  # a too-small --max-eval-tokens fails now, not after the speed runs
         make_windows(ids, protocol.seqlen, protocol.max_eval_tokens, None)
@@ -199,6 +258,7 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
             calib_ids, run["calibration"] = recipe.calibration(calib, tok)
             apply_(model, recipe, calib=calib_ids)
             run["apply_seconds"] = round(time.perf_counter() - t0, 3)
+            check = decode_check(model, ids)  # before any measurement: a wrong kernel gets no numbers
             res = {"metrics": {}, "details": {}, "flags": {}}
             if "memory" in untimed:
                 res = measure(model, tok, dataclasses.replace(protocol, groups=("memory",)), profile=profile, ids=ids)
@@ -214,9 +274,11 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
                 res["metrics"].update(q["metrics"])
                 res["details"].update(q["details"])
                 res["flags"] = q["flags"]
-                if i == 0:  # the baseline is the reference: identical by definition
+                if i == 0 and baseline_is_reference:  # the baseline is the reference: identical by definition
                     res["metrics"].update(top1_agreement=1.0, kl_to_baseline=0.0)
             res["flags"] = res["flags"] or flags(model)
+            if check is not None:
+                res["details"]["decode_check"] = check
             run.update(metrics=res["metrics"], details=res["details"], flags=res["flags"],
                        status="timing" if timed else "ok")
             if timed:

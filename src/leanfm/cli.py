@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from importlib import import_module
 from pathlib import Path
 
@@ -21,23 +20,36 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _max_tokens(v: str) -> int | None:
-    if v.lower() in ("all", "0"):
+    if v.strip().lower() == "all":
         return None
-    try:
-        return int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of tokens or 'all', got {v!r}") from None
+    return _positive(v, "a positive number of tokens or 'all' (for the whole split)")
 
 
 def _groups(v: str) -> list[str]:
-    return [g.strip() for g in v.split(",") if g.strip()]
+    from .measure.protocol import GROUPS
+
+    groups = [g.strip() for g in v.split(",") if g.strip()]
+    if not groups:
+        raise argparse.ArgumentTypeError(f"is empty; name one or more metric groups: {','.join(GROUPS)}")
+    return groups
+
+
+def _positive(v: str, expected: str = "a whole number of at least 1") -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {v!r}")
+    return n
 
 
 def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> None:
     g = p.add_argument_group("measurement protocol")
     g.add_argument("--dataset", default="wikitext2", help="evaluation text: wikitext2, gensim-wiki, or a .txt path")
-    g.add_argument("--split", default="test", help="dataset split (wikitext2: test or valid)")
-    g.add_argument("--data-dir", default=None, help="folder holding wikitext-2/{test,valid}.txt (default $LEANFM_DATA_DIR)")
+    g.add_argument("--split", default="test", help="dataset split (wikitext2: test, valid (or validation), train if present locally; other datasets have no splits)")
+    g.add_argument("--data-dir", default=None, help="folder holding wikitext-2/{test,valid}.txt; overrides $LEANFM_DATA_DIR; "
+                   "$LEANFM_CACHE/data (default ~/.cache/leanfm/data) is searched after")
     g.add_argument("--seqlen", type=int, default=2048, help="tokens per perplexity window (default 2048)")
     g.add_argument("--max-eval-tokens", type=_max_tokens, default=16384, help="evaluate at most this many tokens, or all (default 16384)")
     g.add_argument("--max-fidelity-tokens", type=_max_tokens, default=None,
@@ -56,8 +68,10 @@ def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> Non
 def _add_calib(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration (for methods that need it)")
     g.add_argument("--calib-dataset", default="gensim-wiki", help="calibration text (default gensim-wiki)")
-    g.add_argument("--calib-samples", type=int, default=128, help="number of calibration windows (default 128)")
-    g.add_argument("--calib-seqlen", type=int, default=2048, help="tokens per calibration window (default 2048)")
+    g.add_argument("--calib-samples", type=_positive, default=None,
+                   help="number of calibration windows (default: scaled to the job, and printed)")
+    g.add_argument("--calib-seqlen", type=_positive, default=None,
+                   help="tokens per calibration window (default: scaled to the job, and printed)")
 
 
 def _protocol(a):
@@ -69,14 +83,21 @@ def _protocol(a):
                     groups=tuple(a.metrics) if a.metrics else GROUPS)
 
 
-def _calib(a):
+def _calib(a, job_tokens: int | None, why: str):
+    """The calibration request: the user's sizes, else sized to ``job_tokens`` (see
+    :func:`leanfm.bench.auto_calibration_size`); ``why`` explains the automatic size."""
+    from .bench import auto_calibration_size
     from .data.calib import calibration
 
-    return calibration(a.calib_dataset, a.calib_samples, a.calib_seqlen, data_dir=a.data_dir)
+    n, seqlen = auto_calibration_size(job_tokens)
+    auto = a.calib_samples is None and a.calib_seqlen is None
+    c = calibration(a.calib_dataset, a.calib_samples or n, a.calib_seqlen or seqlen, data_dir=a.data_dir)
+    c.sizing = why if auto else "set by --calib-samples/--calib-seqlen"
+    return c
 
 
-def _default_out(kind: str) -> Path:
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+def _add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true", help=f"replace the {what} already in --out (default: refuse)")
 
 
 def cmd_models(a) -> int:
@@ -155,9 +176,11 @@ def cmd_bench(a) -> int:
     from .bench import bench
     from .report import print_table, write_report
 
-    out = Path(a.out) if a.out else _default_out("bench")
-    results = bench(a.model, a.recipe or DEFAULT_RECIPES, _protocol(a), out, calib=_calib(a), profile_path=a.hardware_profile,
-                    interleave=a.interleave)
+    from .outdir import default_out
+
+    out = Path(a.out) if a.out else default_out("bench")
+    results = bench(a.model, a.recipe or DEFAULT_RECIPES, _protocol(a), out, calib=_calib(a, a.max_eval_tokens, f"scaled to --max-eval-tokens {a.max_eval_tokens or 'all'}"),
+                    profile_path=a.hardware_profile, interleave=a.interleave, overwrite=a.overwrite)
     print_table(results)
     report = write_report(results, out)
     print(f"results: {out / 'results.json'}\nreport:  {report}")
@@ -168,8 +191,21 @@ def cmd_eval(a) -> int:
     from .bench import bench
     from .report import print_table, write_report
 
-    out = Path(a.out) if a.out else _default_out("eval")
-    results = bench(a.model, ["baseline"], _protocol(a), out, profile_path=a.hardware_profile)
+    from .outdir import default_out
+
+    from .recipe import Recipe, load_recipe
+
+    label = "as loaded"  # not "baseline": a compressed checkpoint is nobody's reference
+    saved = Path(a.model) / "recipe.yaml"
+    if saved.is_file():
+        try:
+            label = f"{load_recipe(str(saved)).name} (checkpoint)"
+        except LeanfmError:
+            pass
+    recipe = Recipe(name=label, description=f"{a.model} measured as stored (no recipe applied)")
+    out = Path(a.out) if a.out else default_out("eval")
+    results = bench(a.model, [recipe], _protocol(a), out, profile_path=a.hardware_profile, overwrite=a.overwrite,
+                    baseline_is_reference=False)
     print_table(results)
     print(f"results: {out / 'results.json'}\nreport:  {write_report(results, out)}")
     return 0
@@ -179,21 +215,54 @@ def cmd_compress(a) -> int:
     import torch
 
     from .api import apply_, load
+    from .bench import announce_calibration, check_inputs
+    from .models.checkpoint import check_checkpoint_target, save_checkpoint
     from .recipe import load_recipe
 
     recipe = load_recipe(a.recipe)
     out = Path(a.out)
+    check_checkpoint_target(out, a.overwrite)  # before any work: nothing is lost to a refused --out
+    if not 1 <= a.threads <= (os.cpu_count() or 1):
+        raise LeanfmError(f"--threads {a.threads} must be between 1 and the {os.cpu_count()} CPU cores of this machine")
+    calib = _calib(a, None, "the GPTQ paper's setting for a checkpoint")
+    check_inputs([recipe], calib)
     torch.set_num_threads(a.threads)
     model, tok = load(a.model)
-    apply_(model, recipe, calib=recipe.calibration(_calib(a), tok)[0])
-    from .models.checkpoint import save_checkpoint
-
-    save_checkpoint(model, out, tok, a.format, source=f"recipe {recipe.name}")
-    recipe.save(out / "recipe.yaml")
+    for step in recipe.steps:
+        step.check_model(model)
+    announce_calibration([recipe], calib)
+    apply_(model, recipe, calib=recipe.calibration(calib, tok)[0])
+    save_checkpoint(model, out, tok, a.format, source=f"recipe {recipe.name}", overwrite=a.overwrite,
+                    extra_files={"recipe.yaml": recipe.to_yaml()})
     simulated = any(s.get("simulated") for s in model.leanfm_info["steps"])
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"saved {recipe.name} of {a.model} to {out} ({a.format}, {size / 1e6:.1f} MB of tensors)"
           + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else ""))
+    return 0
+
+
+def cmd_recipes(a) -> int:
+    """Built-in recipes, parsed from their YAML (torch-free)."""
+    from .recipe import builtin_names, load_recipe
+
+    recipes = [load_recipe(n) for n in builtin_names()]
+    if a.json:
+        print(json.dumps([{**r.to_dict(), "description": r.description} for r in recipes], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="leanfm built-in recipes (--recipe NAME; compose with +, e.g. wanda50+gptq-w4g64; or a YAML file)")
+    for col in ("recipe", "steps", "description"):
+        t.add_column(col, overflow="fold")
+    def brief(step) -> str:  # the method and the parameters it sets away from their defaults
+        default = type(step)().to_dict()
+        return ", ".join([step.method] + [f"{k}={v}" for k, v in step.to_dict().items() if k != "method" and v != default.get(k)])
+
+    for r in recipes:
+        steps = "; ".join(brief(st) for st in r.steps)
+        t.add_row(r.name, steps or "(none: the unmodified model)", r.description)
+    Console(width=200).print(t)
     return 0
 
 
@@ -211,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .models.registry import DEFAULT_MODEL
 
     p = _Parser(prog="leanfm", description="Make foundation models resource-efficient and prove it with measurements.")
+    import leanfm
+
+    p.add_argument("--version", action="version", version=f"leanfm {leanfm.__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -221,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local HF directory or hub id (default {DEFAULT_MODEL})")
     s.add_argument("--recipe", action="append", help=f"built-in name or YAML path; repeatable (default: {' '.join(DEFAULT_RECIPES)})")
     s.add_argument("--out", default=None, help="output directory (default runs/bench-<timestamp>)")
+    _add_overwrite(s, "results")
     s.add_argument("--no-interleave", dest="interleave", action="store_false",
                    help="time each recipe alone right after applying it, instead of all recipes' speed repeats "
                         "interleaved round by round (which keeps every model resident)")
@@ -231,18 +304,21 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="measure an existing checkpoint (no recipe applied)")
     s.add_argument("--model", required=True, help="checkpoint directory, alias or hub id")
     s.add_argument("--out", default=None, help="output directory (default runs/eval-<timestamp>)")
+    _add_overwrite(s, "results")
     _add_protocol(s)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("compress", help="apply a recipe and save a checkpoint (packed quantized layers reload without calibration)")
     s.add_argument("--model", required=True, help="alias, local HF directory or hub id")
     s.add_argument("--recipe", required=True, help="built-in name or YAML path")
-    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--out", required=True, help="output directory (written under a temporary name, renamed when complete)")
+    _add_overwrite(s, "checkpoint")
     s.add_argument("--format", choices=["leanfm", "compressed-tensors"], default="leanfm",
                    help="leanfm: packed layers + leanfm-quant.json (reload with leanfm); compressed-tensors: the "
                         "pack-quantized format vLLM and transformers (with compressed-tensors installed) read")
-    s.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    s.add_argument("--data-dir", default=None, help="folder holding local datasets (default $LEANFM_DATA_DIR)")
+    s.add_argument("--threads", type=_positive, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    s.add_argument("--data-dir", default=None, help="folder holding local datasets; overrides $LEANFM_DATA_DIR; "
+                   "$LEANFM_CACHE/data (default ~/.cache/leanfm/data) is searched after")
     _add_calib(s)
     s.set_defaults(fn=cmd_compress)
 
@@ -252,11 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     cli_predict.add_arguments(s)
     s.set_defaults(fn=cli_predict.run, light=True)
 
+    s = sub.add_parser("hardware", help="list the built-in hardware profiles (name, aliases, memory, bandwidth, TFLOPS, power, $/h, gCO2/kWh)")
+    cli_predict.add_hardware_arguments(s)
+    s.set_defaults(fn=cli_predict.run_hardware, light=True)
+
     s = sub.add_parser("methods", help="list registered methods with their parameters, defaults and what they produce")
     s.add_argument("name", nargs="?", default=None, help="one method: its whole declaration")
     s.add_argument("--json", action="store_true", help="print the declarations as JSON")
     s.add_argument("--markdown", action="store_true", help="print the method sections of docs/methods.md")
     s.set_defaults(fn=cmd_methods)
+
+    s = sub.add_parser("recipes", help="list built-in recipes with their steps (use by name in --recipe; join with +)")
+    s.add_argument("--json", action="store_true", help="print the recipes as JSON")
+    s.set_defaults(fn=cmd_recipes)
 
     s = sub.add_parser("report", help="(re)build report.html from a results directory")
     s.add_argument("dir", help="directory holding results.json")

@@ -1,9 +1,15 @@
-"""Rich progress bars shared by the CLI and the API (to stderr, so stdout stays parseable)."""
+"""Progress shared by the CLI and the API, on stderr so stdout stays parseable.
+
+On a terminal: rich progress bars. Otherwise (logs, CI, ``nohup``): plain lines, one when a
+task starts, then at most one every ``LEANFM_PROGRESS_EVERY`` seconds (default 30) and one when
+it ends, so a long run is never silent. ``LEANFM_PROGRESS=0`` turns both off.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -15,18 +21,48 @@ def enabled() -> bool:
     return os.environ.get("LEANFM_PROGRESS", "1") != "0"
 
 
+def _plain_every() -> float:
+    try:
+        return float(os.environ.get("LEANFM_PROGRESS_EVERY", "30"))
+    except ValueError:
+        return 30.0
+
+
+@contextlib.contextmanager
+def _plain(description: str, total: float | None):
+    start = last = time.monotonic()
+    done = 0.0
+    of = f"/{total:g}" if total else ""
+    print(f"{description}: started ({total:g} steps)" if total else f"{description}: started", file=sys.stderr, flush=True)
+
+    def advance(n: float = 1) -> None:
+        nonlocal done, last
+        done += n
+        now = time.monotonic()
+        if now - last >= _plain_every() and (not total or done < total):
+            last = now
+            print(f"{description}: {done:g}{of} after {now - start:.0f} s", file=sys.stderr, flush=True)
+
+    yield advance
+    print(f"{description}: done {done:g}{of} in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def bar(description: str, total: float | None):
-    """Yield an ``advance(n=1)`` callable driving one progress bar."""
+    """Yield an ``advance(n=1)`` callable driving one progress bar (plain lines off a terminal)."""
     if not enabled():
         yield lambda n=1: None
         return
+    if not console.is_terminal:
+        with _plain(description, total) as adv:
+            yield adv
+        return
     cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*cols, console=console, transient=not sys.stderr.isatty()) as p:
+    with Progress(*cols, console=console, transient=False) as p:
         task = p.add_task(description, total=total)
         yield lambda n=1: p.advance(task, n)
 
 
 def info(msg: str) -> None:
     if enabled():
-        console.print(msg, highlight=False)
+        console.print(msg, highlight=False, soft_wrap=True)

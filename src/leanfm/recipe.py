@@ -103,7 +103,26 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     for i, raw in enumerate(steps_raw):
         line = step_lines[i] if i < len(step_lines) else key_lines.get("steps", 1)
         steps.append(config_from_dict(raw, where=f"recipe {source} line {line}: "))
-    return Recipe(name=str(name), seed=seed, steps=steps, description=str(data.get("description", "")), source=source)
+    recipe = Recipe(name=str(name), seed=seed, steps=steps, description=str(data.get("description", "")), source=source)
+    check_composition(recipe)
+    return recipe
+
+
+def check_composition(recipe: Recipe) -> None:
+    """Refuse, before any work, step orders that the methods would refuse half-way through a run:
+    quantizing weights that an earlier step already quantized (rounding compounds on a rounded
+    grid; a later step may only quantize linears the earlier one left alone, via ``only``), and
+    two decoding policies (one generation loop drives decoding)."""
+    quant = [s for s in recipe.steps if s.produces == "int-weights"]
+    for later in quant[1:]:
+        first = quant[0]
+        if getattr(first, "backend", None) == "fake" or not getattr(later, "only", ()):
+            raise LeanfmError(
+                f"recipe {recipe.name} quantizes the weights twice ({first.method}, then {later.method}); keep one "
+                "quantization step, or give the later one `only: [...]` naming layers the first skips (e.g. lm_head)")
+    policies = [s.method for s in recipe.steps if s.produces == "decoding-policy"]
+    if len(policies) > 1:
+        raise LeanfmError(f"recipe {recipe.name} attaches two decoding policies ({', '.join(policies)}); keep one")
 
 
 def load_recipe(name_or_path: str | Recipe) -> Recipe:
@@ -129,5 +148,7 @@ def load_recipe(name_or_path: str | Recipe) -> Recipe:
 def compose(names: list[str]) -> Recipe:
     """Built-in recipes run in order as one recipe named ``a+b`` (the first one's seed)."""
     parts = [load_recipe(n) for n in names]
-    return Recipe(name="+".join(r.name for r in parts), seed=parts[0].seed, steps=[st for r in parts for st in r.steps],
-                  description=" then ".join(r.name for r in parts), source="+".join(r.source for r in parts))
+    recipe = Recipe(name="+".join(r.name for r in parts), seed=parts[0].seed, steps=[st for r in parts for st in r.steps],
+                    description=" then ".join(r.name for r in parts), source="+".join(r.source for r in parts))
+    check_composition(recipe)
+    return recipe
