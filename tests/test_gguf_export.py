@@ -1,0 +1,89 @@
+"""GGUF export of a tiny Llama: names, q/k permutation, leanfm's own codes in the blocks, refusals.
+Loading the file in llama.cpp itself is checked where llama-cpp-python is installed."""
+import numpy as np
+import pytest
+import torch
+
+import leanfm
+from leanfm.errors import LeanfmError
+from leanfm.kernels.checkpoint import quantized_layers
+from leanfm.models.gguf_export import _permute, export_gguf
+from tests.conftest import tiny_llama, tiny_tokenizer
+
+gguf = pytest.importorskip("gguf")
+
+
+def tiny(recipe=None, tie=False):
+    tok = tiny_tokenizer()
+    m = tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2, inter=128, vocab=len(tok), tie=tie)
+    if recipe:
+        leanfm.apply_(m, recipe)
+    return m, tok
+
+
+def read(path):
+    r = gguf.GGUFReader(str(path))
+    return r, {t.name: t for t in r.tensors}
+
+
+def values(t, shape):
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+
+
+@pytest.mark.parametrize("step,qtype", [
+    ({"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}, "q4_0"),
+    ({"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}, "q4_1"),
+    ({"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True}, "q8_0"),
+])
+def test_packed_layers_keep_their_codes(tmp_path, step, qtype):
+    m, tok = tiny(step)
+    path = export_gguf(m, tok, tmp_path / "m.gguf", qtype)
+    r, t = read(path)
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert len(t) == 2 * 9 + 3  # 9 per layer, embedding, final norm, untied head
+    packed = quantized_layers(m)
+    for hf, name, heads in [("model.layers.0.self_attn.q_proj", "blk.0.attn_q.weight", 4),
+                            ("model.layers.1.self_attn.k_proj", "blk.1.attn_k.weight", 2),
+                            ("model.layers.1.mlp.down_proj", "blk.1.ffn_down.weight", None)]:
+        ref = packed[hf].dequantized_weight()
+        ref = _permute(ref, heads) if heads else ref
+        got = values(t[name], ref.shape)
+        assert t[name].tensor_type.name == qtype.upper()
+        # the block stores the scale (and q4_1's offset) in fp16: that rounding is the only change
+        assert np.abs(got - ref.numpy()).max() <= 2e-3 * float(ref.abs().max())
+    assert t["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+
+
+def test_permutation_is_llama_cpps_rotary_layout():
+    """Row r of head h in the half-split layout goes to interleaved position: (0, d/2, 1, d/2+1, ...)."""
+    w = torch.arange(2 * 8).float().view(16, 1)  # 2 heads of 8 rows
+    p = _permute(w, 2).view(-1).tolist()
+    assert p[:8] == [0, 4, 1, 5, 2, 6, 3, 7] and p[8:] == [8, 12, 9, 13, 10, 14, 11, 15]
+
+
+def test_float_model_in_f32_round_trips_exactly(tmp_path):
+    m, tok = tiny()
+    _, t = read(export_gguf(m, tok, tmp_path / "f.gguf", "f32"))
+    w = m.model.layers[0].mlp.up_proj.weight.detach()
+    assert np.array_equal(values(t["blk.0.ffn_up.weight"], w.shape), w.numpy())
+
+
+@pytest.mark.parametrize("step,qtype,needle", [
+    ({"method": "rtn", "bits": 4, "group_size": 64, "symmetric": True}, "q4_0", "groups are 64 columns"),
+    ({"method": "rtn", "bits": 4, "group_size": 32, "symmetric": False}, "q4_0", "use q4_1"),
+    ({"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}, "f16", "export them as q4_0"),
+])
+def test_grids_that_do_not_fit_are_refused(tmp_path, step, qtype, needle):
+    m, tok = tiny(step)
+    with pytest.raises(LeanfmError) as e:
+        export_gguf(m, tok, tmp_path / "x.gguf", qtype)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_unknown_architecture_is_refused(tmp_path):
+    from tests.conftest import tiny_gemma3
+
+    m = tiny_gemma3()
+    with pytest.raises(LeanfmError, match="does not know the architecture 'gemma3_text'"):
+        export_gguf(m, tiny_tokenizer(), tmp_path / "g.gguf", "f32")
