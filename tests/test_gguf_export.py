@@ -87,3 +87,23 @@ def test_unknown_architecture_is_refused(tmp_path):
     m = tiny_gemma3()
     with pytest.raises(LeanfmError, match="does not know the architecture 'gemma3_text'"):
         export_gguf(m, tiny_tokenizer(), tmp_path / "g.gguf", "f32")
+
+
+@pytest.mark.parametrize("qtype", ["f32", "q8_0"])
+def test_llama_cpp_loads_the_export_and_agrees(tmp_path, qtype):
+    """The file runs in llama.cpp itself (tokenizer from tokenizer.json) and its logits match the
+    torch model's: exactly in f32; in q8_0 up to llama.cpp's own rounding of activations to 8 bits."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    step = {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True} if qtype == "q8_0" else None
+    m, tok = tiny(step)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(20)  # clear argmax margins on a random model
+    path = export_gguf(m, tok, tmp_path / "m.gguf", qtype, float_type="f32")
+    ids = torch.randint(3, 290, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False)
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)])
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= (1.0 if qtype == "f32" else 0.9)
+    assert np.abs(got - ref).max() <= (1e-3 if qtype == "f32" else 0.1) * np.abs(ref).max()

@@ -115,14 +115,18 @@ def _dense(mod: nn.Module) -> torch.Tensor | None:
     return w.detach().float() if isinstance(w, torch.Tensor) else None
 
 
-def export_gguf(model: nn.Module, tokenizer, out: str | Path, qtype: str = "q4_0", source_gguf: str | Path | None = None) -> Path:
+def export_gguf(model: nn.Module, tokenizer, out: str | Path, qtype: str = "q4_0", source_gguf: str | Path | None = None,
+                float_type: str | None = None) -> Path:
     """Write ``model`` to the GGUF file ``out``; packed layers keep their own codes in ``qtype``
-    blocks (refused, naming the layer, when their grid does not fit), float linears are written
-    in ``qtype``; embeddings in ``qtype`` too unless it is a block type the row length does not fit."""
+    blocks (refused, naming the layer, when their grid does not fit). Tensors leanfm left in float
+    (embedding, a skipped head, unquantized linears) are written in ``float_type`` (default
+    ``qtype``, by llama.cpp's own round-to-nearest for a block type; ``f32`` keeps them exact)."""
     import gguf
 
-    if qtype not in FILE_TYPES:
-        raise LeanfmError(f"unknown GGUF type '{qtype}'; use one of {', '.join(FILE_TYPES)}")
+    float_type = float_type or qtype
+    for t in (qtype, float_type):
+        if t not in FILE_TYPES:
+            raise LeanfmError(f"unknown GGUF type '{t}'; use one of {', '.join(FILE_TYPES)}")
     cfg = model.config
     arch = ARCHS.get(getattr(cfg, "model_type", ""))
     if arch is None:
@@ -149,10 +153,10 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, qtype: str = "q4_0
         w = _permute(dense, heads) if heads else dense
         if kind == "norm":
             tensors.append((f"{name}.weight", w.numpy().astype(np.float32), _ggml_type("f32")))
-        elif qtype in BLOCK_TYPES and w.shape[-1] % 32 == 0:
-            tensors.append((f"{name}.weight", to_blocks(llama_grid(w, qtype), qtype), _ggml_type(qtype)))
+        elif float_type in BLOCK_TYPES and w.shape[-1] % 32 == 0:
+            tensors.append((f"{name}.weight", to_blocks(llama_grid(w, float_type), float_type), _ggml_type(float_type)))
         else:
-            ft = "f16" if qtype == "f16" else "f32"
+            ft = "f16" if float_type == "f16" else "f32"
             tensors.append((f"{name}.weight", w.numpy().astype(np.float16 if ft == "f16" else np.float32), _ggml_type(ft)))
 
     add("model.embed_tokens", "linear", model.get_input_embeddings().weight.detach().float())
