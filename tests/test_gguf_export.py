@@ -107,3 +107,21 @@ def test_llama_cpp_loads_the_export_and_agrees(tmp_path, qtype):
     got = np.array(llm.scores[: len(ids)])
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= (1.0 if qtype == "f32" else 0.9)
     assert np.abs(got - ref).max() <= (1e-3 if qtype == "f32" else 0.1) * np.abs(ref).max()
+
+
+def test_compress_writes_a_gguf_and_refuses_a_grid_that_does_not_fit(tiny_model_dir, tmp_path, capsys):
+    from leanfm import cli
+
+    recipe = tmp_path / "q40.yaml"
+    recipe.write_text("name: rtn-g32\nseed: 0\nsteps:\n  - {method: rtn, bits: 4, group_size: 32, symmetric: true}\n")
+    out = tmp_path / "gg"
+    assert cli.main(["compress", "--model", str(tiny_model_dir), "--recipe", str(recipe), "--format", "gguf",
+                     "--out", str(out), "--threads", "1"]) == 0
+    r, t = read(out / "model.gguf")
+    assert t["blk.0.attn_q.weight"].tensor_type.name == "Q4_0" and (out / "recipe.yaml").exists()
+    capsys.readouterr()
+    code = cli.main(["compress", "--model", str(tiny_model_dir), "--recipe", "rtn-w4g64", "--format", "gguf",
+                     "--out", str(tmp_path / "bad"), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be written as q4_1" in err and "groups are 64 columns" in err and "group_size: 32" in err, err
+    assert not (tmp_path / "bad").exists()

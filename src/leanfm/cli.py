@@ -233,9 +233,9 @@ def cmd_compress(a) -> int:
     announce_calibration([recipe], calib)
     apply_(model, recipe, calib=recipe.calibration(calib, tok)[0])
     save_checkpoint(model, out, tok, a.format, source=f"recipe {recipe.name}", overwrite=a.overwrite,
-                    extra_files={"recipe.yaml": recipe.to_yaml()})
+                    extra_files={"recipe.yaml": recipe.to_yaml()}, gguf_type=a.gguf_type)
     simulated = any(s.get("simulated") for s in model.leanfm_info["steps"])
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in [*out.glob("*.safetensors"), *out.glob("*.gguf")])
     print(f"saved {recipe.name} of {a.model} to {out} ({a.format}, {size / 1e6:.1f} MB of tensors)"
           + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else ""))
     return 0
@@ -313,9 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", required=True, help="built-in name or YAML path")
     s.add_argument("--out", required=True, help="output directory (written under a temporary name, renamed when complete)")
     _add_overwrite(s, "checkpoint")
-    s.add_argument("--format", choices=["leanfm", "compressed-tensors"], default="leanfm",
+    s.add_argument("--format", choices=["leanfm", "compressed-tensors", "gguf"], default="leanfm",
                    help="leanfm: packed layers + leanfm-quant.json (reload with leanfm); compressed-tensors: the "
-                        "pack-quantized format vLLM and transformers (with compressed-tensors installed) read")
+                        "pack-quantized format vLLM and transformers (with compressed-tensors installed) read; "
+                        "gguf: model.gguf for llama.cpp (Llama-family models; packed layers keep their codes)")
+    s.add_argument("--type", dest="gguf_type", choices=["auto", "f32", "f16", "q8_0", "q4_0", "q4_1"], default="auto",
+                   help="with --format gguf: the GGUF tensor type (auto: the block type the recipe's grid fits, "
+                        "f16 for a float model); packed layers must fit it (4-bit symmetric groups of 32: q4_0, "
+                        "asymmetric: q4_1, 8-bit symmetric: q8_0)")
     s.add_argument("--threads", type=_positive, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     s.add_argument("--data-dir", default=None, help="folder holding local datasets; overrides $LEANFM_DATA_DIR; "
                    "$LEANFM_CACHE/data (default ~/.cache/leanfm/data) is searched after")

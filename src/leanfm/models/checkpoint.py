@@ -31,7 +31,7 @@ from ..kernels.checkpoint import (
 )
 from ..kernels.lowrank import is_lowrank_checkpoint, load_lowrank, lowrank_layout, save_lowrank
 
-FORMATS = ("leanfm", "compressed-tensors")
+FORMATS = ("leanfm", "compressed-tensors", "gguf")
 # What makes an existing folder replaceable with ``overwrite``: something leanfm (or
 # save_pretrained) writes into every checkpoint. Anything else is not deleted on request.
 _CHECKPOINT_MARKERS = ("config.json", "model.safetensors", "model.safetensors.index.json", "leanfm-quant.json", "leanfm-lowrank.json")
@@ -103,7 +103,36 @@ def _remove_stale_partials(p: Path) -> None:
             pass
 
 
-def _write(model: nn.Module, out: Path, tokenizer, fmt: str, qlayers) -> None:
+def gguf_type_for(qlayers: dict) -> str:
+    """The GGUF block type that holds the packed layers' grid (``f16`` for a float model)."""
+    if not qlayers:
+        return "f16"
+    q = next(iter(qlayers.values())).quantized_weight()
+    if q.bits == 8:
+        return "q8_0"
+    sym = bool((q.zero == 2 ** (q.bits - 1)).all())
+    return "q4_0" if sym else "q4_1"
+
+
+def _source_gguf(model: nn.Module, workdir: Path) -> Path | None:
+    """The GGUF a packaged model was converted from (its tokenizer metadata is copied)."""
+    info = getattr(model, "leanfm_info", {})
+    if info.get("source") != "packaged":
+        return None
+    from .packaged import gguf_path
+    from .registry import ALIASES
+
+    return gguf_path(ALIASES[info["name"]], workdir / ".source")
+
+
+def _write(model: nn.Module, out: Path, tokenizer, fmt: str, qlayers, gguf_type: str = "auto") -> None:
+    if fmt == "gguf":
+        from .gguf_export import export_gguf
+
+        qtype = gguf_type_for(qlayers) if gguf_type == "auto" else gguf_type
+        export_gguf(model, tokenizer, out / "model.gguf", qtype, source_gguf=_source_gguf(model, out))
+        shutil.rmtree(out / ".source", ignore_errors=True)
+        return
     if fmt == "compressed-tensors":
         from ..kernels.export_ct import export_compressed_tensors
 
@@ -122,13 +151,15 @@ def _write(model: nn.Module, out: Path, tokenizer, fmt: str, qlayers) -> None:
 
 
 def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, fmt: str = "leanfm",
-                    source: str = "the model", overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
+                    source: str = "the model", overwrite: bool = False, extra_files: dict[str, str] | None = None,
+                    gguf_type: str = "auto") -> Path:
     """Write ``model`` (and ``tokenizer`` when given) to the directory ``out``; return it.
 
     ``fmt="leanfm"``: packed quantized layers in the leanfm-quant format, else factorized layers
     in the leanfm-lowrank format, else a plain Hugging Face directory. ``fmt="compressed-tensors"``:
     the packed layers in the compressed-tensors format (refused, naming ``source``, when the
-    model has none). ``extra_files``: more files for the folder, ``{name: text}`` (e.g.
+    model has none). ``fmt="gguf"``: ``model.gguf`` for llama.cpp (:mod:`.gguf_export`) in
+    ``gguf_type`` (``auto``: the block type the packed layers' grid fits). ``extra_files``: more files for the folder, ``{name: text}`` (e.g.
     ``{"recipe.yaml": ...}``).
 
     Everything is written to a temporary sibling ``.<name>.partial-<pid>`` that is renamed to
@@ -153,7 +184,7 @@ def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, fmt: str 
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _write(model, tmp, tokenizer, fmt, qlayers)
+        _write(model, tmp, tokenizer, fmt, qlayers, gguf_type)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
         _move_into_place(tmp, p, shown, overwrite)

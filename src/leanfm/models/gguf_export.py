@@ -110,6 +110,11 @@ def _hf_tokenizer(writer, tok) -> None:
         writer.add_chat_template(tok.chat_template)
 
 
+def _fitting_step(qtype: str) -> str:
+    bits, sym = {"q4_0": (4, "true"), "q4_1": (4, "false"), "q8_0": (8, "true")}[qtype]
+    return f"{{method: gptq, bits: {bits}, group_size: 32, symmetric: {sym}}} (or rtn/awq with the same grid)"
+
+
 def _dense(mod: nn.Module) -> torch.Tensor | None:
     w = getattr(mod, "weight", None)
     return w.detach().float() if isinstance(w, torch.Tensor) else None
@@ -148,7 +153,10 @@ def export_gguf(model: nn.Module, tokenizer, out: str | Path, qtype: str = "q4_0
                 qw.codes, qw.scale, qw.zero = (_permute(t, heads) for t in (qw.codes, qw.scale, qw.zero))
             if qtype not in BLOCK_TYPES:
                 raise LeanfmError(f"{hf} holds packed {qw.bits}-bit weights; export them as q4_0, q4_1 or q8_0, not {qtype}")
-            tensors.append((f"{name}.weight", to_blocks(qw, qtype, name=hf), _ggml_type(qtype)))
+            try:
+                tensors.append((f"{name}.weight", to_blocks(qw, qtype, name=hf), _ggml_type(qtype)))
+            except LeanfmError as e:
+                raise LeanfmError(f"{e}; a recipe step that fits: {_fitting_step(qtype)}") from None
             return
         w = _permute(dense, heads) if heads else dense
         if kind == "norm":
