@@ -125,3 +125,14 @@ def test_compress_writes_a_gguf_and_refuses_a_grid_that_does_not_fit(tiny_model_
     err = capsys.readouterr().err
     assert code == 2 and "cannot be written as q4_1" in err and "groups are 64 columns" in err and "group_size: 32" in err, err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("recipe,qtype", [("gptq-q4_0", "Q4_0"), ("awq-q4_1", "Q4_1")])
+def test_builtin_gguf_recipes_fit_their_block_type(tiny_model_dir, tiny_text, tmp_path, recipe, qtype):
+    from leanfm import cli
+
+    out = tmp_path / recipe
+    assert cli.main(["compress", "--model", str(tiny_model_dir), "--recipe", recipe, "--format", "gguf", "--out", str(out),
+                     "--calib-dataset", str(tiny_text), "--calib-samples", "4", "--calib-seqlen", "128", "--threads", "1"]) == 0
+    _, t = read(out / "model.gguf")
+    assert {t[f"blk.{i}.{n}.weight"].tensor_type.name for i in range(2) for n in ("attn_q", "ffn_down")} == {qtype}
