@@ -121,20 +121,6 @@ QUANT_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", list(QUANT_DAMAGE))
-def test_damaged_quant_manifest_is_one_line_naming_the_file(damage, copy_of):
-    d = copy_of("quant")
-    f = d / "leanfm-quant.json"
-    change, needle = QUANT_DAMAGE[damage]
-    new = change(json.loads(f.read_text()))
-    f.write_text(new if isinstance(new, str) else json.dumps(new))
-    with pytest.raises(LeanfmError) as e:
-        leanfm.load(str(d))
-    msg = one_line(e)
-    assert needle in msg, msg
-    assert str(d) in msg
-
-
 LOWRANK_DAMAGE = {
     "not json": (lambda m: "{'format_version': 1", "is not valid JSON"),
     "no layers": (lambda m: {"format_version": 1}, "has no layers"),
@@ -146,11 +132,15 @@ LOWRANK_DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", list(LOWRANK_DAMAGE))
-def test_damaged_lowrank_manifest_is_one_line_naming_the_file(damage, copy_of):
-    d = copy_of("lowrank")
-    f = d / "leanfm-lowrank.json"
-    change, needle = LOWRANK_DAMAGE[damage]
+MANIFEST_DAMAGE = [("quant", "leanfm-quant.json", name, *v) for name, v in QUANT_DAMAGE.items()] + \
+                  [("lowrank", "leanfm-lowrank.json", name, *v) for name, v in LOWRANK_DAMAGE.items()]
+
+
+@pytest.mark.parametrize("kind,manifest,change,needle", [c[:2] + c[3:] for c in MANIFEST_DAMAGE],
+                         ids=[f"{c[0]}-{c[2]}" for c in MANIFEST_DAMAGE])
+def test_damaged_manifest_is_one_line_naming_the_file(kind, manifest, change, needle, copy_of):
+    d = copy_of(kind)
+    f = d / manifest
     new = change(json.loads(f.read_text()))
     f.write_text(new if isinstance(new, str) else json.dumps(new))
     with pytest.raises(LeanfmError) as e:
