@@ -222,8 +222,9 @@ def cmd_compress(a) -> int:
     recipe = load_recipe(a.recipe)
     out = Path(a.out)
     check_checkpoint_target(out, a.overwrite)  # before any work: nothing is lost to a refused --out
-    if not 1 <= a.threads <= (os.cpu_count() or 1):
-        raise LeanfmError(f"--threads {a.threads} must be between 1 and the {os.cpu_count()} CPU cores of this machine")
+    from .measure.protocol import check_threads
+
+    check_threads(a.threads)  # at least 1: argparse's _positive
     calib = _calib(a, None, "the GPTQ paper's setting for a checkpoint")
     check_inputs([recipe], calib)
     torch.set_num_threads(a.threads)

@@ -9,6 +9,13 @@ from ..errors import LeanfmError
 GROUPS = ("quality", "speed", "memory", "energy")
 
 
+def check_threads(threads: int) -> None:
+    """More torch threads than cores only makes OpenMP threads wait on each other: refuse it."""
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        raise LeanfmError(f"--threads {threads} exceeds the {cores} CPU cores of this machine; use at most {cores}")
+
+
 @dataclass
 class Protocol:
     """Measurement settings; the defaults are the documented protocol (docs/results-schema.md).
@@ -47,9 +54,7 @@ class Protocol:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 raise LeanfmError(f"--{name.replace('_', '-')} must be a whole number or all (got {v!r})")
-        cores = os.cpu_count() or 1
-        if self.threads > cores:
-            raise LeanfmError(f"--threads {self.threads} exceeds the {cores} CPU cores of this machine; use at most {cores}")
+        check_threads(self.threads)
         bad = [g for g in self.groups if g not in GROUPS]
         if bad:
             raise LeanfmError(f"unknown metric group '{bad[0]}'; choose from: {', '.join(GROUPS)}")
