@@ -77,11 +77,38 @@ class WeightQuantConfig(BaseConfig):
 
 @dataclass
 class RTNConfig(WeightQuantConfig):
-    """Round-to-nearest weight quantization, the calibration-free baseline (fields: see WeightQuantConfig)."""
+    """Round-to-nearest weight quantization, the calibration-free baseline.
+
+    Besides the WeightQuantConfig fields:
+
+    rounding: ``nearest`` (leanfm's grid: scale from the group's range, codes rounded half to
+    even) or ``llama.cpp`` (llama.cpp's reference quantizer for the block type the grid names:
+    4-bit symmetric groups of 32 = Q4_0, 4-bit asymmetric = Q4_1, 8-bit symmetric = Q8_0; the
+    weights are then those ``llama-quantize`` writes, bit for bit).
+    """
 
     method = "rtn"
     handler = "leanfm.methods.quantize.rtn:apply_rtn"
     bits: int = 8
+    rounding: str = "nearest"
+
+    @property
+    def fractional_zero(self) -> bool:  # Q4_1's zero point is -m/d, a float per block
+        return self.rounding == "llama.cpp" and not self.symmetric
+
+    def gguf_type(self) -> str | None:
+        """The llama.cpp block type this grid is (None if it is none)."""
+        return {(4, True): "q4_0", (4, False): "q4_1", (8, True): "q8_0"}.get((self.bits, bool(self.symmetric))) \
+            if self.group_size == 32 else None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.rounding not in ("nearest", "llama.cpp"):
+            raise LeanfmError(f"rounding '{self.rounding}' is unknown; use nearest or llama.cpp")
+        if self.rounding == "llama.cpp" and self.gguf_type() is None:
+            raise LeanfmError(
+                f"rounding: llama.cpp needs a llama.cpp block grid (group_size 32 with bits 4 symmetric = Q4_0, 4 asymmetric "
+                f"= Q4_1, or 8 symmetric = Q8_0), got bits {self.bits}, group_size {self.group_size}, symmetric {self.symmetric}")
 
 
 @dataclass
