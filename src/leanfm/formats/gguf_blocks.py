@@ -40,7 +40,7 @@ def fit_problem(qw: QuantizedWeight, qtype: str) -> str | None:
         return f"its groups are {qw.group_size} columns, {qtype} blocks are {BLOCK}"
     if qw.bits > _BITS[qtype]:
         return f"it has {qw.bits}-bit codes, {qtype} holds {_BITS[qtype]}"
-    mid = 2 ** (_BITS[qtype] - 1)
+    mid = 2 ** (qw.bits - 1)  # a symmetric grid of fewer bits sits inside the type's: codes are shifted, not rounded
     z = qw.zero.float()
     if qtype in ("q4_0", "q8_0") and not bool((z == mid).all()):  # q4_1's m = -s*z takes any zero point
         return f"it is asymmetric; {qtype} needs symmetric codes (zero point {mid})" + (
@@ -67,12 +67,13 @@ def to_blocks(qw: QuantizedWeight, qtype: str, name: str = "the layer") -> np.nd
     rows, cols = qw.codes.shape
     codes = grouped(qw.codes.to(torch.int16), BLOCK)  # [rows, blocks, 32]
     s = qw.scale.float()
-    if qtype == "q4_0":
-        parts = [_fp16(s), _nibbles(codes)]
+    mid = 2 ** (qw.bits - 1)  # the symmetric zero point of leanfm's grid
+    if qtype == "q4_0":  # d * (q - 8) with q = code - mid + 8
+        parts = [_fp16(s), _nibbles(codes - mid + 8)]
     elif qtype == "q4_1":
         parts = [_fp16(s), _fp16(0.0 - s * qw.zero.float()), _nibbles(codes)]  # 0 - x: +0.0, not -0.0, for an all-zero block
-    else:
-        parts = [_fp16(s), (codes - 128).to(torch.int8).numpy().view(np.uint8)]
+    else:  # d * q with q = code - mid as int8
+        parts = [_fp16(s), (codes - mid).to(torch.int8).numpy().view(np.uint8)]
     return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
 
