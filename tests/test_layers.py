@@ -22,7 +22,7 @@ LEVEL = {
     "errors": 0, "progress": 0, "sysinfo": 0, "_callable": 0,
     "formats": 1,
     "kernels": 2,
-    "models": 3, "data": 3,
+    "models": 3, "data": 3, "runtimes": 3,
     "methods": 4, "config": 4, "recipe": 4, "recipes": 4,
     "measure": 5, "predict": 5, "report": 5, "results": 5, "hardware": 5,
     "bench": 6, "api": 6, "outdir": 6,

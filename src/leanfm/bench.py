@@ -36,11 +36,13 @@ from .measure.cpuload import contention
 from .measure.energy import EnergyMeter
 from .measure.quality import make_windows
 from .measure.run import check_seqlen, eval_ids, flags, measure, speed_prompt, timed_metrics
+from .measure.runtime_run import RuntimeTimer, check_runtime_protocol, measure_untimed
 from .measure.speed import DecodeTimer
 from .models.load import load
 from .outdir import OutputDir
 from .predict.versus import compare, prediction_for_run
 from .recipe import Recipe, load_recipe, recipe_file_stem
+from .runtimes import check_runtime, export_for, open_session
 from .results import add_relative_metrics, new_results, write
 
 
@@ -97,6 +99,18 @@ def decode_check(model, ids: torch.Tensor, prompts: int = 3, length: int = 32, g
     return check_decode_kernel(model, torch.stack([ids[s : s + length] for s in starts]), gen=gen)
 
 
+def _file_kind(path: Path) -> str:
+    """The tensor types in a runtime file, most frequent first (``Q4_0, F32, Q8_0``)."""
+    if path.suffix != ".gguf":
+        return "exported by leanfm"
+    from collections import Counter
+
+    import gguf
+
+    counts = Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors)
+    return ", ".join(k for k, _ in counts.most_common())
+
+
 def _oom(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or "not enough memory" in str(e) or "out of memory" in str(e).lower()
 
@@ -147,10 +161,15 @@ def _noisy(run: dict, base: dict | None, threads: int) -> str | None:
 class _Timed:
     """A kept model waiting for (or under) phase-B timing."""
 
-    def __init__(self, run: dict, recipe: Recipe, model, prompt: torch.Tensor, protocol: Protocol, profile: dict):
-        self.run, self.recipe, self.model = run, recipe, model
+    def __init__(self, run: dict, recipe: Recipe, model, prompt: torch.Tensor, protocol: Protocol, profile: dict, session=None):
+        self.run, self.recipe, self.model, self.session = run, recipe, model, session
         self.meter = EnergyMeter(profile["power_w"])
-        self.timer = DecodeTimer(model, prompt, protocol.gen, self.meter)
+        self.timer = (DecodeTimer(model, prompt, protocol.gen, self.meter) if session is None
+                      else RuntimeTimer(session, prompt, protocol.gen, self.meter))
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
 
 
 def _time(entries: list[_Timed], protocol: Protocol) -> None:
@@ -168,11 +187,16 @@ def _finish(entry: _Timed, protocol: Protocol, profile: dict, config: dict, sche
     """Speed/energy metrics, the prediction next to them, status ok."""
     run, recipe = entry.run, entry.recipe
     sp = entry.timer.result()
-    m, d = timed_metrics(entry.model, sp, protocol, profile, entry.meter)
+    session = entry.session
+    m, d = timed_metrics(entry.model, sp, protocol, profile, entry.meter,
+                         weight_bytes=session.decode_weight_bytes() if session is not None else None)
     run["metrics"].update(m)
     run["details"].update(d)
     run["details"]["speed_schedule"] = schedule
-    if "speed" in protocol.groups:  # the roofline prediction next to the measurement (docs/predict.md)
+    entry.close()
+    if session is not None and "speed" in protocol.groups:  # the roofline model knows leanfm's kernels, not the runtime's
+        run["details"]["prediction"] = {"skipped": f"the predictor models leanfm's torch kernels, not {session.name}'s"}
+    elif "speed" in protocol.groups:  # the roofline prediction next to the measurement (docs/predict.md)
         pred = prediction_for_run(config, recipe, protocol.batch, protocol.prompt, protocol.gen, protocol.threads)
         run["details"]["prediction"] = pred
         if "error" in pred:  # recorded, and said: never a silent gap in the table
@@ -183,14 +207,22 @@ def _finish(entry: _Timed, protocol: Protocol, profile: dict, config: dict, sche
 
 def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol, out: str | Path,
           calib: Calibration | None = None, profile_path: str | None = None, reuse_baseline: str | Path | None = None,
-          interleave: bool = True, overwrite: bool = False, baseline_is_reference: bool = True) -> dict:
+          interleave: bool = True, overwrite: bool = False, baseline_is_reference: bool = True,
+          runtime: str = "torch", gguf_type: str = "auto") -> dict:
     """Run every recipe on ``model_name`` under ``protocol``; the baseline first (measured, or
     copied from the results.json directory ``reuse_baseline`` when model and protocol match).
     ``interleave``: time all recipes' speed repeats round by round (see the module docstring).
     ``out`` must not already hold results unless ``overwrite`` (:mod:`leanfm.outdir`).
     ``baseline_is_reference=False`` (``leanfm eval``): the first run is not the reference of
-    anything, so it gets no fidelity metrics (``top1_agreement``/``kl_to_baseline``)."""
+    anything, so it gets no fidelity metrics (``top1_agreement``/``kl_to_baseline``).
+    ``runtime``: ``torch`` (leanfm's own loop) or a runtime each recipe's model is exported to
+    and measured in (:mod:`leanfm.runtimes`; the files go to ``<out>/files/``); ``gguf_type``:
+    the GGUF type for ``llama.cpp`` (``auto``: the block type of the recipe's grid, f32 for a
+    float model)."""
     protocol.validate()
+    check_runtime(runtime)
+    if runtime != "torch":
+        check_runtime_protocol(protocol, runtime)
     recipes = order_recipes(recipe_names)
     profile = load_profile(profile_path)
     if calib is None:
@@ -198,16 +230,18 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
         calib = Calibration(n=n, seqlen=seqlen, sizing=f"scaled to max_eval_tokens={protocol.max_eval_tokens}")
     check_inputs(recipes, calib, protocol)
     with OutputDir(out, overwrite):
-        return _bench(model_name, recipes, protocol, Path(out), calib, profile, reuse_baseline, interleave, baseline_is_reference)
+        return _bench(model_name, recipes, protocol, Path(out), calib, profile, reuse_baseline, interleave, baseline_is_reference,
+                      runtime, gguf_type)
 
 
 def _bench(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path, calib: Calibration, profile: dict,
-           reuse_baseline, interleave: bool, baseline_is_reference: bool) -> dict:
+           reuse_baseline, interleave: bool, baseline_is_reference: bool, runtime: str = "torch", gguf_type: str = "auto") -> dict:
     torch.set_num_threads(protocol.threads)
     results = new_results(environment(protocol.threads, seed=recipes[0].seed), protocol.to_dict())
     results["model"] = model_name
     results["hardware_profile"] = profile
     results["environment"]["speed_schedule"] = "interleaved" if interleave else "sequential"
+    results["environment"]["runtime"] = runtime
     for r in recipes:
         r.save(out / "recipes" / f"{recipe_file_stem(r.name)}.yaml")
 
@@ -258,16 +292,31 @@ def _bench(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path
             calib_ids, run["calibration"] = recipe.calibration(calib, tok)
             apply_(model, recipe, calib=calib_ids)
             run["apply_seconds"] = round(time.perf_counter() - t0, 3)
-            check = decode_check(model, ids)  # before any measurement: a wrong kernel gets no numbers
-            res = {"metrics": {}, "details": {}, "flags": {}}
-            if "memory" in untimed:
+            session = None
+            if runtime != "torch":  # export, then measure inside the runtime (leanfm's torch kernels do not run)
+                check = None
+                t0 = time.perf_counter()
+                path = export_for(runtime, model, tok, out / "files" / recipe_file_stem(recipe.name), gguf_type)
+                run["export_seconds"] = round(time.perf_counter() - t0, 3)
+                session = open_session(runtime, path, protocol.threads, max(protocol.seqlen, protocol.prompt + protocol.gen + 1))
+                run["runtime"] = session.info()
+                # fidelity against leanfm's torch baseline; for the baseline itself that is the runtime's
+                # faithfulness to torch on the same weights
+                ref = (load(model_name)[0] if i > 0 else model) if "quality" in untimed and (i > 0 or baseline_is_reference) else None
+                res = measure_untimed(session, model, tok, dataclasses.replace(protocol, groups=untimed), ids, reference=ref)
+                del ref
+                res["flags"] = {"simulated": False, "kernel": f"{runtime} ({path.suffix[1:]}: {_file_kind(path)})"}
+            else:
+                check = decode_check(model, ids)  # before any measurement: a wrong kernel gets no numbers
+                res = {"metrics": {}, "details": {}, "flags": {}}
+            if session is None and "memory" in untimed:
                 res = measure(model, tok, dataclasses.replace(protocol, groups=("memory",)), profile=profile, ids=ids)
                 if held > 0:
                     res["details"]["peak_rss_raw_bytes"] = res["metrics"]["peak_rss_bytes"]
                     res["metrics"]["peak_rss_bytes"] -= held
                     res["details"]["peak_rss_scope"] += (f", minus {held} bytes resident in {len(kept)} other models "
                                                          "kept for interleaved timing")
-            if "quality" in untimed:
+            if session is None and "quality" in untimed:
                 ref = load(model_name)[0] if i > 0 else None
                 q = measure(model, tok, dataclasses.replace(protocol, groups=("quality",)), reference=ref, profile=profile, ids=ids)
                 del ref
@@ -281,8 +330,10 @@ def _bench(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path
                 res["details"]["decode_check"] = check
             run.update(metrics=res["metrics"], details=res["details"], flags=res["flags"],
                        status="timing" if timed else "ok")
+            if session is not None and not timed:
+                session.close()
             if timed:
-                entry = _Timed(run, recipe, model, prompt, protocol, profile)
+                entry = _Timed(run, recipe, model, prompt, protocol, profile, session)
                 room, size = mem.proc_bytes("/proc/meminfo", "MemAvailable"), mem.weight_bytes(model)
                 if interleave and (room is None or room > 3 * size):
                     if not kept:

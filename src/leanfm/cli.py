@@ -65,6 +65,21 @@ def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> Non
     g.add_argument("--hardware-profile", default=None, help="hardware profile: a built-in name (see leanfm predict --hardware) or a YAML file with the same keys as the built-in ones (name, kind, memory_gb, memory_bandwidth_gbps, peak_tflops, power_w, usd_per_hour, grid_gco2_per_kwh; default: local)")
 
 
+GGUF_TYPES = ["auto", "f32", "f16", "q8_0", "q4_0", "q4_1"]
+
+
+def _add_runtime(p: argparse.ArgumentParser) -> None:
+    from .runtimes import RUNTIMES
+
+    g = p.add_argument_group("runtime (where the model runs while it is measured)")
+    g.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                   help="torch: leanfm's own loop; llama.cpp: export each recipe's model to GGUF and measure it in llama.cpp; "
+                        "onnxruntime: export to ONNX (int4 in MatMulNBits) and measure it in ONNX Runtime; vllm: on a CUDA GPU "
+                        "(default torch)")
+    g.add_argument("--type", dest="gguf_type", choices=GGUF_TYPES, default="auto",
+                   help="with --runtime llama.cpp: the GGUF type (auto: the block type of the recipe's grid, f32 for a float model)")
+
+
 def _add_calib(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration (for methods that need it)")
     g.add_argument("--calib-dataset", default="gensim-wiki", help="calibration text (default gensim-wiki)")
@@ -180,7 +195,8 @@ def cmd_bench(a) -> int:
 
     out = Path(a.out) if a.out else default_out("bench")
     results = bench(a.model, a.recipe or DEFAULT_RECIPES, _protocol(a), out, calib=_calib(a, a.max_eval_tokens, f"scaled to --max-eval-tokens {a.max_eval_tokens or 'all'}"),
-                    profile_path=a.hardware_profile, interleave=a.interleave, overwrite=a.overwrite)
+                    profile_path=a.hardware_profile, interleave=a.interleave, overwrite=a.overwrite, runtime=a.runtime,
+                    gguf_type=a.gguf_type)
     print_table(results)
     report = write_report(results, out)
     print(f"results: {out / 'results.json'}\nreport:  {report}")
@@ -205,7 +221,7 @@ def cmd_eval(a) -> int:
     recipe = Recipe(name=label, description=f"{a.model} measured as stored (no recipe applied)")
     out = Path(a.out) if a.out else default_out("eval")
     results = bench(a.model, [recipe], _protocol(a), out, profile_path=a.hardware_profile, overwrite=a.overwrite,
-                    baseline_is_reference=False)
+                    baseline_is_reference=False, runtime=a.runtime, gguf_type=a.gguf_type)
     print_table(results)
     print(f"results: {out / 'results.json'}\nreport:  {write_report(results, out)}")
     return 0
@@ -239,6 +255,33 @@ def cmd_compress(a) -> int:
     size = sum(f.stat().st_size for f in [*out.glob("*.safetensors"), *out.glob("*.gguf")])
     print(f"saved {recipe.name} of {a.model} to {out} ({a.format}, {size / 1e6:.1f} MB of tensors)"
           + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else ""))
+    return 0
+
+
+def cmd_export(a) -> int:
+    """A checkpoint (or alias) as one file another runtime loads: GGUF for llama.cpp, ONNX for ONNX Runtime."""
+    from .api import load
+    from .runtimes import export_for
+
+    out = Path(a.out)
+    runtime = {"gguf": "llama.cpp", "onnx": "onnxruntime"}[a.format]
+    want = ".gguf" if a.format == "gguf" else ".onnx"
+    if out.suffix != want:
+        raise LeanfmError(f"--out {out} must end in {want} for --format {a.format}")
+    if out.exists() and not a.overwrite:
+        raise LeanfmError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    if a.format != "gguf" and a.gguf_type != "auto":
+        raise LeanfmError("--type applies to --format gguf only")
+    if a.format == "onnx":
+        import importlib.util
+
+        if importlib.util.find_spec("onnx") is None:
+            raise LeanfmError("ONNX export needs the onnx package; install it with: pip install 'leanfm[onnx]'")
+    model, tok = load(a.model)
+    path = export_for(runtime, model, tok, out.with_suffix(""), a.gguf_type)
+    if path != out:
+        path.replace(out)
+    print(f"exported {a.model} to {out} ({a.format}, {out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -299,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time each recipe alone right after applying it, instead of all recipes' speed repeats "
                         "interleaved round by round (which keeps every model resident)")
     _add_protocol(s)
+    _add_runtime(s)
     _add_calib(s)
     s.set_defaults(fn=cmd_bench)
 
@@ -307,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output directory (default runs/eval-<timestamp>)")
     _add_overwrite(s, "results")
     _add_protocol(s)
+    _add_runtime(s)
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("compress", help="apply a recipe and save a checkpoint (packed quantized layers reload without calibration)")
@@ -327,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "$LEANFM_CACHE/data (default ~/.cache/leanfm/data) is searched after")
     _add_calib(s)
     s.set_defaults(fn=cmd_compress)
+
+    s = sub.add_parser("export", help="write a checkpoint (or model alias) as a GGUF for llama.cpp or an ONNX decoder for ONNX Runtime")
+    s.add_argument("model", metavar="CKPT", help="checkpoint directory (from leanfm compress), alias or local HF directory")
+    s.add_argument("--format", choices=["gguf", "onnx"], required=True,
+                   help="gguf: llama.cpp (packed layers keep their codes in Q4_0/Q4_1/Q8_0 blocks); onnx: a decoder with KV cache, "
+                        "int4/int8 layers in MatMulNBits")
+    s.add_argument("--type", dest="gguf_type", choices=GGUF_TYPES, default="auto",
+                   help="with --format gguf: the GGUF type (auto: the block type of the packed layers' grid, f32 for a float model)")
+    s.add_argument("--out", required=True, help="the file to write (.gguf or .onnx; written under a temporary name, then renamed)")
+    _add_overwrite(s, "file")
+    s.set_defaults(fn=cmd_export)
 
     from .predict import cli_predict
 

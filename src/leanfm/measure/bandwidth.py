@@ -34,9 +34,13 @@ def decode_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def roofline_metrics(model: nn.Module, tokens_per_s: float, batch: int, flops_per_token: float, kv_bytes_mean: float, profile: dict) -> dict:
+def roofline_metrics(model: nn.Module, tokens_per_s: float, batch: int, flops_per_token: float, kv_bytes_mean: float, profile: dict,
+                     weight_bytes: int | None = None) -> dict:
     """``achieved_gbps``, ``roofline_fraction`` and ``decode_bytes_per_step`` of a decode step
-    measured at ``tokens_per_s`` (``{}`` without a speed or without the profile's rates)."""
+    measured at ``tokens_per_s`` (``{}`` without a speed or without the profile's rates).
+    ``weight_bytes``: the bytes a step reads from weights when they are not ``model``'s own (a
+    runtime's file); default: every linear-like layer's stored tensors."""
     if not tokens_per_s:
         return {}
-    return measured_step(batch / tokens_per_s, decode_weight_bytes(model) + kv_bytes_mean, batch * flops_per_token, profile)
+    wb = decode_weight_bytes(model) if weight_bytes is None else weight_bytes
+    return measured_step(batch / tokens_per_s, wb + kv_bytes_mean, batch * flops_per_token, profile)

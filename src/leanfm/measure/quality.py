@@ -40,8 +40,12 @@ def make_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos_id:
 
 
 def _scored_logits(model, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at scored positions ``[T, V]`` and the target ids ``[T]`` for one window."""
-    logits = model(input_ids=window[None], use_cache=False).logits[0].float()
+    """Logits at scored positions ``[T, V]`` and the target ids ``[T]`` for one window (``model``:
+    a torch model, or a runtime session, :class:`leanfm.runtimes.base.RuntimeSession`)."""
+    if hasattr(model, "window_logits"):  # the runtime's own forward (llama.cpp, ONNX Runtime, ...)
+        logits = torch.from_numpy(model.window_logits(window.tolist())).float()
+    else:
+        logits = model(input_ids=window[None], use_cache=False).logits[0].float()
     # Position i predicts token i+1. With a BOS prefix, every text token is a target.
     return logits[:-1], window[1:]
 

@@ -73,8 +73,9 @@ def speed_prompt(ids: torch.Tensor, protocol: Protocol) -> torch.Tensor:
     return src[:need].view(protocol.batch, protocol.prompt)
 
 
-def timed_metrics(model, sp: dict, protocol: Protocol, profile: dict, meter) -> tuple[dict, dict]:
-    """Metrics of the ``speed`` / ``energy`` groups from a timing result (:class:`.speed.DecodeTimer`)."""
+def timed_metrics(model, sp: dict, protocol: Protocol, profile: dict, meter, weight_bytes: int | None = None) -> tuple[dict, dict]:
+    """Metrics of the ``speed`` / ``energy`` groups from a timing result (:class:`.speed.DecodeTimer`,
+    or :class:`.runtime_run.RuntimeTimer` with the runtime file's ``weight_bytes`` read per step)."""
     groups = set(protocol.groups)
     metrics, details = {}, {}
     context = protocol.prompt + (protocol.gen + 1) / 2
@@ -83,7 +84,8 @@ def timed_metrics(model, sp: dict, protocol: Protocol, profile: dict, meter) -> 
         details.update(sp["details"])
         metrics["flops_per_token"] = flops_per_token(model, context)
         kv_mean = mem.tensor_bytes(sp["cache"]) * context / (protocol.prompt + protocol.gen)
-        roof = roofline_metrics(model, metrics["decode_tokens_per_s"], protocol.batch, metrics["flops_per_token"], kv_mean, profile)
+        roof = roofline_metrics(model, metrics["decode_tokens_per_s"], protocol.batch, metrics["flops_per_token"], kv_mean, profile,
+                                weight_bytes=weight_bytes)
         details["decode_bytes_per_step"] = roof.pop("decode_bytes_per_step", None)
         metrics.update(roof)
     if "energy" in groups:

@@ -114,7 +114,7 @@ def gguf_type_for(qlayers: dict) -> str:
     return "q4_0" if sym else "q4_1"
 
 
-def _source_gguf(model: nn.Module, workdir: Path) -> Path | None:
+def source_gguf(model: nn.Module, workdir: Path) -> Path | None:
     """The GGUF a packaged model was converted from (its tokenizer metadata is copied)."""
     info = getattr(model, "leanfm_info", {})
     if info.get("source") != "packaged":
@@ -130,7 +130,7 @@ def _write(model: nn.Module, out: Path, tokenizer, fmt: str, qlayers, gguf_type:
         from .gguf_export import export_gguf
 
         qtype = gguf_type_for(qlayers) if gguf_type == "auto" else gguf_type
-        export_gguf(model, tokenizer, out / "model.gguf", qtype, source_gguf=_source_gguf(model, out))
+        export_gguf(model, tokenizer, out / "model.gguf", qtype, source_gguf=source_gguf(model, out))
         shutil.rmtree(out / ".source", ignore_errors=True)
         return
     if fmt == "compressed-tensors":

@@ -1,0 +1,77 @@
+"""Inference runtimes leanfm measures a compressed model in, besides its own torch path.
+
+``torch`` is leanfm's eager PyTorch loop (no file); the others load a file leanfm exports:
+``llama.cpp`` a GGUF (:mod:`.llamacpp`), ``onnxruntime`` an ONNX decoder with KV cache
+(:mod:`.onnxrt`). ``vllm`` needs a CUDA GPU and vLLM. Each is an optional install; a missing
+one is refused in one line naming the install command.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from ..errors import LeanfmError
+
+RUNTIMES = ("torch", "llama.cpp", "onnxruntime", "vllm")
+_INSTALL = {
+    "llama.cpp": ("llama_cpp", "pip install 'leanfm[llamacpp]'  (compiles llama.cpp from source: about 8-15 minutes on 2 cores)"),
+    "onnxruntime": ("onnxruntime", "pip install 'leanfm[onnx]'"),
+    "vllm": ("vllm", "pip install 'leanfm[vllm]'  (needs a CUDA GPU)"),
+}
+EXTENSION = {"llama.cpp": ".gguf", "onnxruntime": ".onnx"}
+
+
+def check_runtime(name: str) -> None:
+    """Refuse, in one line, a runtime leanfm does not know, one not installed, or one this machine cannot run."""
+    if name not in RUNTIMES:
+        raise LeanfmError(f"unknown runtime '{name}'; use one of: {', '.join(RUNTIMES)}")
+    if name == "torch":
+        return
+    module, install = _INSTALL[name]
+    if name == "vllm":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LeanfmError("--runtime vllm needs a CUDA GPU, and this machine has none; use --runtime torch, llama.cpp or onnxruntime")
+    if importlib.util.find_spec(module) is None:
+        raise LeanfmError(f"{name} is not installed; install it with: {install}")
+
+
+def export_for(name: str, model, tokenizer, dest: Path, gguf_type: str = "auto") -> Path:
+    """Write ``model`` as the file runtime ``name`` loads, at ``dest`` (its extension added);
+    a float model goes to llama.cpp as f32 (the same weights as leanfm's fp32 baseline)."""
+    from ..kernels.checkpoint import quantized_layers
+
+    path = dest.with_suffix(EXTENSION[name]) if name in EXTENSION else dest
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if name == "llama.cpp":
+        from ..models.checkpoint import gguf_type_for, source_gguf
+        from ..models.gguf_export import export_gguf
+
+        qlayers = quantized_layers(model)
+        qtype = gguf_type if gguf_type != "auto" else (gguf_type_for(qlayers) if qlayers else "f32")
+        import shutil
+
+        try:
+            return export_gguf(model, tokenizer, path, qtype, source_gguf=source_gguf(model, path.parent))
+        finally:
+            shutil.rmtree(path.parent / ".source", ignore_errors=True)
+    if name == "onnxruntime":
+        from ..models.onnx_export import export_onnx
+
+        return export_onnx(model, path)
+    raise LeanfmError(f"leanfm has no file export for the runtime {name}")
+
+
+def open_session(name: str, path: Path, threads: int, n_ctx: int):
+    """A :class:`.base.RuntimeSession` of ``path`` in runtime ``name``."""
+    check_runtime(name)
+    if name == "llama.cpp":
+        from .llamacpp import LlamaCppSession
+
+        return LlamaCppSession(path, threads, n_ctx)
+    if name == "onnxruntime":
+        from .onnxrt import OnnxRuntimeSession
+
+        return OnnxRuntimeSession(path, threads, n_ctx)
+    raise LeanfmError(f"--runtime {name} has no measurement session in leanfm yet")

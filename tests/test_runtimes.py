@@ -1,0 +1,104 @@
+"""``--runtime``: the same schema measured inside llama.cpp (ONNX Runtime: tests/test_onnx_export.py),
+``leanfm export``, and the refusals (runtime unknown, not installed, not runnable here)."""
+import json
+
+import pytest
+
+from leanfm import cli
+from leanfm.errors import LeanfmError
+from leanfm.runtimes import check_runtime
+
+FAST = ["--seqlen", "64", "--max-eval-tokens", "256", "--prompt", "16", "--gen", "4", "--repeats", "2", "--warmup", "0", "--threads", "1"]
+
+
+def run_cli(args, capsys):
+    code = cli.main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bench_in_llama_cpp_measures_the_exported_files(tiny_model_dir, tiny_text, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / "b"
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--recipe", "rtn-q4_0",
+                            "--runtime", "llama.cpp", "--out", str(out), *FAST], capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    assert res["environment"]["runtime"] == "llama.cpp"
+    base, q = res["runs"]
+    for run, kind in ((base, "F32"), (q, "Q4_0")):
+        assert run["status"] == "ok"
+        assert run["runtime"]["runtime"] == "llama.cpp" and run["runtime"]["runtime_version"].startswith("llama-cpp-python")
+        assert run["flags"]["kernel"].startswith(f"llama.cpp (gguf: {kind}") and run["flags"]["simulated"] is False
+        assert run["metrics"]["weight_bytes"] == run["runtime"]["file_bytes"] == (out / "files" / (run["recipe"]["name"] + ".gguf")).stat().st_size
+        assert run["metrics"]["decode_tokens_per_s"] > 0 and run["metrics"]["perplexity"] > 1
+        assert run["details"]["quality_logits"].startswith("llama.cpp")
+    # the baseline's fidelity is llama.cpp's f32 against leanfm's torch fp32 on the same weights
+    assert base["metrics"]["top1_agreement"] >= 0.99
+    assert q["metrics"]["weight_bytes"] < 0.4 * base["metrics"]["weight_bytes"]
+
+
+def test_eval_in_llama_cpp_equals_torch_on_the_same_weights(tiny_model_dir, tiny_text, tmp_path, capsys):
+    """Faithful runtime: llama.cpp's perplexity of the f32 export equals leanfm's torch perplexity
+    of the same weights within 0.5%."""
+    pytest.importorskip("llama_cpp")
+    args = ["eval", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--metrics", "quality", *FAST]
+    assert run_cli(args + ["--out", str(tmp_path / "t")], capsys)[0] == 0
+    assert run_cli(args + ["--out", str(tmp_path / "l"), "--runtime", "llama.cpp"], capsys)[0] == 0
+    ppl = [json.loads((tmp_path / d / "results.json").read_text())["runs"][0]["metrics"]["perplexity"] for d in ("t", "l")]
+    assert abs(ppl[1] / ppl[0] - 1) < 0.005, ppl
+
+
+def test_export_writes_a_gguf_llama_cpp_loads_and_refuses_to_overwrite(tiny_model_dir, tiny_text, tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    ck = tmp_path / "ck"
+    assert run_cli(["compress", "--model", str(tiny_model_dir), "--recipe", "rtn-q4_0", "--out", str(ck), "--threads", "1"], capsys)[0] == 0
+    out = tmp_path / "m.gguf"
+    code, stdout, err = run_cli(["export", str(ck), "--format", "gguf", "--out", str(out)], capsys)
+    assert code == 0, err
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.0.attn_norm.weight"] == "F32"
+    code, _, err = run_cli(["export", str(ck), "--format", "gguf", "--out", str(out)], capsys)
+    assert code == 2 and "already exists" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["export", str(ck), "--format", "gguf", "--out", str(tmp_path / "m.bin")], capsys)
+    assert code == 2 and "must end in .gguf" in err
+    code, _, err = run_cli(["export", str(ck), "--format", "gguf", "--type", "f16", "--out", str(tmp_path / "x.gguf")], capsys)
+    assert code == 2 and "packed 4-bit weights" in err and "q4_0" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
+def test_runtime_refusals(monkeypatch):
+    import importlib.util
+
+    import torch
+
+    with pytest.raises(LeanfmError, match="unknown runtime 'tensorrt'"):
+        check_runtime("tensorrt")
+    if not torch.cuda.is_available():
+        with pytest.raises(LeanfmError, match="needs a CUDA GPU"):
+            check_runtime("vllm")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("llama_cpp", "onnxruntime") else real(name, *a))
+    with pytest.raises(LeanfmError, match=r"llama.cpp is not installed; install it with: pip install 'leanfm\[llamacpp\]'"):
+        check_runtime("llama.cpp")
+    with pytest.raises(LeanfmError, match=r"pip install 'leanfm\[onnx\]'"):
+        check_runtime("onnxruntime")
+
+
+def test_bench_runtime_refusals_are_one_line(tiny_model_dir, tiny_text, tmp_path, capsys):
+    import torch
+
+    base = ["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), *FAST]
+    if importlib_has("llama_cpp"):
+        code, _, err = run_cli(base + ["--runtime", "llama.cpp", "--batch", "2", "--out", str(tmp_path / "a")], capsys)
+        assert code == 2 and "--batch 1" in err and len(err.strip().splitlines()) == 1
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(base + ["--runtime", "vllm", "--out", str(tmp_path / "b")], capsys)
+        assert code == 2 and "needs a CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b" / "results.json").exists()
+
+
+def importlib_has(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
