@@ -28,10 +28,18 @@ $(STAMP): pyproject.toml Makefile
 	$(LINK_DATA)
 	touch $(STAMP)
 
+# The tests also exercise the CPU runtimes leanfm measures in (llama.cpp, ONNX Runtime): installed
+# here, not by `make run`, because llama-cpp-python compiles llama.cpp (8-15 min on 2 cores, once).
+TEST_STAMP := $(VENV)/.leanfm-test-extras
+$(TEST_STAMP): $(STAMP)
+	@echo "installing the test extras (llama-cpp-python compiles llama.cpp from source the first time: 8-15 minutes on 2 cores)"
+	$(PIP) install -q -e '.[dev,llamacpp,onnx]'
+	touch $(TEST_STAMP)
+
 run: setup
 	$(VENV)/bin/leanfm bench
 
-test: setup
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
 clean:
