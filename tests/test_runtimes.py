@@ -102,3 +102,41 @@ def importlib_has(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
+
+
+def test_bench_in_bf16_records_the_dtype(tiny_model_dir, tiny_text, tmp_path, capsys):
+    out = tmp_path / "bf"
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--dtype", "bf16",
+                            "--recipe", "baseline", "--recipe", "wanda50", "--out", str(out), *FAST], capsys)
+    assert code == 0, err
+    res = json.loads((out / "results.json").read_text())
+    run = res["runs"][0]
+    assert res["environment"]["torch_device"]["dtype"] == "bf16" and run["flags"]["kernel"] == "torch-dense-bf16"
+    assert res["protocol"]["dtype"] == "bf16"
+    # bf16 weights are half the fp32 bytes
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--metrics", "memory",
+                            "--recipe", "baseline", "--out", str(tmp_path / "fp"), *FAST], capsys)
+    fp = json.loads((tmp_path / "fp" / "results.json").read_text())["runs"][0]["metrics"]["weight_bytes"]
+    assert run["metrics"]["weight_bytes"] == fp // 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--device", "cuda"], "--device cuda: torch sees no GPU"),
+    (["--dtype", "fp16"], "--dtype fp16: this CPU has no fp16 arithmetic"),
+    (["--recipe", "rtn-w4", "--dtype", "bf16"], "recipe rtn-w4 packs int weights"),
+    (["--runtime", "llama.cpp", "--dtype", "bf16"], "--device/--dtype choose where the torch runtime runs"),
+])
+def test_device_and_dtype_refusals_are_one_line(tiny_model_dir, tiny_text, tmp_path, capsys, args, needle):
+    import torch
+
+    from leanfm.sysinfo import cpu_flags
+
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if "fp16" in args and cpu_flags() & {"avx512_fp16", "amx_fp16"}:
+        pytest.skip("this CPU computes in fp16")
+    if "llama.cpp" in args and not importlib_has("llama_cpp"):
+        pytest.skip("llama.cpp not installed")
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--out", str(tmp_path / "x"),
+                            *FAST, *args], capsys)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err

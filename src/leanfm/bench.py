@@ -38,6 +38,7 @@ from .measure.quality import make_windows
 from .measure.run import check_seqlen, eval_ids, flags, measure, speed_prompt, timed_metrics
 from .measure.runtime_run import RuntimeTimer, check_runtime_protocol, measure_untimed
 from .measure.speed import DecodeTimer
+from .models.device import describe as describe_device, place
 from .models.load import load
 from .outdir import OutputDir
 from .predict.versus import compare, prediction_for_run
@@ -220,10 +221,20 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
     the GGUF type for ``llama.cpp`` (``auto``: the block type of the recipe's grid, f32 for a
     float model)."""
     protocol.validate()
+    recipes = order_recipes(recipe_names)
     check_runtime(runtime)
     if runtime != "torch":
         check_runtime_protocol(protocol, runtime)
-    recipes = order_recipes(recipe_names)
+        if (protocol.device, protocol.dtype) != ("cpu", "fp32"):
+            raise LeanfmError(f"--device/--dtype choose where the torch runtime runs; --runtime {runtime} runs its own file "
+                              "(drop --device/--dtype, or use --runtime torch)")
+    if (protocol.device, protocol.dtype) != ("cpu", "fp32"):  # before any work: packed layers are fp32-activation CPU kernels
+        packing = [r.name for r in recipes for st in r.steps
+                   if getattr(st, "produces", "") == "int-weights" and getattr(st, "backend", "fake") != "fake"]
+        if packing:
+            what = "--device cuda" if protocol.device == "cuda" else f"--dtype {protocol.dtype}"
+            raise LeanfmError(f"{what}: recipe {packing[0]} packs int weights for leanfm's CPU kernels, which choose their own "
+                              "activation dtype; bench it with the defaults (--device cpu --dtype fp32), or on a GPU with --runtime vllm")
     profile = load_profile(profile_path)
     if calib is None:
         n, seqlen = auto_calibration_size(protocol.max_eval_tokens)
@@ -242,6 +253,7 @@ def _bench(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path
     results["hardware_profile"] = profile
     results["environment"]["speed_schedule"] = "interleaved" if interleave else "sequential"
     results["environment"]["runtime"] = runtime
+    results["environment"]["torch_device"] = describe_device(protocol.device, protocol.dtype)
     for r in recipes:
         r.save(out / "recipes" / f"{recipe_file_stem(r.name)}.yaml")
 
@@ -308,6 +320,7 @@ def _bench(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path
                 res["flags"] = {"simulated": False, "kernel": f"{runtime} ({path.suffix[1:]}: {_file_kind(path)})"}
             else:
                 check = decode_check(model, ids)  # before any measurement: a wrong kernel gets no numbers
+                place(model, protocol.device, protocol.dtype)  # methods ran on the CPU in fp32; measured where asked
                 res = {"metrics": {}, "details": {}, "flags": {}}
             if session is None and "memory" in untimed:
                 res = measure(model, tok, dataclasses.replace(protocol, groups=("memory",)), profile=profile, ids=ids)
@@ -317,7 +330,7 @@ def _bench(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path
                     res["details"]["peak_rss_scope"] += (f", minus {held} bytes resident in {len(kept)} other models "
                                                          "kept for interleaved timing")
             if session is None and "quality" in untimed:
-                ref = load(model_name)[0] if i > 0 else None
+                ref = place(load(model_name)[0], protocol.device, protocol.dtype) if i > 0 else None
                 q = measure(model, tok, dataclasses.replace(protocol, groups=("quality",)), reference=ref, profile=profile, ids=ids)
                 del ref
                 res["metrics"].update(q["metrics"])

@@ -62,6 +62,10 @@ def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> Non
     g.add_argument("--repeats", type=int, default=10, help="recorded speed repeats (default 10)")
     g.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up repeats (default 1)")
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, pinned (default: all cores)")
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="torch runtime: where the model is measured (methods and calibration run on the CPU in fp32; default cpu)")
+    g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="torch runtime: the float dtype the model is measured in (default fp32); refused where the device lacks it")
     g.add_argument("--hardware-profile", default=None, help="hardware profile: a built-in name (see leanfm predict --hardware) or a YAML file with the same keys as the built-in ones (name, kind, memory_gb, memory_bandwidth_gbps, peak_tflops, power_w, usd_per_hour, grid_gco2_per_kwh; default: local)")
 
 
@@ -95,7 +99,7 @@ def _protocol(a):
     return Protocol(dataset=a.dataset, split=a.split, data_dir=a.data_dir, seqlen=a.seqlen, max_eval_tokens=a.max_eval_tokens,
                     max_fidelity_tokens=a.max_fidelity_tokens,
                     batch=a.batch, prompt=a.prompt, gen=a.gen, repeats=a.repeats, warmup=a.warmup, threads=a.threads,
-                    groups=tuple(a.metrics) if a.metrics else GROUPS)
+                    groups=tuple(a.metrics) if a.metrics else GROUPS, device=a.device, dtype=a.dtype)
 
 
 def _calib(a, job_tokens: int | None, why: str):

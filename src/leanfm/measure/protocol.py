@@ -40,6 +40,8 @@ class Protocol:
     warmup: int = 1
     threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))  # 2, or fewer cores where fewer exist
     groups: tuple[str, ...] = GROUPS
+    device: str = "cpu"  # torch runtime: cpu | cuda (leanfm.models.device)
+    dtype: str = "fp32"  # torch runtime: fp32 | bf16 | fp16
 
     def validate(self) -> None:
         if isinstance(self.groups, str) or not all(isinstance(g, str) for g in self.groups):
@@ -69,6 +71,9 @@ class Protocol:
             raise LeanfmError(f"--max-eval-tokens must be positive (got {self.max_eval_tokens})")
         if self.warmup < 0:
             raise LeanfmError("--warmup must be 0 or more")
+        from ..models.device import check_device
+
+        check_device(self.device, self.dtype)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -45,7 +45,7 @@ def _scored_logits(model, window: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     if hasattr(model, "window_logits"):  # the runtime's own forward (llama.cpp, ONNX Runtime, ...)
         logits = torch.from_numpy(model.window_logits(window.tolist())).float()
     else:
-        logits = model(input_ids=window[None], use_cache=False).logits[0].float()
+        logits = model(input_ids=window[None].to(getattr(model, "device", "cpu")), use_cache=False).logits[0].float().cpu()
     # Position i predicts token i+1. With a BOS prefix, every text token is a target.
     return logits[:-1], window[1:]
 

@@ -59,9 +59,12 @@ def flags(model) -> dict:
     """``simulated`` and ``kernel`` from the steps applied to the model."""
     steps = getattr(model, "leanfm_info", {}).get("steps", [])
     kernels = [s["kernel"] for s in steps if s.get("kernel")]
+    p = next(model.parameters(), None)
+    dense = "torch-dense-" + {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(getattr(p, "dtype", None), "fp32") + (
+        " (cuda)" if p is not None and p.is_cuda else "")
     return {
         "simulated": any(s.get("simulated") for s in steps),
-        "kernel": kernels[-1] if kernels else "torch-dense-fp32",
+        "kernel": kernels[-1] if kernels else dense,
     }
 
 

@@ -75,7 +75,8 @@ class DecodeTimer:
     """
 
     def __init__(self, model, prompt_ids: torch.Tensor, gen: int, meter=None):
-        self.model, self.prompt_ids, self.gen, self.meter = model, prompt_ids, gen, meter
+        self.model, self.gen, self.meter = model, gen, meter
+        self.prompt_ids = prompt_ids.to(getattr(model, "device", prompt_ids.device))
         self.policy = getattr(model, "leanfm_decoder", None)
         if self.policy is not None:
             from .decoding import check_policy_batch
