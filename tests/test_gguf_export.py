@@ -82,11 +82,52 @@ def test_grids_that_do_not_fit_are_refused(tmp_path, step, qtype, needle):
 
 
 def test_unknown_architecture_is_refused(tmp_path):
-    from tests.conftest import tiny_gemma3
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    m = tiny_gemma3()
-    with pytest.raises(LeanfmError, match="does not know the architecture 'gemma3_text'"):
+    m = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=64)).eval()
+    with pytest.raises(LeanfmError) as e:
         export_gguf(m, tiny_tokenizer(), tmp_path / "g.gguf", "f32")
+    assert str(e.value) == "the GGUF writer does not know the architecture 'gpt2'; it writes: llama, qwen2, gemma3"
+    assert not (tmp_path / "g.gguf").exists()
+
+
+def types(path):
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+@pytest.mark.parametrize("qtype,tie,embd,head,linear", [
+    ("q4_0", True, "Q8_0", None, "Q4_0"),  # tied: the embedding is the head, Q8_0 as llama.cpp's quantizer writes it
+    ("q4_1", True, "Q8_0", None, "Q4_1"),
+    ("q8_0", True, "Q8_0", None, "Q8_0"),
+    ("q4_0", False, "Q4_0", "Q8_0", "Q4_0"),  # untied: the embedding in the file type, the head Q8_0
+    ("q4_1", False, "Q4_1", "Q8_0", "Q4_1"),
+    ("f16", False, "F16", "F16", "F16"),
+    ("f32", True, "F32", None, "F32"),
+])
+def test_float_tensors_are_typed_as_llama_cpps_quantizer_types_them(tmp_path, qtype, tie, embd, head, linear):
+    m, tok = tiny(tie=tie)
+    t = types(export_gguf(m, tok, tmp_path / "m.gguf", qtype))
+    assert t["token_embd.weight"] == embd and t.get("output.weight") == head
+    assert {t[f"blk.{i}.{n}.weight"] for i in range(2) for n in LINEARS} == {linear}
+    assert {v for k, v in t.items() if "norm" in k} == {"F32"}
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_an_explicit_float_type_overrides_all_but_norms(tmp_path, tie):
+    m, tok = tiny(tie=tie)
+    t = types(export_gguf(m, tok, tmp_path / "m.gguf", "q4_0", float_type="f16"))
+    assert {v for k, v in t.items() if "norm" not in k} == {"F16"}
+    assert {v for k, v in t.items() if "norm" in k} == {"F32"}
+
+
+def test_packed_layers_beside_a_tied_head_in_q8_0(tmp_path):
+    m, tok = tiny({"method": "rtn", "bits": 4, "group_size": 32, "symmetric": True}, tie=True)
+    t = types(export_gguf(m, tok, tmp_path / "m.gguf", "q4_0"))
+    assert t["token_embd.weight"] == "Q8_0" and "output.weight" not in t
+    assert {t[f"blk.{i}.{n}.weight"] for i in range(2) for n in LINEARS} == {"Q4_0"}
 
 
 @pytest.mark.parametrize("qtype", ["f32", "q8_0"])
