@@ -140,3 +140,31 @@ def test_device_and_dtype_refusals_are_one_line(tiny_model_dir, tiny_text, tmp_p
     code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--out", str(tmp_path / "x"),
                             *FAST, *args], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_in_onnxruntime_measures_the_onnx_export(tiny_model_dir, tiny_text, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    out = tmp_path / "o"
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--recipe", "rtn-q4_0",
+                            "--runtime", "onnxruntime", "--out", str(out), *FAST], capsys)
+    assert code == 0, err
+    base, q = json.loads((out / "results.json").read_text())["runs"]
+    for run in (base, q):
+        assert run["status"] == "ok" and run["runtime"]["runtime"] == "onnxruntime"
+        assert run["flags"]["kernel"].startswith("onnxruntime (onnx") and run["metrics"]["decode_tokens_per_s"] > 0
+        assert run["metrics"]["weight_bytes"] == (out / "files" / (run["recipe"]["name"] + ".onnx")).stat().st_size
+    assert base["metrics"]["top1_agreement"] >= 0.99  # ONNX Runtime's fp32 graph against leanfm's torch forward
+    assert q["metrics"]["weight_bytes"] < 0.5 * base["metrics"]["weight_bytes"]
+
+
+@pytest.mark.parametrize("runtime,extra", [("llama.cpp", "llamacpp"), ("onnxruntime", "onnx")])
+def test_a_runtime_not_installed_is_one_line_naming_the_install(tiny_model_dir, tiny_text, tmp_path, capsys, monkeypatch, runtime, extra):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("llama_cpp", "onnxruntime") else real(name, *a))
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--runtime", runtime,
+                            "--out", str(tmp_path / "x"), *FAST], capsys)
+    assert code == 2 and f"pip install 'leanfm[{extra}]'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x" / "results.json").exists()
