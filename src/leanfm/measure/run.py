@@ -97,6 +97,22 @@ def timed_metrics(model, sp: dict, protocol: Protocol, profile: dict, meter, wei
     return metrics, details
 
 
+def quality_group(scorer, model, tok, protocol: Protocol, ids: torch.Tensor, reference=None) -> tuple[dict, dict]:
+    """The quality group: perplexity (and fidelity to ``reference``) of ``scorer`` — ``model``
+    itself, or a runtime session running its export — on the protocol's windows; ``model``
+    decides whether a window starts with BOS."""
+    bos = tok.bos_token_id if needs_bos(model) else None
+    if needs_bos(model) and bos is None:
+        raise LeanfmError("this model needs a BOS token per window but its tokenizer defines none")
+    windows = make_windows(ids, protocol.seqlen, protocol.max_eval_tokens, bos)
+    fw = None if protocol.max_fidelity_tokens is None else max(1, protocol.max_fidelity_tokens // windows.shape[1])
+    q = evaluate(scorer, windows, reference=reference, fidelity_windows=fw)
+    details = {"eval_windows": q.pop("eval_windows"), "nll_per_token": q.pop("nll_per_token"), "bos_per_window": bos is not None}
+    if "fidelity_tokens" in q:
+        details["fidelity_tokens"] = q.pop("fidelity_tokens")
+    return q, details
+
+
 def measure(model, tok, protocol: Protocol | None = None, reference=None, profile: dict | None = None,
             ids: torch.Tensor | None = None, **settings) -> dict:
     """Measure ``model`` under ``protocol``; returns ``{"metrics", "details", "flags"}``.
@@ -139,16 +155,7 @@ def measure(model, tok, protocol: Protocol | None = None, reference=None, profil
             details.update(quantized_linear_bytes=packed, quantized_linear_fp32_bytes=fp32, linear_bytes_ratio=packed / fp32)
         metrics["model_size_on_disk_bytes"] = mem.model_size_on_disk_bytes(model)
     if "quality" in groups:
-        bos = tok.bos_token_id if needs_bos(model) else None
-        if needs_bos(model) and bos is None:
-            raise LeanfmError("this model needs a BOS token per window but its tokenizer defines none")
-        windows = make_windows(ids, protocol.seqlen, protocol.max_eval_tokens, bos)
-        fw = None if protocol.max_fidelity_tokens is None else max(1, protocol.max_fidelity_tokens // windows.shape[1])
-        q = evaluate(model, windows, reference=reference, fidelity_windows=fw)
-        details["eval_windows"] = q.pop("eval_windows")
-        if "fidelity_tokens" in q:
-            details["fidelity_tokens"] = q.pop("fidelity_tokens")
-        details["nll_per_token"] = q.pop("nll_per_token")
-        details["bos_per_window"] = bos is not None
-        metrics.update(q)
+        m, d = quality_group(model, model, tok, protocol, ids, reference)
+        metrics.update(m)
+        details.update(d)
     return {"metrics": metrics, "details": details, "flags": flags(model)}

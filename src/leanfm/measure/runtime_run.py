@@ -105,10 +105,8 @@ class RuntimeTimer:
 def measure_untimed(session, model, tok, protocol, ids: torch.Tensor, reference=None) -> dict:
     """Memory and quality groups of ``protocol`` inside ``session`` (``model``: the torch model the
     file was exported from, for its BOS rule). Returns ``{"metrics", "details"}``."""
-    from ..models.family import needs_bos
     from . import memory as mem
-    from .quality import evaluate, make_windows
-    from .run import speed_prompt
+    from .run import quality_group, speed_prompt
 
     metrics, details = {}, {"runtime": session.info()}
     groups = set(protocol.groups)
@@ -123,15 +121,7 @@ def measure_untimed(session, model, tok, protocol, ids: torch.Tensor, reference=
         metrics["peak_rss_bytes"] = peak.bytes
         details["peak_rss_scope"] = f"{peak.scope} (this process: leanfm's Python and torch plus {session.name} holding the file)"
     if "quality" in groups:
-        bos = tok.bos_token_id if needs_bos(model) else None
-        windows = make_windows(ids, protocol.seqlen, protocol.max_eval_tokens, bos)
-        fw = None if protocol.max_fidelity_tokens is None else max(1, protocol.max_fidelity_tokens // windows.shape[1])
-        q = evaluate(session, windows, reference=reference, fidelity_windows=fw)
-        details["eval_windows"] = q.pop("eval_windows")
-        if "fidelity_tokens" in q:
-            details["fidelity_tokens"] = q.pop("fidelity_tokens")
-        details["nll_per_token"] = q.pop("nll_per_token")
-        details["bos_per_window"] = bos is not None
-        details["quality_logits"] = f"{session.name}'s own logits, one fresh context per window"
+        q, d = quality_group(session, model, tok, protocol, ids, reference)
+        details.update(d, quality_logits=f"{session.name}'s own logits, one fresh context per window")
         metrics.update(q)
     return {"metrics": metrics, "details": details}
