@@ -168,3 +168,16 @@ def test_a_runtime_not_installed_is_one_line_naming_the_install(tiny_model_dir, 
                             "--out", str(tmp_path / "x"), *FAST], capsys)
     assert code == 2 and f"pip install 'leanfm[{extra}]'" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x" / "results.json").exists()
+
+
+def test_export_writes_an_onnx_decoder_with_matmulnbits(tiny_model_dir, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    ck = tmp_path / "ck"
+    assert run_cli(["compress", "--model", str(tiny_model_dir), "--recipe", "rtn-q4_0", "--out", str(ck), "--threads", "1"], capsys)[0] == 0
+    out = tmp_path / "m.onnx"
+    code, _, err = run_cli(["export", str(ck), "--format", "onnx", "--out", str(out)], capsys)
+    assert code == 0, err
+    ops = [n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node]
+    assert ops.count("MatMulNBits") >= 2 * 2  # fused q/k/v, o, fused gate/up, down per layer (2 layers)
+    code, _, err = run_cli(["export", str(ck), "--format", "onnx", "--type", "q4_0", "--out", str(tmp_path / "n.onnx")], capsys)
+    assert code == 2 and "--type applies to --format gguf only" in err
