@@ -181,3 +181,17 @@ def test_export_writes_an_onnx_decoder_with_matmulnbits(tiny_model_dir, tmp_path
     assert ops.count("MatMulNBits") >= 2 * 2  # fused q/k/v, o, fused gate/up, down per layer (2 layers)
     code, _, err = run_cli(["export", str(ck), "--format", "onnx", "--type", "q4_0", "--out", str(tmp_path / "n.onnx")], capsys)
     assert code == 2 and "--type applies to --format gguf only" in err
+
+
+@pytest.mark.parametrize("recipe,needle", [
+    ("rtn-w4g64", "groups are 64 columns, llama.cpp's blocks are 32"),
+    ("streamingllm512", "policy runs in leanfm's decode loop"),
+    ("svd70", "not svd's two factors"),
+    ("smoothquant-w8a8", "quantizes activations"),
+])
+def test_a_recipe_the_runtime_cannot_run_is_refused_before_any_work(tiny_model_dir, tiny_text, tmp_path, capsys, recipe, needle):
+    pytest.importorskip("llama_cpp")
+    code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--recipe", recipe,
+                            "--runtime", "llama.cpp", "--out", str(tmp_path / "x"), *FAST], capsys)
+    assert code == 2 and needle in err and f"recipe {recipe}" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x" / "results.json").exists()

@@ -43,7 +43,7 @@ from .models.load import load
 from .outdir import OutputDir
 from .predict.versus import compare, prediction_for_run
 from .recipe import Recipe, load_recipe, recipe_file_stem
-from .runtimes import check_runtime, export_for, open_session
+from .runtimes import check_recipes, check_runtime, export_for, open_session
 from .results import add_relative_metrics, new_results, write
 
 
@@ -223,6 +223,7 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
     protocol.validate()
     recipes = order_recipes(recipe_names)
     check_runtime(runtime)
+    check_recipes(runtime, recipes, gguf_type)
     if runtime != "torch":
         check_runtime_protocol(protocol, runtime)
         if (protocol.device, protocol.dtype) != ("cpu", "fp32"):

@@ -75,3 +75,46 @@ def open_session(name: str, path: Path, threads: int, n_ctx: int):
 
         return OnnxRuntimeSession(path, threads, n_ctx)
     raise LeanfmError(f"--runtime {name} has no measurement session in leanfm yet")
+
+
+def _llama_cpp_grid_problem(step, gguf_type: str) -> str | None:
+    """Why a quantizing step's grid cannot go into a GGUF of ``gguf_type`` unchanged (None if it can)."""
+    bits, gs, sym = step.bits, step.group_size, bool(step.symmetric)
+    if gs != 32:
+        return f"its groups are {gs or 'whole rows'} columns, llama.cpp's blocks are 32"
+    fits = {"q4_0": bits <= 4 and sym, "q4_1": bits <= 4, "q8_0": bits <= 8 and sym}
+    if gguf_type in fits:
+        return None if fits[gguf_type] else f"{bits}-bit {'symmetric' if sym else 'asymmetric'} codes do not fit {gguf_type}"
+    if gguf_type in ("f32", "f16"):
+        return f"packed {bits}-bit weights cannot be written as {gguf_type}"
+    return None if any(fits.values()) else f"{bits}-bit asymmetric codes fit no llama.cpp block type (Q4_1 holds at most 4 bits)"
+
+
+def check_recipes(name: str, recipes, gguf_type: str = "auto") -> None:
+    """Refuse, before any work, a recipe whose effect the runtime's file cannot hold or run: a
+    KV-cache or decoding policy (the runtime decodes its own way), factorized or CSR layers,
+    activation quantization, a weight grid the file format does not store unchanged."""
+    if name == "torch":
+        return
+    for r in recipes:
+        for st in r.steps:
+            produces, backend = getattr(st, "produces", ""), getattr(st, "backend", "")
+            why = None
+            if produces in ("kv-policy", "decoding-policy"):
+                why = f"its {st.method} policy runs in leanfm's decode loop, not in {name}'s"
+            elif produces == "low-rank":
+                why = f"{name} files hold one matrix per linear, not {st.method}'s two factors"
+            elif produces == "sparse-weights" and backend == "csr":
+                why = f"{name} files hold dense weights; use backend: masked to export the pruned weights dense"
+            elif produces == "int-weights" and backend != "fake":
+                if getattr(st, "act_bits", None):
+                    why = f"{st.method} quantizes activations, which a {name} file cannot express"
+                elif name == "llama.cpp":
+                    why = _llama_cpp_grid_problem(st, gguf_type)
+                elif name == "onnxruntime" and st.bits not in (4, 8):
+                    why = f"MatMulNBits holds 4- or 8-bit codes, not {st.bits}-bit"
+            if why:
+                raise LeanfmError(f"recipe {r.name} cannot be measured in --runtime {name}: {why}; "
+                                  + ("for llama.cpp use a step such as {method: gptq, bits: 4, group_size: 32, symmetric: true} "
+                                     "(recipes gptq-q4_0, awq-q4_1, rtn-q4_0)" if name == "llama.cpp" and produces == "int-weights"
+                                     else "drop that step or use --runtime torch"))
