@@ -88,7 +88,7 @@ def test_runtime_refusals(monkeypatch):
 def test_bench_runtime_refusals_are_one_line(tiny_model_dir, tiny_text, tmp_path, capsys):
     import torch
 
-    base = ["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), *FAST]
+    base = ["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--recipe", "baseline", *FAST]
     if importlib_has("llama_cpp"):
         code, _, err = run_cli(base + ["--runtime", "llama.cpp", "--batch", "2", "--out", str(tmp_path / "a")], capsys)
         assert code == 2 and "--batch 1" in err and len(err.strip().splitlines()) == 1
@@ -124,7 +124,7 @@ def test_bench_in_bf16_records_the_dtype(tiny_model_dir, tiny_text, tmp_path, ca
     (["--device", "cuda"], "--device cuda: torch sees no GPU"),
     (["--dtype", "fp16"], "--dtype fp16: this CPU has no fp16 arithmetic"),
     (["--recipe", "rtn-w4", "--dtype", "bf16"], "recipe rtn-w4 packs int weights"),
-    (["--runtime", "llama.cpp", "--dtype", "bf16"], "--device/--dtype choose where the torch runtime runs"),
+    (["--recipe", "baseline", "--runtime", "llama.cpp", "--dtype", "bf16"], "--device/--dtype choose where the torch runtime runs"),
 ])
 def test_device_and_dtype_refusals_are_one_line(tiny_model_dir, tiny_text, tmp_path, capsys, args, needle):
     import torch
@@ -184,7 +184,8 @@ def test_export_writes_an_onnx_decoder_with_matmulnbits(tiny_model_dir, tmp_path
 
 
 @pytest.mark.parametrize("recipe,needle", [
-    ("rtn-w4g64", "groups are 64 columns, llama.cpp's blocks are 32"),
+    ("rtn-w4g64", "groups are 64 columns, llama.cpp's blocks are 32 columns"),
+    ("rtn-w8", "groups are whole rows, llama.cpp's blocks are 32 columns"),
     ("streamingllm512", "policy runs in leanfm's decode loop"),
     ("svd70", "not svd's two factors"),
     ("smoothquant-w8a8", "quantizes activations"),

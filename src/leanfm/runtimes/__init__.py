@@ -81,7 +81,7 @@ def _llama_cpp_grid_problem(step, gguf_type: str) -> str | None:
     """Why a quantizing step's grid cannot go into a GGUF of ``gguf_type`` unchanged (None if it can)."""
     bits, gs, sym = step.bits, step.group_size, bool(step.symmetric)
     if gs != 32:
-        return f"its groups are {gs or 'whole rows'} columns, llama.cpp's blocks are 32"
+        return f"its groups are {f'{gs} columns' if gs else 'whole rows'}, llama.cpp's blocks are 32 columns"
     fits = {"q4_0": bits <= 4 and sym, "q4_1": bits <= 4, "q8_0": bits <= 8 and sym}
     if gguf_type in fits:
         return None if fits[gguf_type] else f"{bits}-bit {'symmetric' if sym else 'asymmetric'} codes do not fit {gguf_type}"
