@@ -11,6 +11,14 @@ from leanfm.runtimes import check_runtime
 FAST = ["--seqlen", "64", "--max-eval-tokens", "256", "--prompt", "16", "--gen", "4", "--repeats", "2", "--warmup", "0", "--threads", "1"]
 
 
+@pytest.fixture(scope="module")
+def q4_0_checkpoint(tiny_model_dir, tmp_path_factory):
+    """The tiny model compressed once with rtn-q4_0 (leanfm format), for the export tests."""
+    ck = tmp_path_factory.mktemp("q4") / "ck"
+    assert cli.main(["compress", "--model", str(tiny_model_dir), "--recipe", "rtn-q4_0", "--out", str(ck), "--threads", "1"]) == 0
+    return ck
+
+
 def run_cli(args, capsys):
     code = cli.main(args)
     out = capsys.readouterr()
@@ -49,10 +57,9 @@ def test_eval_in_llama_cpp_equals_torch_on_the_same_weights(tiny_model_dir, tiny
     assert abs(ppl[1] / ppl[0] - 1) < 0.005, ppl
 
 
-def test_export_writes_a_gguf_llama_cpp_loads_and_refuses_to_overwrite(tiny_model_dir, tiny_text, tmp_path, capsys):
+def test_export_writes_a_gguf_llama_cpp_loads_and_refuses_to_overwrite(q4_0_checkpoint, tmp_path, capsys):
     gguf = pytest.importorskip("gguf")
-    ck = tmp_path / "ck"
-    assert run_cli(["compress", "--model", str(tiny_model_dir), "--recipe", "rtn-q4_0", "--out", str(ck), "--threads", "1"], capsys)[0] == 0
+    ck = q4_0_checkpoint
     out = tmp_path / "m.gguf"
     code, stdout, err = run_cli(["export", str(ck), "--format", "gguf", "--out", str(out)], capsys)
     assert code == 0, err
@@ -170,10 +177,9 @@ def test_a_runtime_not_installed_is_one_line_naming_the_install(tiny_model_dir, 
     assert not (tmp_path / "x" / "results.json").exists()
 
 
-def test_export_writes_an_onnx_decoder_with_matmulnbits(tiny_model_dir, tmp_path, capsys):
+def test_export_writes_an_onnx_decoder_with_matmulnbits(q4_0_checkpoint, tmp_path, capsys):
     onnx = pytest.importorskip("onnx")
-    ck = tmp_path / "ck"
-    assert run_cli(["compress", "--model", str(tiny_model_dir), "--recipe", "rtn-q4_0", "--out", str(ck), "--threads", "1"], capsys)[0] == 0
+    ck = q4_0_checkpoint
     out = tmp_path / "m.onnx"
     code, _, err = run_cli(["export", str(ck), "--format", "onnx", "--out", str(out)], capsys)
     assert code == 0, err
