@@ -95,6 +95,27 @@ def test_awq_on_tiny_model_beats_rtn(make):
     assert m.leanfm_info["steps"][-1]["scaled_groups"] >= 2 * len(m.model.layers)
 
 
+@pytest.mark.parametrize("sym", [True, False], ids=["q4_0", "q4_1"])
+def test_awq_on_llama_cpp_blocks_beats_llama_cpp_rounding(sym):
+    """AWQ with rounding llama.cpp searches and rounds on llama.cpp's block grid: its weights fit
+    the block type and its output error is below llama.cpp's own rounding of the same model."""
+    from leanfm.formats.gguf_blocks import fit_problem
+    from leanfm.kernels.checkpoint import quantized_layers
+
+    calib, ev = torch.randint(3, 250, (8, 64)), torch.randint(3, 250, (4, 64))
+    with torch.no_grad():
+        ref = tiny_llama()(input_ids=ev).logits
+    errs = {}
+    for meth in ("rtn", "awq"):
+        step = {"method": meth, "bits": 4, "group_size": 32, "symmetric": sym, "rounding": "llama.cpp", "backend": "reference"}
+        m = leanfm.apply_(tiny_llama(), step, calib=calib)
+        with torch.no_grad():
+            errs[meth] = ((m(input_ids=ev).logits - ref) ** 2).mean().item()
+        layers = quantized_layers(m)
+        assert layers and all(fit_problem(q.quantized_weight(), "q4_0" if sym else "q4_1") is None for q in layers.values())
+    assert errs["awq"] < errs["rtn"]
+
+
 def test_smoothquant_recipe_is_marked_simulated_and_reloads(tmp_path):
     m = leanfm.apply_(tiny_llama(), "smoothquant-w8a8", calib=torch.randint(3, 250, (4, 64)))
     step = m.leanfm_info["steps"][-1]

@@ -47,6 +47,37 @@ def test_gptq_beats_rtn_on_output_mse(bits, group, sym, act_order):
     assert _out_mse(x, w, g) < 0.8 * _out_mse(x, w, r)
 
 
+@pytest.mark.parametrize("qtype,bits,sym", [("q4_0", 4, True), ("q4_1", 4, False), ("q8_0", 8, True)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_llama_cpp_blocks_fits_the_type_and_beats_llama_cpp_rounding(qtype, bits, sym, act_order):
+    """rounding llama.cpp: every group's scale is llama.cpp's fp16 block scale, so the codes are
+    written into the block type unchanged (to_blocks decodes to exactly leanfm's values), and
+    GPTQ's error feedback beats llama.cpp's own round-to-nearest on the same blocks."""
+    from leanfm.formats.gguf_blocks import fit_problem, llama_grid, to_blocks
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    torch.manual_seed(0)
+    w = torch.nn.Linear(128, 64, bias=False).weight.detach()
+    x = _fixed_inputs()
+    acc = HessianAccumulator(128)
+    acc.add(x)
+    g = gptq_quantize(w, acc.H, bits, 32, sym, act_order=act_order, rounding="llama.cpp")
+    assert fit_problem(g, qtype) is None
+    deq = dequantize(g.codes, g.scale, g.zero, g.group_size)
+    blocks = to_blocks(g, qtype)
+    back = quants.dequantize(blocks, getattr(GGMLQuantizationType, qtype.upper()))
+    tol = 0 if qtype != "q4_1" else 1e-6 * float(w.abs().max())  # Q4_1: d*q + m vs s*(q - z) in fp32
+    assert np.abs(back - deq.numpy()).max() <= tol
+    ref = llama_grid(w, qtype)
+    assert _out_mse(x, w, g) < 0.8 * _out_mse(x, w, ref)
+
+
+def test_gptq_llama_cpp_rounding_needs_a_block_grid():
+    with pytest.raises(LeanfmError, match="block grid"):
+        gptq_quantize(torch.randn(8, 64), torch.eye(64), 3, 32, True, rounding="llama.cpp")
+
+
 @pytest.mark.parametrize("group,sym,act_order", [(None, True, False), (32, False, True), (32, False, False)])
 def test_gptq_keeps_pruned_weights_at_zero(group, sym, act_order):
     torch.manual_seed(0)

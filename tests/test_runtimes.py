@@ -190,8 +190,8 @@ def test_export_writes_an_onnx_decoder_with_matmulnbits(q4_0_checkpoint, tmp_pat
 
 
 @pytest.mark.parametrize("recipe,needle", [
-    ("rtn-w4g64", "groups are 64 columns, llama.cpp's blocks are 32 columns"),
-    ("rtn-w8", "groups are whole rows, llama.cpp's blocks are 32 columns"),
+    ("rtn-w4g64", "groups are 64 columns, q4_1 blocks are 32 columns"),
+    ("rtn-w8", "groups are whole rows, q8_0 blocks are 32 columns"),
     ("streamingllm512", "policy runs in leanfm's decode loop"),
     ("svd70", "not svd's two factors"),
     ("smoothquant-w8a8", "quantizes activations"),

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import LeanfmError
-from ..formats.gguf_blocks import TYPES as BLOCK_TYPES, llama_grid, to_blocks
+from ..formats.gguf_blocks import TYPES as BLOCK_TYPES, fitting_step, llama_grid, to_blocks
 from ..kernels.checkpoint import quantized_layers
 from .family import decoder_config
 from .gguf_archs import ARCHS, arch_for, decoder, is_norm, write_hparams
@@ -142,11 +142,6 @@ def _hf_tokenizer(writer, tok) -> str | None:
     return note
 
 
-def _fitting_step(qtype: str) -> str:
-    bits, sym = {"q4_0": (4, "true"), "q4_1": (4, "false"), "q8_0": (8, "true")}[qtype]
-    return f"{{method: gptq, bits: {bits}, group_size: 32, symmetric: {sym}}} (or rtn/awq with the same grid)"
-
-
 def head_type(qtype: str) -> str:
     """llama.cpp's type for the output head in a ``qtype`` file: its quantizer picks Q6_K for
     q4_0/q4_1 (Q8_0 when the rows are not a multiple of 256); with no Q6_K writer here it is Q8_0."""
@@ -231,7 +226,7 @@ def _tensors(model: nn.Module, arch, cfg, qtype: str, float_type: str | None) ->
             try:
                 tensors.append((f"{stem}.weight", to_blocks(qw, qtype, name=hf), _ggml_type(qtype)))
             except LeanfmError as e:
-                raise LeanfmError(f"{e}; a recipe step that fits: {_fitting_step(qtype)}") from None
+                raise LeanfmError(f"{e}; a recipe step that fits: {fitting_step(qtype)}") from None
         else:
             w = getattr(mod, "weight", None)
             if not isinstance(w, torch.Tensor):

@@ -79,15 +79,16 @@ def open_session(name: str, path: Path, threads: int, n_ctx: int):
 
 def _llama_cpp_grid_problem(step, gguf_type: str) -> str | None:
     """Why a quantizing step's grid cannot go into a GGUF of ``gguf_type`` unchanged (None if it can)."""
+    from ..formats.gguf_blocks import TYPES, fitting_types, grid_problem
+
     bits, gs, sym = step.bits, step.group_size, bool(step.symmetric)
-    if gs != 32:
-        return f"its groups are {f'{gs} columns' if gs else 'whole rows'}, llama.cpp's blocks are 32 columns"
-    fits = {"q4_0": bits <= 4 and sym, "q4_1": bits <= 4, "q8_0": bits <= 8 and sym}
-    if gguf_type in fits:
-        return None if fits[gguf_type] else f"{bits}-bit {'symmetric' if sym else 'asymmetric'} codes do not fit {gguf_type}"
+    if gguf_type in TYPES:
+        return grid_problem(bits, gs, sym, gguf_type)
     if gguf_type in ("f32", "f16"):
         return f"packed {bits}-bit weights cannot be written as {gguf_type}"
-    return None if any(fits.values()) else f"{bits}-bit asymmetric codes fit no llama.cpp block type (Q4_1 holds at most 4 bits)"
+    if fitting_types(bits, gs, sym):
+        return None
+    return grid_problem(bits, gs, sym, "q4_1" if not sym else "q4_0" if bits <= 4 else "q8_0")
 
 
 def check_recipes(name: str, recipes, gguf_type: str = "auto") -> None:
@@ -96,6 +97,8 @@ def check_recipes(name: str, recipes, gguf_type: str = "auto") -> None:
     activation quantization, a weight grid the file format does not store unchanged."""
     if name == "torch":
         return
+    from ..formats.gguf_blocks import fitting_step
+
     for r in recipes:
         for st in r.steps:
             produces, backend = getattr(st, "produces", ""), getattr(st, "backend", "")
@@ -115,6 +118,5 @@ def check_recipes(name: str, recipes, gguf_type: str = "auto") -> None:
                     why = f"MatMulNBits holds 4- or 8-bit codes, not {st.bits}-bit"
             if why:
                 raise LeanfmError(f"recipe {r.name} cannot be measured in --runtime {name}: {why}; "
-                                  + ("for llama.cpp use a step such as {method: gptq, bits: 4, group_size: 32, symmetric: true} "
-                                     "(recipes gptq-q4_0, awq-q4_1, rtn-q4_0)" if name == "llama.cpp" and produces == "int-weights"
+                                  + (f"for llama.cpp use a step such as {fitting_step()}" if name == "llama.cpp" and produces == "int-weights"
                                      else "drop that step or use --runtime torch"))

@@ -17,7 +17,7 @@ from .awq_math import apply_clip, search_clip, search_scale
 from .common import install
 from .decl import AWQConfig
 from .gptq import check_calibration
-from .grid import dequantize, resolve_group_size, rtn_quantize
+from .grid import dequantize, grid_quantize, resolve_group_size
 
 
 class _Rows:
@@ -64,7 +64,7 @@ def apply_awq(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor) -> dict:
             prod = find_producer(layer, lins, runner.input_observer(i, lins[0]))
             x = xs[names[0]]
             if prod is not None:
-                s, a = search_scale(x, [m.weight for m in lins], cfg.bits, gs, cfg.symmetric, cfg.n_grid)
+                s, a = search_scale(x, [m.weight for m in lins], cfg.bits, gs, cfg.symmetric, cfg.n_grid, cfg.rounding)
                 divide_output(prod[0], s, prod[1])
                 with torch.no_grad():
                     for m in lins:
@@ -79,15 +79,16 @@ def apply_awq(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor) -> dict:
             gs = resolve_group_size(m.in_features, cfg.group_size, n)
             w = m.weight.detach()
             if cfg.clip:
-                w = apply_clip(w, search_clip(scaled_x[n][: cfg.clip_tokens], w, cfg.bits, gs, cfg.symmetric, cfg.n_grid), gs)
-            qws[n] = rtn_quantize(w, cfg.bits, cfg.group_size, cfg.symmetric)
+                w = apply_clip(w, search_clip(scaled_x[n][: cfg.clip_tokens], w, cfg.bits, gs, cfg.symmetric, cfg.n_grid,
+                                              rounding=cfg.rounding), gs)
+            qws[n] = grid_quantize(w, cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding)
             with torch.no_grad():  # the next layer sees this layer quantized
                 m.weight.copy_(dequantize(qws[n].codes, qws[n].scale, qws[n].zero, qws[n].group_size))
 
     runner.run(process, "awq (layer by layer)")
     for n, m in targets.items():
         if n not in qws:
-            qws[n] = rtn_quantize(m.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric)
+            qws[n] = grid_quantize(m.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding)
     del runner
     info = install(model, qws, cfg.backend)
     return {**info, "scaled_groups": folded, "unscaled_groups": len(unfolded),

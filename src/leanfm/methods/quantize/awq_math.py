@@ -15,9 +15,11 @@ from .grid import fake_quantize as fake_quant
 
 
 def search_scale(
-    x: torch.Tensor, weights: list[torch.Tensor], bits: int, gs: int, symmetric: bool, n_grid: int = 20
+    x: torch.Tensor, weights: list[torch.Tensor], bits: int, gs: int, symmetric: bool, n_grid: int = 20,
+    rounding: str = "nearest",
 ) -> tuple[torch.Tensor, float]:
-    """Per-input-channel scale ``s [in]`` and the chosen α for linears sharing the input ``x [T, in]``."""
+    """Per-input-channel scale ``s [in]`` and the chosen α for linears sharing the input ``x [T, in]``
+    (``rounding``: the grid the weights will be rounded on, see ``grid.grid_quantize``)."""
     x = x.float()
     x_mean = x.abs().mean(dim=0)
     ref = [x @ w.float().t() for w in weights]
@@ -27,7 +29,7 @@ def search_scale(
         s = x_mean.pow(a).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()  # center the scales (reference implementation)
         xs = x / s
-        loss = sum(((xs @ fake_quant(w.float() * s, bits, gs, symmetric).t() - r) ** 2).mean().item() for w, r in zip(weights, ref))
+        loss = sum(((xs @ fake_quant(w.float() * s, bits, gs, symmetric, rounding).t() - r) ** 2).mean().item() for w, r in zip(weights, ref))
         if loss < best:
             best, best_s, best_a = loss, s, a
     return best_s, best_a
@@ -35,7 +37,7 @@ def search_scale(
 
 def search_clip(
     x: torch.Tensor, w: torch.Tensor, bits: int, gs: int, symmetric: bool, n_grid: int = 20, max_shrink: float = 0.5,
-    row_chunk: int = 256,
+    row_chunk: int = 256, rounding: str = "nearest",
 ) -> torch.Tensor:
     """Per-(row, group) clip bound ``[out, groups]`` on ``|w|`` minimizing the group's output error."""
     x = x.float()
@@ -53,7 +55,7 @@ def search_clip(
         for i in range(int(max_shrink * n_grid)):
             mx = org_max * (1 - i / n_grid)
             clipped = torch.maximum(torch.minimum(wg, mx.unsqueeze(-1)), -mx.unsqueeze(-1)).reshape(-1, k)
-            q = fake_quant(clipped, bits, gs, symmetric).reshape(-1, g, gs)
+            q = fake_quant(clipped, bits, gs, symmetric, rounding).reshape(-1, g, gs)
             err = ((torch.einsum("tgk,ngk->tng", xg, q) - ref) ** 2).mean(dim=0)  # [rows, G]
             better = err < best
             best = torch.where(better, err, best)

@@ -75,21 +75,21 @@ class WeightQuantConfig(BaseConfig):
         eff.rules.append(Rule(spec, tuple(self.skip), tuple(self.only)))
 
 
+def block_type(bits: int, group_size: int | None, symmetric: bool) -> str | None:
+    """The llama.cpp block type a leanfm grid is (``q4_0``/``q4_1``/``q8_0``), or None."""
+    if group_size != 32:
+        return None
+    return {(4, True): "q4_0", (4, False): "q4_1", (8, True): "q8_0"}.get((bits, bool(symmetric)))
+
+
+ROUNDINGS = ("nearest", "llama.cpp")
+
+
 @dataclass
-class RTNConfig(WeightQuantConfig):
-    """Round-to-nearest weight quantization, the calibration-free baseline.
+class BlockGridConfig(WeightQuantConfig):
+    """Weight quantizers whose group grid can be chosen by llama.cpp's rule (RTN, GPTQ, AWQ); the
+    ``rounding`` field is documented on :class:`RTNConfig`."""
 
-    Besides the WeightQuantConfig fields:
-
-    rounding: ``nearest`` (leanfm's grid: scale from the group's range, codes rounded half to
-    even) or ``llama.cpp`` (llama.cpp's reference quantizer for the block type the grid names:
-    4-bit symmetric groups of 32 = Q4_0, 4-bit asymmetric = Q4_1, 8-bit symmetric = Q8_0; the
-    weights are then those ``llama-quantize`` writes, bit for bit).
-    """
-
-    method = "rtn"
-    handler = "leanfm.methods.quantize.rtn:apply_rtn"
-    bits: int = 8
     rounding: str = "nearest"
 
     @property
@@ -98,12 +98,11 @@ class RTNConfig(WeightQuantConfig):
 
     def gguf_type(self) -> str | None:
         """The llama.cpp block type this grid is (None if it is none)."""
-        return {(4, True): "q4_0", (4, False): "q4_1", (8, True): "q8_0"}.get((self.bits, bool(self.symmetric))) \
-            if self.group_size == 32 else None
+        return block_type(self.bits, self.group_size, self.symmetric)
 
     def validate(self) -> None:
         super().validate()
-        if self.rounding not in ("nearest", "llama.cpp"):
+        if self.rounding not in ROUNDINGS:
             raise LeanfmError(f"rounding '{self.rounding}' is unknown; use nearest or llama.cpp")
         if self.rounding == "llama.cpp" and self.gguf_type() is None:
             raise LeanfmError(
@@ -112,7 +111,26 @@ class RTNConfig(WeightQuantConfig):
 
 
 @dataclass
-class GPTQConfig(WeightQuantConfig):
+class RTNConfig(BlockGridConfig):
+    """Round-to-nearest weight quantization, the calibration-free baseline.
+
+    Besides the WeightQuantConfig fields:
+
+    rounding: ``nearest`` (leanfm's grid: scale from the group's range, codes rounded half to
+    even) or ``llama.cpp`` (each block's scale by llama.cpp's reference rule for the block type
+    the grid names: 4-bit symmetric groups of 32 = Q4_0, the weight of largest magnitude mapped
+    with its sign to code -8; 4-bit asymmetric = Q4_1, the block's min and max kept; 8-bit
+    symmetric = Q8_0; scales in fp16). RTN's weights are then those ``llama-quantize`` writes,
+    bit for bit; gptq and awq take the same field and choose their codes on those blocks.
+    """
+
+    method = "rtn"
+    handler = "leanfm.methods.quantize.rtn:apply_rtn"
+    bits: int = 8
+
+
+@dataclass
+class GPTQConfig(BlockGridConfig):
     """GPTQ (Frantar et al., 2023): second-order error compensation column by column.
 
     Besides the WeightQuantConfig fields:
@@ -120,6 +138,8 @@ class GPTQConfig(WeightQuantConfig):
     damp: fraction of the mean Hessian diagonal added for stability (paper: 0.01).
     act_order: quantize columns by decreasing activation energy (the reference's --act-order).
     block_size: columns per lazy batch update (paper: 128).
+    rounding: ``llama.cpp`` chooses each group's scale by llama.cpp's rule for its block type
+    (see rtn), so the codes go into that GGUF type unchanged; GPTQ then picks the codes.
     Layers outside the decoder stack (e.g. an unskipped lm_head) fall back to RTN.
     """
 
@@ -136,13 +156,14 @@ class GPTQConfig(WeightQuantConfig):
 
 
 @dataclass
-class AWQConfig(WeightQuantConfig):
+class AWQConfig(BlockGridConfig):
     """AWQ (Lin et al., 2024): activation-aware per-channel scales and clipping.
 
     Besides the WeightQuantConfig fields:
 
     n_grid: points of the α grid in [0, 1) (paper: 20). clip: search a per-group clipping range.
     scale_tokens / clip_tokens: calibration rows used by the scale / clip searches.
+    rounding: ``llama.cpp`` quantizes (and scores the searches) on llama.cpp's block grid (see rtn).
     """
 
     method = "awq"

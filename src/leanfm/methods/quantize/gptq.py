@@ -14,7 +14,7 @@ from ..layers import LayerwiseRunner, targets_in
 from .common import install
 from .decl import GPTQConfig, check_obs_params  # noqa: F401 (check_obs_params re-exported)
 from .gptq_math import HessianAccumulator, gptq_quantize
-from .grid import rtn_quantize
+from .grid import grid_quantize
 
 
 def check_calibration(calib: torch.Tensor, method: str, min_tokens: int = 256) -> None:
@@ -42,8 +42,8 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
         layer_q = {}
         for n, m in mods.items():
             layer_q[n] = gptq_quantize(
-                m.weight.detach(), hess[n].H, cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.block_size, cfg.act_order
-            )
+                m.weight.detach(), hess[n].H, cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.block_size, cfg.act_order,
+                cfg.rounding)
             del hess[n]
         # the next layer must see this layer's *quantized* outputs: fake-quant now, pack at the end
         with torch.no_grad():
@@ -56,6 +56,6 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
     runner.run(process, "gptq (layer by layer)")
     for n, m in targets.items():  # e.g. lm_head when not skipped: no layer inputs collected
         if n not in in_layers:
-            qws[n] = rtn_quantize(m.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric)
+            qws[n] = grid_quantize(m.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding)
     del runner
     return {**install(model, qws, cfg.backend), "calibration_tokens": int(calib.numel())}

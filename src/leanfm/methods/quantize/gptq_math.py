@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ...errors import LeanfmError
-from .grid import QuantizedWeight, check_bits, choose_qparams, resolve_group_size
+from .grid import QuantizedWeight, check_bits, grid_qparams, resolve_group_size
 
 
 class HessianAccumulator:
@@ -30,7 +30,9 @@ class HessianAccumulator:
         self.H.addmm_(x.t(), x)
 
 
-def _quant_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+def _quant_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, fractional: bool) -> torch.Tensor:
+    if fractional:  # a float zero point (llama.cpp's Q4_1: value d*q + m): the nearest code of w/s + z
+        return torch.clamp(torch.round(w / scale + zero), 0, maxq)
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
@@ -43,6 +45,7 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    rounding: str = "nearest",
 ) -> QuantizedWeight:
     """Quantize ``W [out, in]`` given the layer-input Hessian ``H [in, in]``.
 
@@ -52,17 +55,19 @@ def gptq_quantize(
     groups ("static groups"), so the stored layout stays contiguous whatever the order.
     Without act_order, each group's grid is chosen when its first column is reached, from the
     already-updated weights, as in the reference implementation.
+    rounding: how a group's grid is chosen (``grid.grid_qparams``): leanfm's range rule, or
+    llama.cpp's block rule (``llama.cpp``; groups of 32), whose codes then fit that GGUF type.
     """
     check_bits(bits)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # hundreds of tiny per-column ops: thread wake-ups cost more than they save
     try:
-        return _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order)
+        return _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order, rounding)
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order) -> QuantizedWeight:
+def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order, rounding) -> QuantizedWeight:
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise LeanfmError(f"GPTQ needs W [out, in] and H [in, in]; got {tuple(W.shape)} and {tuple(H.shape)}")
     if not 0 <= damp < 1:
@@ -84,7 +89,7 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order) -> Qua
     n_groups = cols // gs
     static = act_order or gs == cols
     if static:
-        scale_g, zero_g = choose_qparams(W, bits, gs, symmetric)
+        scale_g, zero_g = grid_qparams(W, bits, gs, symmetric, rounding)
     else:
         scale_g = torch.zeros(rows, n_groups)
         zero_g = torch.zeros(rows, n_groups)
@@ -103,6 +108,7 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order) -> Qua
     except RuntimeError as e:  # not positive definite even after damping
         raise LeanfmError(f"GPTQ Hessian is not positive definite ({e}); raise damp or use more calibration data") from None
 
+    fractional = rounding == "llama.cpp" and not symmetric
     codes = torch.zeros(rows, cols, dtype=torch.uint8)
     group_of = perm // gs  # group of each (permuted) column in the original layout
     for i1 in range(0, cols, block_size):
@@ -116,13 +122,13 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order) -> Qua
             if not static and c % gs == 0:
                 # grid for this group from the (already error-compensated) columns c..c+gs
                 block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                s, z = choose_qparams(block, bits, gs, symmetric)
+                s, z = grid_qparams(block, bits, gs, symmetric, rounding)
                 scale_g[:, g], zero_g[:, g] = s[:, 0], z[:, 0]
             w = W1[:, i]
             d = Hinv1[i, i]
-            q = _quant_col(w, scale_g[:, g], zero_g[:, g], maxq)
-            if any_pruned:
-                q = torch.where(pruned[:, c], zero_g[:, g], q)
+            q = _quant_col(w, scale_g[:, g], zero_g[:, g], maxq, fractional)
+            if any_pruned:  # (with a fractional zero point: its nearest code)
+                q = torch.where(pruned[:, c], torch.round(zero_g[:, g]).clamp(0, maxq), q)
             codes[:, c] = q.to(torch.uint8)
             dq = scale_g[:, g] * (q - zero_g[:, g])
             err = (w - dq) / d

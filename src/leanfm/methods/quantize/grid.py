@@ -18,7 +18,8 @@ import torch
 
 from ...errors import LeanfmError
 from ...formats.quantized import QuantizedWeight, dequantize, grouped  # noqa: F401 (re-exported: the record lives below the kernels)
-from .decl import check_bits  # noqa: F401 (re-exported: the torch-free check lives with the declarations)
+from ...formats.gguf_blocks import llama_grid, llama_qparams
+from .decl import block_type, check_bits  # noqa: F401 (check_bits re-exported: the torch-free check lives with the declarations)
 
 
 def _suggest_divisors(n: int, g: int) -> str:
@@ -82,7 +83,32 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symm
     return QuantizedWeight(quantize(w, scale, zero, bits, gs), scale, zero, bits, gs)
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True) -> torch.Tensor:
-    """``dequantize(rtn_quantize(w))`` in the weight's dtype: the values a real kernel would use."""
-    qw = rtn_quantize(w, bits, group_size, symmetric)
+def _llama_type(bits: int, group_size: int | None, symmetric: bool) -> str:
+    qtype = block_type(bits, group_size, symmetric)
+    if qtype is None:
+        raise LeanfmError(f"rounding llama.cpp needs a llama.cpp block grid (4-bit or symmetric 8-bit groups of 32), "
+                          f"got bits {bits}, group_size {group_size}, symmetric {symmetric}")
+    return qtype
+
+
+def grid_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                  rounding: str = "nearest") -> QuantizedWeight:
+    """Round-to-nearest on leanfm's grid (``nearest``) or llama.cpp's block grid (``llama.cpp``)."""
+    if rounding == "llama.cpp":
+        return llama_grid(w, _llama_type(bits, group_size, symmetric))
+    return rtn_quantize(w, bits, group_size, symmetric)
+
+
+def grid_qparams(w: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                 rounding: str = "nearest") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`choose_qparams` for either rounding (llama.cpp's: fp16 scales, Q4_1's zero fractional)."""
+    if rounding == "llama.cpp":
+        return llama_qparams(w, _llama_type(bits, group_size, symmetric))
+    return choose_qparams(w, bits, group_size, symmetric)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True,
+                  rounding: str = "nearest") -> torch.Tensor:
+    """``dequantize(grid_quantize(w))`` in the weight's dtype: the values a real kernel would use."""
+    qw = grid_quantize(w, bits, group_size, symmetric, rounding)
     return dequantize(qw.codes, qw.scale, qw.zero, qw.group_size).to(w.dtype)
