@@ -153,6 +153,7 @@ def methods_markdown() -> str:
                 f"calibration: {calib}; predictor: {'priced' if d['priced'] else 'not priced'}"
                 + (f"; adds metrics: {', '.join(f'`{x}`' for x in d['adds_metrics'])}" if d["adds_metrics"] else ""),
                 "- parameters: " + (", ".join(f"`{p['name']}` ({p['type']}, default `{p['default']!r}`)" for p in d["parameters"]) or "none"),
+                "- search space: " + ("; ".join(f"`{k}` {v}" for k, v in d["search_space"].items()) or "no"),
                 ""]
         rest = inspect.cleandoc(cls.__doc__ or "").split("\n\n", 1)
         if len(rest) > 1:
