@@ -208,6 +208,18 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_search(a) -> int:
+    from .outdir import default_out
+    from .search.cli_search import build, render
+    from .search.run import run_search
+
+    a.out = a.out or str(default_out("search"))
+    res = run_search(build(a, _protocol(a), a.calib_samples, a.calib_seqlen, a.calib_dataset))
+    print(render(res))
+    print(f"search: {Path(a.out) / 'search.json'}; Pareto recipes: {Path(a.out) / 'front'}")
+    return 0
+
+
 def cmd_eval(a) -> int:
     from .bench import bench
     from .report import print_table, write_report
@@ -408,6 +420,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("recipes", help="list built-in recipes with their steps (use by name in --recipe; join with +)")
     s.add_argument("--json", action="store_true", help="print the recipes as JSON")
     s.set_defaults(fn=cmd_recipes)
+
+    s = sub.add_parser("search", help="search recipes under a budget (predictor-screened, NSGA-II) and return the Pareto set")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local HF directory or hub id (default {DEFAULT_MODEL})")
+    s.add_argument("--out", default=None, help="output directory (default runs/search-<timestamp>); run the same command "
+                   "with the same --out to resume an interrupted search")
+    from .search.cli_search import add_arguments as add_search_arguments
+
+    add_search_arguments(s)
+    _add_protocol(s)
+    _add_calib(s)
+    s.set_defaults(fn=cmd_search)
 
     s = sub.add_parser("report", help="(re)build report.html from a results directory")
     s.add_argument("dir", help="directory holding results.json")

@@ -1,0 +1,75 @@
+"""``leanfm search`` end to end on a tiny model: screening, two-stage measurement, the Pareto
+set, resuming from the store, and one-line refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from leanfm import cli
+from leanfm.search.budget import parse_budget
+from leanfm.search.screen import predicted_metrics, screen
+
+pytest.importorskip("optuna")
+
+FAST = ["--seqlen", "64", "--max-eval-tokens", "256", "--prompt", "16", "--gen", "4", "--repeats", "2", "--warmup", "0",
+        "--threads", "1"]
+
+
+def _search(tiny_model_dir, tiny_text, out, store, *extra):
+    return cli.main(["search", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--calib-dataset", str(tiny_text),
+                     "--out", str(out), "--store", str(store), *FAST, *extra])
+
+
+def test_screen_rejects_by_prediction_with_slack():
+    base = {"weight_bytes": 1000.0, "decode_tokens_per_s": 10.0}
+    budget = parse_budget("weight_bytes<=0.3x,decode_tokens_per_s>=12")
+    assert screen(budget, {"weight_bytes": 305.0, "decode_tokens_per_s": 12.0}, base, {}) is None  # within 2% slack
+    why = screen(budget, {"weight_bytes": 320.0, "decode_tokens_per_s": 12.0}, base, {})
+    assert why and "weight_bytes" in why and "0.32x" in why
+    assert screen(budget, {"weight_bytes": 200.0, "decode_tokens_per_s": 9.5}, base, {}) is None  # speed: 25% slack
+    assert "decode_tokens_per_s" in screen(budget, {"weight_bytes": 200.0, "decode_tokens_per_s": 8.0}, base, {})
+    assert screen(parse_budget("ppl_increase<=10%"), {"weight_bytes": 1.0}, base, {}) is None  # quality: not predicted
+    p = predicted_metrics({"weight_bytes": 250, "decode_tokens_per_s": 20, "tpot_ms": 50}, base)
+    assert p["compression_ratio"] == 4 and p["speedup"] == 2 and p["tpot_ms_p50"] == 50
+
+
+def test_search_finds_a_feasible_front_and_resumes_from_the_store(tiny_model_dir, tiny_text, tmp_path, capsys):
+    out, store = tmp_path / "s", tmp_path / "store.sqlite"
+    args = ["--methods", "rtn,magnitude", "--budget", "weight_bytes<=0.8x,ppl_increase<=300%", "--trials", "4",
+            "--population", "2", "--require", "int-weights"]
+    assert _search(tiny_model_dir, tiny_text, out, store, *args) == 0
+    res = json.loads((out / "search.json").read_text())
+    assert len(res["trials"]) == 4 and sum(res["counts"].values()) == 4
+    measured = [t for t in res["trials"] if t["status"] == "measured"]
+    for t in res["trials"]:
+        if t["status"] == "rejected":  # by the predictor: never measured
+            assert "predicted" in t["reason"] and t["metrics"] == {}
+    front = [t for t in res["trials"] if t["trial"] in res["front"]]
+    assert front and all(t["feasible"] for t in front)
+    for t in front:  # every member meets the budget it was searched under, and its recipe is saved
+        assert t["metrics"]["ppl_increase"] <= 3.0 and t["metrics"]["weight_bytes"] <= 0.8 * res["baseline"]["weight_bytes"]
+        assert (out / "front" / f"search-t{t['trial']:03d}.yaml").is_file()
+    assert res["measured_now"] >= len(measured)
+    first = {t["trial"]: (t["params"], t["status"], t["metrics"]) for t in res["trials"]}
+    capsys.readouterr()
+
+    assert _search(tiny_model_dir, tiny_text, out, store, *args) == 0  # again: every trial comes from the store
+    again = json.loads((out / "search.json").read_text())
+    assert again["measured_now"] == 0 and again["front"] == res["front"]
+    assert {t["trial"]: (t["params"], t["status"], t["metrics"]) for t in again["trials"]} == first
+    assert "Pareto set" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--budget", "weight_bytes<=8OMB"], "column"),
+    (["--budget", "weight_bytez<=80MB"], "did you mean weight_bytes"),
+    (["--objective", "ppl_increase:up"], "unknown direction 'up'"),
+    (["--budget", "weight_bytes<=0.01x", "--methods", "rtn"], "no candidate of this search space can meet --budget"),
+    (["--objective", "decode_tokens_per_s:max", "--metrics", "quality"], "add speed to --metrics"),
+    (["--methods", "rtn,foo"], "unknown method 'foo'"),
+])
+def test_bad_search_input_is_one_line_exit_2(tiny_model_dir, tiny_text, tmp_path, capsys, extra, needle):
+    code = _search(tiny_model_dir, tiny_text, tmp_path / "s", tmp_path / "st.sqlite", "--trials", "2", *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
