@@ -28,12 +28,12 @@ $(STAMP): pyproject.toml Makefile
 	$(LINK_DATA)
 	touch $(STAMP)
 
-# The tests also exercise the CPU runtimes leanfm measures in (llama.cpp, ONNX Runtime): installed
+# The tests also exercise the CPU runtimes leanfm measures in (llama.cpp, ONNX Runtime) and Ray: installed
 # here, not by `make run`, because llama-cpp-python compiles llama.cpp (8-15 min on 2 cores, once).
 TEST_STAMP := $(VENV)/.leanfm-test-extras
 $(TEST_STAMP): $(STAMP)
 	@echo "installing the test extras (llama-cpp-python compiles llama.cpp from source the first time: 8-15 minutes on 2 cores)"
-	$(PIP) install -q -e '.[dev,llamacpp,onnx]'
+	$(PIP) install -q -e '.[dev,llamacpp,onnx,ray]'
 	touch $(TEST_STAMP)
 
 run: setup

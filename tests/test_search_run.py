@@ -73,3 +73,43 @@ def test_bad_search_input_is_one_line_exit_2(tiny_model_dir, tiny_text, tmp_path
     code = _search(tiny_model_dir, tiny_text, tmp_path / "s", tmp_path / "st.sqlite", "--trials", "2", *extra)
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_ray_executor_gives_the_same_trials_and_front(tiny_model_dir, tiny_text, tmp_path, capsys):
+    """Same seed, two Ray workers x 1 thread: the same candidates as in-process, and (on metrics that do
+    not depend on timing) the same Pareto set."""
+    pytest.importorskip("ray")
+    args = ["--methods", "rtn,magnitude", "--objective", "ppl_increase:min,weight_bytes:min", "--metrics", "quality,memory",
+            "--trials", "4", "--population", "2", "--require", "int-weights"]
+    assert _search(tiny_model_dir, tiny_text, tmp_path / "a", tmp_path / "a.sqlite", *args) == 0
+    assert _search(tiny_model_dir, tiny_text, tmp_path / "b", tmp_path / "b.sqlite", *args, "--executor", "ray", "--workers", "2") == 0
+    a, b = (json.loads((tmp_path / d / "search.json").read_text()) for d in ("a", "b"))
+    assert [t["params"] for t in a["trials"]] == [t["params"] for t in b["trials"]]
+    assert a["front"] == b["front"] and b["executor"] == "ray" and b["measured_now"] == a["measured_now"] > 0
+    for ta, tb in zip(a["trials"], b["trials"]):
+        assert ta["status"] == tb["status"]
+        if ta["status"] == "measured":
+            assert tb["metrics"]["ppl_increase"] == pytest.approx(ta["metrics"]["ppl_increase"], rel=1e-4)
+
+
+def test_ray_missing_or_unreachable_is_one_line(tiny_model_dir, tiny_text, tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_ray(name, *a, **k):
+        if name == "ray":
+            raise ImportError("no ray")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    code = _search(tiny_model_dir, tiny_text, tmp_path / "s", tmp_path / "st.sqlite", "--methods", "rtn", "--trials", "2",
+                   "--executor", "ray")
+    err = capsys.readouterr().err
+    assert code == 2 and "pip install 'leanfm[ray]'" in err and len(err.strip().splitlines()) == 1, err
+    monkeypatch.setattr(builtins, "__import__", real)
+    pytest.importorskip("ray")
+    code = _search(tiny_model_dir, tiny_text, tmp_path / "s2", tmp_path / "st2.sqlite", "--methods", "rtn", "--trials", "2",
+                   "--executor", "ray", "--address", "127.0.0.1:1")
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot connect to the Ray cluster at --address 127.0.0.1:1" in err and len(err.strip().splitlines()) == 1, err

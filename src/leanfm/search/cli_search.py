@@ -24,7 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--store", default=None, help="results store (SQLite; default $LEANFM_CACHE/results.sqlite)")
     g.add_argument("--screen-share", type=float, default=0.25,
                    help="share of --max-eval-tokens for the short quality pass that stops hopeless candidates (default 0.25)")
-    g.add_argument("--executor", default="local", choices=["local"], help="where trials run (default local)")
+    g.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="where trials run: local (one after another, in this process) or ray (--workers at once; default local)")
+    g.add_argument("--workers", type=int, default=2, help="ray: trials measured at once, each on --threads cores (default 2)")
+    g.add_argument("--address", default=None, help="ray: address of an existing cluster (default: start a local one)")
 
 
 def build(a, protocol, calib_samples, calib_seqlen, calib_dataset="gensim-wiki"):
@@ -44,7 +47,7 @@ def build(a, protocol, calib_samples, calib_seqlen, calib_dataset="gensim-wiki")
     budget = parse_budget(a.budget) if a.budget.strip() else []
     return Search(model=a.model, space=space, budget=budget, objectives=parse_objectives(a.objective), protocol=protocol,
                   out=Path(a.out), trials=a.trials, seed=a.seed, population=a.population, hardware=a.hardware,
-                  store=Path(a.store) if a.store else None, screen_share=a.screen_share, executor=a.executor,
+                  store=Path(a.store) if a.store else None, screen_share=a.screen_share, executor=a.executor, workers=a.workers, address=a.address,
                   budget_text=a.budget, objective_text=a.objective, calib_dataset=calib_dataset, calib_samples=calib_samples,
                   calib_seqlen=calib_seqlen)
 

@@ -62,7 +62,9 @@ class Search:
     store: Path | None = None
     screen_share: float = 0.25
     stop_margin: float = 0.25
-    executor: str = "local"
+    executor: str = "local"  # local | ray
+    workers: int = 2  # ray: trials measured at once (each on protocol.threads cores)
+    address: str | None = None  # ray: an existing cluster (default: start a local one)
     budget_text: str = ""
     objective_text: str = ""
     calib_dataset: str = "gensim-wiki"
@@ -232,45 +234,77 @@ def run_search(s: Search) -> dict:
     base_pred = predicted_metrics(predict(s.model, "baseline", s.hardware, s.protocol.batch, s.protocol.prompt, s.protocol.gen))
     _check_reachable(s, widths, base_pred)
 
-    runner = _Runner(s, store, mhash, sid)
-    base_short, base_full = runner.baseline(1), runner.baseline(2)
-    base_metrics = base_full["metrics"]
+    pool = None
+    if s.executor == "ray":  # before any measurement: a missing Ray or a wrong --address fails in seconds
+        from .executors import RayPool
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+        pool = RayPool(s.workers, s.protocol.threads, s.address)
+    try:
+        runner = _Runner(s, store, mhash, sid)
+        base_short, base_full = runner.baseline(1), runner.baseline(2)
+        base_metrics = base_full["metrics"]
 
-    # NSGA-II ranks feasible trials (every constraint value <= 0) before infeasible ones
-    sampler = optuna.samplers.NSGAIISampler(population_size=s.population, seed=s.seed)
-    study = optuna.create_study(directions=["maximize" if o.direction == "max" else "minimize" for o in s.objectives],
-                                sampler=sampler)
-    worker = f"{socket.gethostname()}:{os.getpid()}"
-    trials: list[Trial] = []
-    for gen_start in range(0, s.trials, s.population):
-        batch = []
-        for n in range(gen_start, min(gen_start + s.population, s.trials)):
-            ot = study.ask()
-            t = Trial(n, {})
-            try:
-                t.recipe = s.space.sample(ot, widths, name=f"t{n:03d}")
-            except LeanfmError as e:
-                t.status, t.reason = "invalid", str(e)
-            t.params = dict(ot.params)
-            batch.append((ot, t))
-        for ot, t in batch:  # measure the generation (claims make a resumed or shared run skip finished ones)
-            _measure(s, t, store, runner, sid, worker, base_pred, base_metrics)
-            trials.append(t)
-            progress.info(f"search trial {t.number + 1}/{s.trials}: {_line(t)}")
-        for ot, t in batch:  # tell in trial order: the next generation does not depend on who finished first
-            if t.status == "measured":
-                values = [t.metrics.get(o.metric) for o in s.objectives]
-                if any(v is None for v in values):
-                    study.tell(ot, state=TrialState.FAIL)
-                    continue
-                for i, c in enumerate(s.budget):
-                    ot.set_constraint(f"{i}:{c}", c.violation(t.metrics, base_metrics) or 0.0)
-                study.tell(ot, values)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+        # NSGA-II ranks feasible trials (every constraint value <= 0) before infeasible ones
+        sampler = optuna.samplers.NSGAIISampler(population_size=s.population, seed=s.seed)
+        study = optuna.create_study(directions=["maximize" if o.direction == "max" else "minimize" for o in s.objectives],
+                                    sampler=sampler)
+        worker = f"{socket.gethostname()}:{os.getpid()}"
+        trials: list[Trial] = []
+        for gen_start in range(0, s.trials, s.population):
+            batch = []
+            for n in range(gen_start, min(gen_start + s.population, s.trials)):
+                ot = study.ask()
+                t = Trial(n, {})
+                try:
+                    t.recipe = s.space.sample(ot, widths, name=f"t{n:03d}")
+                except LeanfmError as e:
+                    t.status, t.reason = "invalid", str(e)
+                t.params = dict(ot.params)
+                batch.append((ot, t))
+            # measure the generation (claims make a resumed or shared run skip finished ones)
+            if pool is None:
+                measured = []
+                for _, t in batch:
+                    _measure(s, t, store, runner, sid, worker, base_pred, base_metrics)
+                    measured.append(t)
+                    progress.info(f"search trial {t.number + 1}/{s.trials}: {_line(t)}")
             else:
-                study.tell(ot, state=TrialState.PRUNED if t.status in ("rejected", "stopped") else TrialState.FAIL)
-    return _finish(s, trials, runner, sid, base_metrics, store)
+                measured = pool.map([t for _, t in batch], (s, store.path, mhash, sid, base_pred, base_metrics, runner.baseline_dirs))
+                for t in measured:
+                    progress.info(f"search trial {t.number + 1}/{s.trials}: {_line(t)}")
+            batch = [(ot, t) for (ot, _), t in zip(batch, measured)]
+            trials.extend(measured)
+            for ot, t in batch:  # tell in trial order: the next generation does not depend on who finished first
+                if t.status == "measured":
+                    values = [t.metrics.get(o.metric) for o in s.objectives]
+                    if any(v is None for v in values):
+                        study.tell(ot, state=TrialState.FAIL)
+                        continue
+                    for i, c in enumerate(s.budget):
+                        ot.set_constraint(f"{i}:{c}", c.violation(t.metrics, base_metrics) or 0.0)
+                    study.tell(ot, values)
+                else:
+                    study.tell(ot, state=TrialState.PRUNED if t.status in ("rejected", "stopped") else TrialState.FAIL)
+        return _finish(s, trials, runner, sid, base_metrics, store)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def measure_in_worker(t: "Trial", s: "Search", store_path, mhash: str, sid: str, base_pred: dict, base_metrics: dict,
+                      baseline_dirs: dict) -> "Trial":
+    """One trial in an executor's worker process (its own store connection and runner)."""
+    import torch
+
+    torch.set_num_threads(s.protocol.threads)
+    store = Store(store_path)
+    runner = _Runner(s, store, mhash, sid)
+    runner.baseline_dirs = dict(baseline_dirs)
+    _measure(s, t, store, runner, sid, f"{socket.gethostname()}:{os.getpid()}", base_pred, base_metrics)
+    store.close()
+    return t
 
 
 def _measure(s: Search, t: Trial, store: Store, runner: _Runner, sid: str, worker: str,
@@ -362,7 +396,8 @@ def _finish(s: Search, trials: list[Trial], runner: _Runner, sid: str, base_metr
     result = {"schema": SCHEMA, "search_id": sid, "model": s.model, "budget": [str(c) for c in s.budget],
               "objectives": [str(o) for o in s.objectives], "seed": s.seed, "trials_requested": s.trials,
               "population": s.population, "protocol": s.protocol.to_dict(), "hardware": s.hardware, "executor": s.executor,
-              "counts": counts, "measured_now": runner.measured, "cached": runner.cached,
+              "counts": counts, "measured_now": sum(t.status in ("measured", "stopped") and not t.cached for t in trials),
+              "cached": sum(t.status in ("measured", "stopped") and t.cached for t in trials),
               "baseline": base_metrics, "trials": [t.to_dict() for t in trials],
               "front": [t.number for t in front]}
     tmp = s.out / "search.json.tmp"
