@@ -113,3 +113,47 @@ def test_ray_missing_or_unreachable_is_one_line(tiny_model_dir, tiny_text, tmp_p
                    "--executor", "ray", "--address", "127.0.0.1:1")
     err = capsys.readouterr().err
     assert code == 2 and "cannot connect to the Ray cluster at --address 127.0.0.1:1" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_kill_9_mid_search_then_rerun_measures_every_trial_once(tiny_model_dir, tiny_text, tmp_path):
+    """The acceptance's interruption: SIGKILL once a trial is finished, the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from collections import Counter
+
+    from leanfm.search.store import Store
+
+    out, store_path = tmp_path / "s", tmp_path / "store.sqlite"
+    cmd = [sys.executable, "-m", "leanfm.cli", "search", "--model", str(tiny_model_dir), "--dataset", str(tiny_text),
+           "--calib-dataset", str(tiny_text), "--out", str(out), "--store", str(store_path), *FAST,
+           "--methods", "rtn,magnitude", "--trials", "4", "--population", "2", "--require", "int-weights",
+           "--budget", "ppl_increase<=300%"]
+    env = {**os.environ, "LEANFM_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    done = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if store_path.exists():
+            with Store(store_path) as st:
+                rows = st._rows("SELECT state FROM trials", ())
+            done = sum(r["state"] == "done" for r in rows)
+            if done >= 1:
+                break
+    assert proc.poll() is None, "the search ended before it could be killed; give it more trials"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert done >= 1 and not (out / "search.json").exists()
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
+    res = json.loads((out / "search.json").read_text())
+    assert len(res["trials"]) == 4
+    with Store(store_path) as st:
+        log = st.measurements(res["search_id"])
+        trials = st.trials(res["search_id"])
+    assert all(t["state"] in ("done", "rejected", "failed") for t in trials) and len(trials) == 4
+    per_key = Counter((m["recipe"], m["protocol"]) for m in log)
+    assert per_key and max(per_key.values()) == 1, per_key  # no measurement made twice
+    assert res["cached"] >= 1  # what the killed run finished was reused

@@ -151,7 +151,7 @@ class _Runner:
                     else f"scaled to this stage's {proto.max_eval_tokens} evaluation tokens")
         return c
 
-    def bench_one(self, recipe: Recipe, stage: int, out: Path) -> dict:
+    def bench_one(self, recipe: Recipe, stage: int, out: Path, trial: int | None = None) -> dict:
         from ..bench import bench
 
         proto = self.protocols[stage]
@@ -167,6 +167,8 @@ class _Runner:
         if run.get("status") == "error":
             raise LeanfmError(run.get("error", "measurement failed"))
         self.measured += 1
+        if stage == 1:  # kept at once: a search killed before stage 2 finds it again (stage 2 is stored with its trial)
+            self.store.put(key, run, self.sid, trial)
         return {**run, "_cached": False, "_key": key}
 
     def baseline(self, stage: int) -> dict:
@@ -336,15 +338,15 @@ def _measure(s: Search, t: Trial, store: Store, runner: _Runner, sid: str, worke
         return
     try:
         out = s.out / "trials" / f"t{t.number:03d}"
-        r1 = runner.bench_one(t.recipe, 1, out / "stage1")
+        r1 = runner.bench_one(t.recipe, 1, out / "stage1", t.number)
         t.stage, t.metrics, t.cached = 1, r1["metrics"], r1["_cached"]
         quality = [c for c in s.budget if METRICS[c.metric].group == "quality"]
         missed = [c for c in quality if (c.violation(t.metrics, base_metrics) or 0) > s.stop_margin]
         if missed:
             t.status, t.reason = "stopped", f"short quality pass: {missed[0].metric} {t.metrics.get(missed[0].metric):.4g} misses {missed[0]} by more than {s.stop_margin:.0%}"
-            store.finish(sid, t.number, result=_result(t), key=r1["_key"], run=_plain_run(r1))
+            store.finish(sid, t.number, result=_result(t))  # its stage-1 run is already in the store
             return
-        r2 = runner.bench_one(t.recipe, 2, out / "stage2")
+        r2 = runner.bench_one(t.recipe, 2, out / "stage2", t.number)
         t.stage, t.metrics, t.cached = 2, r2["metrics"], t.cached and r2["_cached"]
         t.status = "measured"
         t.feasible = all(c.holds(t.metrics, base_metrics) for c in s.budget)
