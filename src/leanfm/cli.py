@@ -211,12 +211,14 @@ def cmd_bench(a) -> int:
 def cmd_search(a) -> int:
     from .outdir import default_out
     from .search.cli_search import build, render
+    from .search.report import write_search_report
     from .search.run import run_search
 
     a.out = a.out or str(default_out("search"))
     res = run_search(build(a, _protocol(a), a.calib_samples, a.calib_seqlen, a.calib_dataset))
     print(render(res))
     print(f"search: {Path(a.out) / 'search.json'}; Pareto recipes: {Path(a.out) / 'front'}")
+    print(f"report: {write_search_report(a.out)}")
     return 0
 
 
@@ -331,6 +333,13 @@ def cmd_report(a) -> int:
     from . import results as res
     from .report import print_table, write_report
 
+    if (Path(a.dir) / "search.json").is_file():  # a leanfm search directory
+        from .search.cli_search import render
+        from .search.report import load, write_search_report
+
+        print(render(load(a.dir)))
+        print(f"report: {write_search_report(a.dir)}")
+        return 0
     data = res.read(a.dir)
     print_table(data)
     print(f"report: {write_report(data, a.dir)}")
@@ -432,8 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calib(s)
     s.set_defaults(fn=cmd_search)
 
-    s = sub.add_parser("report", help="(re)build report.html from a results directory")
-    s.add_argument("dir", help="directory holding results.json")
+    s = sub.add_parser("report", help="(re)build report.html from a results directory (leanfm bench/eval or leanfm search)")
+    s.add_argument("dir", help="directory holding results.json, or search.json")
     s.set_defaults(fn=cmd_report)
     return p
 
