@@ -28,12 +28,21 @@ $(STAMP): pyproject.toml Makefile
 	$(LINK_DATA)
 	touch $(STAMP)
 
-# The tests also exercise the CPU runtimes leanfm measures in (llama.cpp, ONNX Runtime): installed
+# The search report's browser test opens the page in Debian's chromium (driven by playwright, which
+# cannot download its own browser here): installed with apt when missing, as root or through sudo.
+INSTALL_CHROMIUM = if ! command -v chromium >/dev/null 2>&1; then \
+	if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "chromium is missing and this is not root (no sudo): run 'apt-get install -y chromium' as root," \
+	  "else the search report's browser test is skipped"; fi; fi
+
+# The tests also exercise the CPU runtimes leanfm measures in (llama.cpp, ONNX Runtime) and Ray: installed
 # here, not by `make run`, because llama-cpp-python compiles llama.cpp (8-15 min on 2 cores, once).
 TEST_STAMP := $(VENV)/.leanfm-test-extras
 $(TEST_STAMP): $(STAMP)
 	@echo "installing the test extras (llama-cpp-python compiles llama.cpp from source the first time: 8-15 minutes on 2 cores)"
-	$(PIP) install -q -e '.[dev,llamacpp,onnx]'
+	$(PIP) install -q -e '.[dev,llamacpp,onnx,ray]'
+	$(INSTALL_CHROMIUM)
 	touch $(TEST_STAMP)
 
 run: setup

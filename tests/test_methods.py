@@ -35,6 +35,7 @@ MATRIX: list[dict] = [  # one step per row; hidden 64, GQA 4/2, 2 layers: small 
     {"method": "gptq", "bits": 4, "group_size": 32, "backend": "reference"},
     {"method": "awq", "bits": 4, "group_size": 32, "n_grid": 4, "backend": "reference"},
     {"method": "hqq", "bits": 4, "group_size": 32, "iters": 3, "backend": "reference"},
+    {"method": "mixed_precision", "avg_bits": 5.5, "formats": ["w4", "w4g32", "w8"], "backend": "reference"},
     {"method": "smoothquant"},
     {"method": "magnitude", "sparsity": 0.5},
     {"method": "wanda", "pattern": "2:4"},

@@ -153,6 +153,7 @@ def methods_markdown() -> str:
                 f"calibration: {calib}; predictor: {'priced' if d['priced'] else 'not priced'}"
                 + (f"; adds metrics: {', '.join(f'`{x}`' for x in d['adds_metrics'])}" if d["adds_metrics"] else ""),
                 "- parameters: " + (", ".join(f"`{p['name']}` ({p['type']}, default `{p['default']!r}`)" for p in d["parameters"]) or "none"),
+                "- search space: " + ("; ".join(f"`{k}` {v}" for k, v in d["search_space"].items()) or "no"),
                 ""]
         rest = inspect.cleandoc(cls.__doc__ or "").split("\n\n", 1)
         if len(rest) > 1:
@@ -204,6 +205,20 @@ def cmd_bench(a) -> int:
     print_table(results)
     report = write_report(results, out)
     print(f"results: {out / 'results.json'}\nreport:  {report}")
+    return 0
+
+
+def cmd_search(a) -> int:
+    from .outdir import default_out
+    from .search.cli_search import build, render
+    from .search.report import write_search_report
+    from .search.run import run_search
+
+    a.out = a.out or str(default_out("search"))
+    res = run_search(build(a, _protocol(a), a.calib_samples, a.calib_seqlen, a.calib_dataset))
+    print(render(res))
+    print(f"search: {Path(a.out) / 'search.json'}; Pareto recipes: {Path(a.out) / 'front'}")
+    print(f"report: {write_search_report(a.out)}")
     return 0
 
 
@@ -318,6 +333,13 @@ def cmd_report(a) -> int:
     from . import results as res
     from .report import print_table, write_report
 
+    if (Path(a.dir) / "search.json").is_file():  # a leanfm search directory
+        from .search.cli_search import render
+        from .search.report import load, write_search_report
+
+        print(render(load(a.dir)))
+        print(f"report: {write_search_report(a.dir)}")
+        return 0
     data = res.read(a.dir)
     print_table(data)
     print(f"report: {write_report(data, a.dir)}")
@@ -408,8 +430,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the recipes as JSON")
     s.set_defaults(fn=cmd_recipes)
 
-    s = sub.add_parser("report", help="(re)build report.html from a results directory")
-    s.add_argument("dir", help="directory holding results.json")
+    s = sub.add_parser("search", help="search recipes under a budget (predictor-screened, NSGA-II) and return the Pareto set")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local HF directory or hub id (default {DEFAULT_MODEL})")
+    s.add_argument("--out", default=None, help="output directory (default runs/search-<timestamp>); run the same command "
+                   "with the same --out to resume an interrupted search")
+    from .search.cli_search import add_arguments as add_search_arguments
+
+    add_search_arguments(s)
+    _add_protocol(s)
+    _add_calib(s)
+    s.set_defaults(fn=cmd_search)
+
+    s = sub.add_parser("report", help="(re)build report.html from a results directory (leanfm bench/eval or leanfm search)")
+    s.add_argument("dir", help="directory holding results.json, or search.json")
     s.set_defaults(fn=cmd_report)
     return p
 

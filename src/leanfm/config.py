@@ -27,7 +27,8 @@ class BaseConfig:
     ``check_model`` (fit to a model), ``handler`` (``"module:function"``, imported on first
     apply), ``needs_calibration``, ``produces`` (what the step leaves in the model, one of
     :data:`PRODUCES`), ``adds_metrics`` (metrics its runs report beyond the protocol's), and
-    ``effect`` (what it does to cost, for the predictor). The first docstring line is its
+    ``effect`` (what it does to cost, for the predictor), ``search_space`` (what a recipe search
+    may vary, :mod:`leanfm.space`). The first docstring line is its
     description in ``leanfm methods``.
     """
 
@@ -36,6 +37,7 @@ class BaseConfig:
     needs_calibration: ClassVar[bool] = False
     produces: ClassVar[str] = ""
     adds_metrics: ClassVar[tuple[str, ...]] = ()
+    search_space: ClassVar[dict] = {}  # parameter -> leanfm.space.Choice | Range (empty: not searched)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -75,7 +77,8 @@ class BaseConfig:
         return {"method": cls.method, "description": " ".join(doc.split("\n\n")[0].split()),
                 "config": cls.__name__, "needs_calibration": _class_flag(cls, "needs_calibration"),
                 "produces": cls.produces, "adds_metrics": list(cls.adds_metrics),
-                "priced": cls.effect is not BaseConfig.effect, "parameters": params}
+                "priced": cls.effect is not BaseConfig.effect, "parameters": params,
+                "search_space": {k: str(v) for k, v in cls.search_space.items()}}
 
 
 # What a step leaves in the model (``produces``): the storage format it writes or what it attaches.

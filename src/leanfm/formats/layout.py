@@ -53,3 +53,16 @@ def layout_unsupported(backend: str, lay: Layout, symmetric: bool) -> str | None
         return (f"{backend} runs 8-bit symmetric per-channel weights only (got {lay.bits} bits, group {lay.group_size}, "
                 f"symmetric={symmetric})")
     return None
+
+
+def stored_weight_bytes(bits: int, group_size: int | None, in_features: int, out_features: int) -> int:
+    """Bytes leanfm stores for one packed linear's weight, whatever backend runs it: the codes
+    (:func:`storage_bits` per weight, so 2- and 3-bit codes take a nibble like 4-bit ones), an fp32
+    scale and a uint8 zero point per (row, group) (symmetric grids store their zero too). These are
+    the ``reference`` backend's buffers and the leanfm-quant checkpoint's tensors exactly; a fast
+    backend adds its own kernel copy on top (``predict/formats.leanfm_quant_bytes``). No bias."""
+    g = in_features if group_size in (None, -1) else int(group_size)
+    if g <= 0 or in_features % g:
+        raise LeanfmError(f"group_size {group_size} does not divide in_features {in_features}")
+    codes = out_features * in_features * storage_bits(bits) // 8
+    return codes + out_features * (in_features // g) * (4 + 1)

@@ -77,11 +77,26 @@ def open_session(name: str, path: Path, threads: int, n_ctx: int):
     raise LeanfmError(f"--runtime {name} has no measurement session in leanfm yet")
 
 
+def _grids(step) -> list[tuple[int, int | None, bool]]:
+    """Every (bits, group_size, symmetric) grid a quantizing step may write (a mixed-precision
+    step declares several through ``grids()``)."""
+    if hasattr(step, "grids"):
+        return list(step.grids())
+    return [(step.bits, step.group_size, bool(step.symmetric))]
+
+
 def _llama_cpp_grid_problem(step, gguf_type: str) -> str | None:
-    """Why a quantizing step's grid cannot go into a GGUF of ``gguf_type`` unchanged (None if it can)."""
+    """Why a quantizing step's grids cannot go into a GGUF of ``gguf_type`` unchanged (None if they can)."""
+    for bits, gs, sym in _grids(step):
+        why = _llama_cpp_one_grid(bits, gs, sym, gguf_type)
+        if why:
+            return why
+    return None
+
+
+def _llama_cpp_one_grid(bits: int, gs: int | None, sym: bool, gguf_type: str) -> str | None:
     from ..formats.gguf_blocks import TYPES, fitting_types, grid_problem
 
-    bits, gs, sym = step.bits, step.group_size, bool(step.symmetric)
     if gguf_type in TYPES:
         return grid_problem(bits, gs, sym, gguf_type)
     if gguf_type in ("f32", "f16"):
@@ -114,8 +129,8 @@ def check_recipes(name: str, recipes, gguf_type: str = "auto") -> None:
                     why = f"{st.method} quantizes activations, which a {name} file cannot express"
                 elif name == "llama.cpp":
                     why = _llama_cpp_grid_problem(st, gguf_type)
-                elif name == "onnxruntime" and st.bits not in (4, 8):
-                    why = f"MatMulNBits holds 4- or 8-bit codes, not {st.bits}-bit"
+                elif name == "onnxruntime" and any(g[0] not in (4, 8) for g in _grids(st)):
+                    why = f"MatMulNBits holds 4- or 8-bit codes, not {next(g[0] for g in _grids(st) if g[0] not in (4, 8))}-bit"
             if why:
                 raise LeanfmError(f"recipe {r.name} cannot be measured in --runtime {name}: {why}; "
                                   + (f"for llama.cpp use a step such as {fitting_step()}" if name == "llama.cpp" and produces == "int-weights"

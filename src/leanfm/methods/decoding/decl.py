@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ...config import BaseConfig
 from ...errors import LeanfmError
 from ..effects import SpecDecode
+from ...space import Choice, Range
 
 SPECIAL_DRAFTS = ("self", "prompt_lookup")
 CRITERIA = ("softmax", "state")  # early-exit confidence measures
@@ -38,6 +39,8 @@ class SpeculativeConfig(BaseConfig):
     temperature: 0 = greedy; > 0 samples (speculative sampling). top_k: optional top-k filter.
     ngram_max: for draft "prompt_lookup": longest n-gram matched (down to 1).
     """
+
+    search_space = {"k": Choice(2, 3, 4, 6)}
 
     method = "speculative"
     handler = "leanfm.methods.decoding.policy:apply_speculative"
@@ -99,6 +102,8 @@ class EarlyExitConfig(BaseConfig):
         matmul (for SmolLM2 about 8 decoder layers of work): keep checks rare.
     criterion: "softmax" or "state".
     """
+
+    search_space = {"threshold": Range(0.8, 0.98, step=0.02)}
 
     method = "early_exit"
     handler = "leanfm.methods.decoding.policy:apply_early_exit"

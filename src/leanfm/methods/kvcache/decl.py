@@ -13,6 +13,7 @@ from typing import ClassVar
 from ...config import BaseConfig
 from ...errors import LeanfmError
 from ..effects import KVSpec
+from ...space import Choice, Range
 
 
 def _positive(name: str, value: int) -> None:
@@ -53,6 +54,8 @@ class StreamingLLMConfig(KVPolicyConfig):
         drift ever further away as the stream grows).
     """
 
+    search_space = {"budget": Choice(128, 256, 512, 1024)}
+
     method = "streaming_llm"
     runs_on: ClassVar[str] = "transformers Cache (torch eviction: sinks + window)"
     budget: int = 512
@@ -85,6 +88,8 @@ class H2OConfig(KVPolicyConfig):
     budget: cached tokens per full-attention layer and KV head.
     recent_ratio: share of the budget given to the most recent tokens, in (0, 1] (paper: 0.5).
     """
+
+    search_space = {"budget": Choice(128, 256, 512, 1024)}
 
     method = "h2o"
     needs_scores = True
@@ -119,6 +124,8 @@ class TOVAConfig(KVPolicyConfig):
     A prompt longer than the budget is compressed once by its last query's attention.
     """
 
+    search_space = {"budget": Choice(128, 256, 512, 1024)}
+
     method = "tova"
     needs_scores = True
     runs_on: ClassVar[str] = "transformers Cache + eager attention score hooks (torch eviction)"
@@ -146,6 +153,8 @@ class SnapKVConfig(KVPolicyConfig):
     window: observation window (last prompt queries that vote). kernel: odd pooling width.
     pooling: "max" or "avg".
     """
+
+    search_space = {"budget": Choice(128, 256, 512, 1024)}
 
     method = "snapkv"
     needs_scores = True
@@ -184,6 +193,8 @@ class KVQuantConfig(KVPolicyConfig):
     (a group is ``group_size`` consecutive tokens of one channel, KIVI; the newest fewer than
     ``group_size`` tokens stay in full precision until their group is complete).
     """
+
+    search_space = {"bits": Choice(4, 8)}
 
     method = "kv_quant"
     runs_on: ClassVar[str] = "transformers Cache, uint8 codes (int4 packed) dequantized in torch per step"

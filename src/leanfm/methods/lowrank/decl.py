@@ -12,6 +12,7 @@ from ...errors import LeanfmError
 from ..effects import LowRankSpec, Rule
 from ..structured.decl import check_fraction
 from .rank import rank_for, saves_params
+from ...space import Choice, Range
 
 SCALINGS = ("whiten", "diag")
 
@@ -26,6 +27,8 @@ class SVDConfig(BaseConfig):
     Precedence: rank, then rank_ratio, then param_ratio (default 0.7).
     skip / only: layer name patterns, as for the quantizers (lm_head skipped by default).
     """
+
+    search_space = {"param_ratio": Range(0.5, 0.95, step=0.05)}
 
     method = "svd"
     handler = "leanfm.methods.lowrank.lowrank:apply_svd"

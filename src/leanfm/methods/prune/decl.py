@@ -12,6 +12,7 @@ from ...config import BaseConfig
 from ...errors import LeanfmError
 from ..effects import JointRule, QuantSpec, Rule, SparsitySpec
 from ..quantize.decl import check_bits, check_obs_params
+from ...space import Choice, Range
 
 ALLOCATIONS = ("uniform", "owl")
 BACKENDS = ("masked", "csr")
@@ -148,6 +149,9 @@ class PruneConfig(BaseConfig):
 class MagnitudeConfig(PruneConfig):
     """Magnitude pruning: drop the smallest |W| of each layer (no calibration data)."""
 
+    search_space = {"pattern": Choice("unstructured", "2:4"),
+                    "sparsity": Range(0.1, 0.6, step=0.05, when={"pattern": "unstructured"})}
+
     method = "magnitude"
     handler = "leanfm.methods.prune.sparsity:apply_magnitude"
 
@@ -155,6 +159,9 @@ class MagnitudeConfig(PruneConfig):
 @dataclass
 class WandaConfig(PruneConfig):
     """Wanda (Sun et al., 2023): drop the smallest |W_ij|·||X_j|| of each output row."""
+
+    search_space = {"pattern": Choice("unstructured", "2:4"),
+                    "sparsity": Range(0.1, 0.6, step=0.05, when={"pattern": "unstructured"})}
 
     method = "wanda"
     handler = "leanfm.methods.prune.sparsity:apply_wanda"
@@ -170,6 +177,9 @@ class SparseGPTConfig(PruneConfig):
     bits: if set (2..8), also quantize the kept weights jointly (written back fake-quantized).
     group_size / symmetric: the joint quantization grid, as for GPTQ (null = per output channel).
     """
+
+    search_space = {"pattern": Choice("unstructured", "2:4"),
+                    "sparsity": Range(0.1, 0.6, step=0.05, when={"pattern": "unstructured"})}
 
     method = "sparsegpt"
     handler = "leanfm.methods.prune.sparsity:apply_sparsegpt"

@@ -12,6 +12,7 @@ from ...config import BaseConfig
 from ...errors import LeanfmError
 from ...formats.layout import BACKEND_NAMES
 from ..effects import QuantSpec, Rule
+from ...space import Choice, Range
 
 BACKEND_CHOICES = ("auto", "fake", *BACKEND_NAMES)
 
@@ -124,6 +125,9 @@ class RTNConfig(BlockGridConfig):
     bit for bit; gptq and awq take the same field and choose their codes on those blocks.
     """
 
+    search_space = {"bits": Choice(3, 4, 8), "group_size": Choice(32, 64, None, divides="in_features"),
+                    "symmetric": Choice(True, False)}
+
     method = "rtn"
     handler = "leanfm.methods.quantize.rtn:apply_rtn"
     bits: int = 8
@@ -142,6 +146,9 @@ class GPTQConfig(BlockGridConfig):
     (see rtn), so the codes go into that GGUF type unchanged; GPTQ then picks the codes.
     Layers outside the decoder stack (e.g. an unskipped lm_head) fall back to RTN.
     """
+
+    search_space = {"bits": Choice(3, 4, 8), "group_size": Choice(32, 64, None, divides="in_features"),
+                    "symmetric": Choice(True, False), "act_order": Choice(False, True)}
 
     method = "gptq"
     handler = "leanfm.methods.quantize.gptq:apply_gptq"
@@ -166,6 +173,8 @@ class AWQConfig(BlockGridConfig):
     rounding: ``llama.cpp`` quantizes (and scores the searches) on llama.cpp's block grid (see rtn).
     """
 
+    search_space = {"bits": Choice(3, 4), "group_size": Choice(32, 64, divides="in_features")}
+
     method = "awq"
     handler = "leanfm.methods.quantize.awq:apply_awq"
     needs_calibration = True
@@ -188,6 +197,8 @@ class HQQConfig(WeightQuantConfig):
     iters: half-quadratic iterations (paper: 20). p: the l_p norm of the error (paper: 0.7).
     beta, kappa: initial penalty and its growth factor per iteration (paper: 10, 1.01).
     """
+
+    search_space = {"bits": Choice(3, 4), "group_size": Choice(32, 64, divides="in_features")}
 
     method = "hqq"
     handler = "leanfm.methods.quantize.hqq:apply_hqq"
@@ -214,6 +225,8 @@ class SmoothQuantConfig(WeightQuantConfig):
 
     alpha: migration strength in [0, 1] (paper: 0.5 for most models).
     act_bits: activation bits (per-token dynamic). Weights: ``bits`` per output channel, symmetric."""
+
+    search_space = {"alpha": Range(0.3, 0.8, step=0.1)}
 
     method = "smoothquant"
     handler = "leanfm.methods.quantize.smoothquant:apply_smoothquant"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ...config import BaseConfig
 from ...errors import LeanfmError
+from ...space import Choice, Range
 
 
 def check_fraction(name: str, value, allow_zero: bool = False) -> None:
@@ -31,6 +32,8 @@ class LayerDropConfig(BaseConfig):
         (25% of SmolLM2's 30 layers drops 8; at least one layer is dropped);
     count: number of layers to drop (>= 1, fewer than the model has).
     """
+
+    search_space = {"fraction": Range(0.05, 0.35, step=0.05)}
 
     method = "layerdrop"
     handler = "leanfm.methods.structured.layerdrop:apply_layerdrop"
@@ -74,6 +77,8 @@ class WidthPruneConfig(BaseConfig):
     mlp_fraction: share of MLP intermediate channels to remove, in [0, 1), rounded half up.
     At least one of the two must be > 0.
     """
+
+    search_space = {"mlp_fraction": Range(0.05, 0.5, step=0.05)}
 
     method = "width"
     handler = "leanfm.methods.structured.width:apply_width"

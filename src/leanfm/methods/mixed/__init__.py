@@ -1,0 +1,1 @@
+"""Per-layer mixed-precision weight quantization (sensitivity scores + a knapsack over formats)."""

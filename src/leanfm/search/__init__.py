@@ -1,0 +1,1 @@
+"""Recipe search (``leanfm search``): budgets, objectives and the Pareto set of measured recipes."""
