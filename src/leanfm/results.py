@@ -38,18 +38,23 @@ def write(results: dict, out_dir: str | Path) -> Path:
     return path
 
 
-def read(path_or_dir: str | Path) -> dict:
-    p = Path(path_or_dir)
-    if p.is_dir():
-        p = p / "results.json"
+def read_json(p: Path, name: str, writer: str):
+    """The JSON in ``p`` (a ``name`` file: results.json, search.json), or a one-line LeanfmError naming what is wrong."""
     if not p.is_file():
-        raise LeanfmError(f"no results.json at {p}; pass a directory written by leanfm bench")
+        raise LeanfmError(f"no {name} at {p}; pass a directory written by {writer}")
     try:
-        data = json.loads(p.read_text())
+        return json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise LeanfmError(f"{p} is not valid JSON (line {e.lineno}): {e.msg}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise LeanfmError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def read(path_or_dir: str | Path) -> dict:
+    p = Path(path_or_dir)
+    if p.is_dir():
+        p = p / "results.json"
+    data = read_json(p, "results.json", "leanfm bench")
     validate(data, p)
     return data
 

@@ -85,13 +85,12 @@ pre{{background:#f6f6f6;padding:1em;font-size:12px}}img{{margin:1em 1em 0 0}}.no
 <h2>Protocol</h2><pre>{proto}</pre><h2>Environment</h2><pre>{env}</pre></body></html>"""
 
 
-def write_report(results: dict, out_dir: str | Path) -> Path:
-    """Write ``out_dir/report.html`` atomically; a one-line LeanfmError when it cannot be written."""
+def write_page(path: Path, text: str, fix: str) -> Path:
+    """Write ``text`` to ``path`` atomically (a partial file, then a rename); a one-line
+    LeanfmError ending in ``fix`` when it cannot be written."""
     from ..errors import LeanfmError
 
-    path = Path(out_dir) / "report.html"
-    tmp = path.with_name(".report.html.partial")
-    text = render(results)
+    tmp = path.with_name(f".{path.name}.partial")
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
@@ -100,6 +99,11 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise LeanfmError(f"cannot write {path}: {e.strerror or type(e).__name__}; make {Path(out_dir)} writable "
-                          "or copy results.json to a writable directory and run leanfm report there") from None
+        raise LeanfmError(f"cannot write {path}: {e.strerror or type(e).__name__}; {fix}") from None
     return path
+
+
+def write_report(results: dict, out_dir: str | Path) -> Path:
+    """Write ``out_dir/report.html`` atomically; a one-line LeanfmError when it cannot be written."""
+    return write_page(Path(out_dir) / "report.html", render(results),
+                      f"make {Path(out_dir)} writable or copy results.json to a writable directory and run leanfm report there")

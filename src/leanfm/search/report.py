@@ -12,11 +12,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 from pathlib import Path
 
 from ..errors import LeanfmError
 from ..metrics import METRICS
+from ..report.html import write_page
+from ..results import read_json
 from .budget import parse_budget
 
 SCHEMA = "leanfm.search/1"
@@ -73,14 +74,7 @@ def load(out_dir: str | Path) -> dict:
     """``out_dir/search.json``, or a one-line LeanfmError saying what is wrong with it."""
     p = Path(out_dir)
     p = p / "search.json" if p.is_dir() else p
-    if not p.is_file():
-        raise LeanfmError(f"no search.json at {p}; pass a directory written by leanfm search")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise LeanfmError(f"{p} is not valid JSON (line {e.lineno}): {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise LeanfmError(f"cannot read {p}: {getattr(e, 'strerror', None) or e}") from None
+    data = read_json(p, "search.json", "leanfm search")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("trials"), list):
         raise LeanfmError(f"{p} is not a search.json written by leanfm search (schema {SCHEMA}); "
                           "pass the directory of one")
@@ -370,17 +364,5 @@ def write_search_report(out_dir: str | Path) -> Path:
     LeanfmError when search.json cannot be read or the page cannot be written."""
     out = Path(out_dir)
     res = load(out)
-    path = out / "report.html"
-    tmp = path.with_name(".report.html.partial")
-    text = render(res, out / "front")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        raise LeanfmError(f"cannot write {path}: {e.strerror or type(e).__name__}; make {out} writable "
-                          "or copy search.json and front/ to a writable directory and run leanfm report there") from None
-    return path
+    return write_page(out / "report.html", render(res, out / "front"),
+                      f"make {out} writable or copy search.json and front/ to a writable directory and run leanfm report there")

@@ -67,6 +67,8 @@ class PruneConfig(BaseConfig):
     """
 
     produces = "sparse-weights"
+    search_space = {"pattern": Choice("unstructured", "2:4"),
+                    "sparsity": Range(0.1, 0.6, step=0.05, when={"pattern": "unstructured"})}
 
     sparsity: float | None = None
     pattern: str | int = "unstructured"
@@ -149,9 +151,6 @@ class PruneConfig(BaseConfig):
 class MagnitudeConfig(PruneConfig):
     """Magnitude pruning: drop the smallest |W| of each layer (no calibration data)."""
 
-    search_space = {"pattern": Choice("unstructured", "2:4"),
-                    "sparsity": Range(0.1, 0.6, step=0.05, when={"pattern": "unstructured"})}
-
     method = "magnitude"
     handler = "leanfm.methods.prune.sparsity:apply_magnitude"
 
@@ -159,9 +158,6 @@ class MagnitudeConfig(PruneConfig):
 @dataclass
 class WandaConfig(PruneConfig):
     """Wanda (Sun et al., 2023): drop the smallest |W_ij|·||X_j|| of each output row."""
-
-    search_space = {"pattern": Choice("unstructured", "2:4"),
-                    "sparsity": Range(0.1, 0.6, step=0.05, when={"pattern": "unstructured"})}
 
     method = "wanda"
     handler = "leanfm.methods.prune.sparsity:apply_wanda"
@@ -177,9 +173,6 @@ class SparseGPTConfig(PruneConfig):
     bits: if set (2..8), also quantize the kept weights jointly (written back fake-quantized).
     group_size / symmetric: the joint quantization grid, as for GPTQ (null = per output channel).
     """
-
-    search_space = {"pattern": Choice("unstructured", "2:4"),
-                    "sparsity": Range(0.1, 0.6, step=0.05, when={"pattern": "unstructured"})}
 
     method = "sparsegpt"
     handler = "leanfm.methods.prune.sparsity:apply_sparsegpt"

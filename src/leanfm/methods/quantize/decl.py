@@ -30,6 +30,10 @@ def check_obs_params(damp: float, block_size: int) -> None:
         raise LeanfmError(f"block_size={block_size} must be >= 1")
 
 
+# what a search varies for the 3-4-bit grouped quantizers (AWQ, HQQ)
+W34_SPACE = {"bits": Choice(3, 4), "group_size": Choice(32, 64, divides="in_features")}
+
+
 @dataclass
 class WeightQuantConfig(BaseConfig):
     """Fields shared by weight-only quantizers.
@@ -173,7 +177,7 @@ class AWQConfig(BlockGridConfig):
     rounding: ``llama.cpp`` quantizes (and scores the searches) on llama.cpp's block grid (see rtn).
     """
 
-    search_space = {"bits": Choice(3, 4), "group_size": Choice(32, 64, divides="in_features")}
+    search_space = W34_SPACE
 
     method = "awq"
     handler = "leanfm.methods.quantize.awq:apply_awq"
@@ -198,7 +202,7 @@ class HQQConfig(WeightQuantConfig):
     beta, kappa: initial penalty and its growth factor per iteration (paper: 10, 1.01).
     """
 
-    search_space = {"bits": Choice(3, 4), "group_size": Choice(32, 64, divides="in_features")}
+    search_space = W34_SPACE
 
     method = "hqq"
     handler = "leanfm.methods.quantize.hqq:apply_hqq"
