@@ -16,11 +16,10 @@ from torch import nn
 
 from ...errors import LeanfmError
 from ...kernels import backends
-from ..layers import LayerwiseRunner, capture_inputs, group_by_input, targets_in
+from ..layers import capture_inputs, group_by_input
 from ..quantize.common import check_not_quantized, install
-from ..quantize.gptq import check_calibration
-from ..quantize.gptq_math import HessianAccumulator, gptq_quantize
-from ..quantize.grid import dequantize, rtn_quantize
+from ..quantize.gptq import check_calibration, gptq_layerwise
+from ..quantize.grid import rtn_quantize
 from .allocate import allocate
 from .decl import MixedPrecisionConfig, WeightFormat, candidates, check_budget
 from .score import scores_for
@@ -84,30 +83,8 @@ def _quantize_rtn(targets, alloc, symmetric):
 
 
 def _quantize_gptq(model, targets, alloc, cfg, calib):
-    runner = LayerwiseRunner(model, calib)
-    qws, in_layers = {}, set()
-
-    def process(i: int, layer: nn.Module) -> None:
-        mods = targets_in(layer, targets)
-        in_layers.update(mods)
-        hess = runner.collect_inputs(i, mods, lambda m: HessianAccumulator(m.in_features))
-        layer_q = {}
-        for n, m in mods.items():
-            f = alloc[n]
-            layer_q[n] = gptq_quantize(m.weight.detach(), hess[n].H, f.bits, f.group_size, cfg.symmetric, cfg.damp,
-                                       cfg.block_size, cfg.act_order)
-            del hess[n]
-        with torch.no_grad():  # the next layer sees this layer's quantized outputs
-            for n, qw in layer_q.items():
-                targets[n].weight.copy_(dequantize(qw.codes, qw.scale, qw.zero, qw.group_size))
-        qws.update(layer_q)
-
-    runner.run(process, "mixed_precision gptq (layer by layer)")
-    del runner
-    for n, m in targets.items():  # outside the decoder stack (an unskipped lm_head): RTN
-        if n not in in_layers:
-            qws[n] = rtn_quantize(m.weight.detach(), alloc[n].bits, alloc[n].group_size, cfg.symmetric)
-    return qws
+    return gptq_layerwise(model, targets, calib, lambda n: (alloc[n].bits, alloc[n].group_size, cfg.symmetric, "nearest"),
+                          cfg.damp, cfg.block_size, cfg.act_order, label="mixed_precision gptq")
 
 
 def apply_mixed_precision(model: nn.Module, cfg: MixedPrecisionConfig, calib: torch.Tensor) -> dict:

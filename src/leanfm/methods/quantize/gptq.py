@@ -27,10 +27,13 @@ def check_calibration(calib: torch.Tensor, method: str, min_tokens: int = 256) -
         )
 
 
-def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
-    cfg.check_model(model)
-    check_calibration(calib, cfg.method)
-    targets = cfg.targets(model)
+def gptq_layerwise(model: nn.Module, targets: dict, calib: torch.Tensor, grid_of, damp: float, block_size: int,
+                   act_order: bool, label: str = "gptq") -> dict:
+    """GPTQ over the decoder layers in order, each linear on its own grid: ``grid_of(name)`` gives
+    ``(bits, group_size, symmetric, rounding)``. Returns ``{name: QuantizedWeight}``; linears outside
+    the decoder stack (e.g. an unskipped lm_head: no layer inputs collected) get RTN on their grid."""
+    from .grid import dequantize
+
     runner = LayerwiseRunner(model, calib)
     qws = {}
     in_layers = set()
@@ -41,21 +44,26 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
         hess = runner.collect_inputs(i, mods, lambda m: HessianAccumulator(m.in_features))
         layer_q = {}
         for n, m in mods.items():
-            layer_q[n] = gptq_quantize(
-                m.weight.detach(), hess[n].H, cfg.bits, cfg.group_size, cfg.symmetric, cfg.damp, cfg.block_size, cfg.act_order,
-                cfg.rounding)
+            bits, gs, sym, rounding = grid_of(n)
+            layer_q[n] = gptq_quantize(m.weight.detach(), hess[n].H, bits, gs, sym, damp, block_size, act_order, rounding)
             del hess[n]
         # the next layer must see this layer's *quantized* outputs: fake-quant now, pack at the end
         with torch.no_grad():
-            from .grid import dequantize
-
             for n, qw in layer_q.items():
                 targets[n].weight.copy_(dequantize(qw.codes, qw.scale, qw.zero, qw.group_size))
         qws.update(layer_q)
 
-    runner.run(process, "gptq (layer by layer)")
-    for n, m in targets.items():  # e.g. lm_head when not skipped: no layer inputs collected
-        if n not in in_layers:
-            qws[n] = grid_quantize(m.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding)
+    runner.run(process, f"{label} (layer by layer)")
     del runner
+    for n, m in targets.items():
+        if n not in in_layers:
+            qws[n] = grid_quantize(m.weight.detach(), *grid_of(n))
+    return qws
+
+
+def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
+    cfg.check_model(model)
+    check_calibration(calib, cfg.method)
+    grid = (cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding)
+    qws = gptq_layerwise(model, cfg.targets(model), calib, lambda n: grid, cfg.damp, cfg.block_size, cfg.act_order)
     return {**install(model, qws, cfg.backend), "calibration_tokens": int(calib.numel())}
