@@ -137,8 +137,6 @@ class _Runner:
         short_tokens = max(full.seqlen, int((full.max_eval_tokens or 300_000) * s.screen_share))
         self.protocols = {1: dataclasses.replace(full, max_eval_tokens=short_tokens, groups=("quality", "memory")), 2: full}
         self.baseline_dirs: dict[int, Path] = {}
-        self.cached = 0
-        self.measured = 0
 
     def _calib(self, proto: Protocol):
         """Calibration as ``bench`` sizes it for the stage's tokens, unless --calib-samples/--calib-seqlen say."""
@@ -158,7 +156,6 @@ class _Runner:
         key = ResultKey.of(self.model_hash, recipe, {**proto.to_dict(), "stage": stage})
         hit = self.store.get(key)
         if hit is not None:
-            self.cached += 1
             return {**hit, "_cached": True, "_key": key}
         base = self.baseline_dirs.get(stage)
         res = bench(self.s.model, [recipe], proto, out, calib=self._calib(proto), reuse_baseline=base, overwrite=True,
@@ -166,7 +163,6 @@ class _Runner:
         run = res["runs"][-1]
         if run.get("status") == "error":
             raise LeanfmError(run.get("error", "measurement failed"))
-        self.measured += 1
         if stage == 1:  # kept at once: a search killed before stage 2 finds it again (stage 2 is stored with its trial)
             self.store.put(key, run, self.sid, trial)
         return {**run, "_cached": False, "_key": key}
