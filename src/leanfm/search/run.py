@@ -38,7 +38,7 @@ from ..metrics import METRICS
 from ..recipe import Recipe, load_recipe
 from .budget import Constraint, Objective, pareto_front
 from .keys import ResultKey, recipe_hash, search_id as make_search_id
-from .screen import predicted_metrics, screen
+from .screen import DERIVED, predicted_metrics, screen
 from .space import SearchSpace
 from .store import Store
 
@@ -187,8 +187,7 @@ def _check_reachable(s: Search, widths, base_pred: dict, samples: int = 300) -> 
     from ..predict.analyzer import predict
     from ..space import RandomSampler
 
-    predicted = [c for c in s.budget if c.metric in predicted_metrics({"weight_bytes": 1, "decode_tokens_per_s": 1}, base_pred)
-                 or c.metric in base_pred]
+    predicted = [c for c in s.budget if c.metric in base_pred or c.metric in DERIVED]
     if not predicted:
         return
     best: dict[str, float] = {}

@@ -22,6 +22,7 @@ PREDICTED = {
     "energy_j_per_token": "energy_j_per_token", "usd_per_million_tokens": "usd_per_million_tokens",
     "co2_g_per_million_tokens": "co2_g_per_million_tokens",
 }
+DERIVED = ("speedup", "compression_ratio")  # from a prediction and the predicted baseline
 SLACK = {"memory": 0.02}
 DEFAULT_SLACK = 0.25
 
