@@ -37,6 +37,7 @@ MATRIX: list[dict] = [  # one step per row; hidden 64, GQA 4/2, 2 layers: small 
     {"method": "hqq", "bits": 4, "group_size": 32, "iters": 3, "backend": "reference"},
     {"method": "mixed_precision", "avg_bits": 5.5, "formats": ["w4", "w4g32", "w8"], "backend": "reference"},
     {"method": "smoothquant"},
+    {"method": "embed_quant", "bits": 4, "group_size": 32, "symmetric": False},
     {"method": "magnitude", "sparsity": 0.5},
     {"method": "wanda", "pattern": "2:4"},
     {"method": "sparsegpt", "sparsity": 0.5, "backend": "csr"},

@@ -157,3 +157,24 @@ def test_kill_9_mid_search_then_rerun_measures_every_trial_once(tiny_model_dir, 
     per_key = Counter((m["recipe"], m["protocol"]) for m in log)
     assert per_key and max(per_key.values()) == 1, per_key  # no measurement made twice
     assert res["cached"] >= 1  # what the killed run finished was reused
+
+
+def test_rejected_and_stopped_trials_teach_the_sampler_their_violation():
+    """NSGA-II is told a rejected or stopped trial as infeasible by what is known of it (not ignored)."""
+    from types import SimpleNamespace
+
+    from leanfm.search.budget import parse_budget, parse_objectives
+    from leanfm.search.run import Trial, _sampler_view
+
+    s = SimpleNamespace(budget=parse_budget("weight_bytes<=0.3x,ppl_increase<=25%"),
+                        objectives=parse_objectives("decode_tokens_per_s:max,ppl_increase:min"))
+    base_pred, base = {"weight_bytes": 1000.0, "decode_tokens_per_s": 10.0}, {"weight_bytes": 900.0, "decode_tokens_per_s": 8.0,
+                                                                               "ppl_increase": 0.0}
+    rej = Trial(0, {}, status="rejected", predicted={"weight_bytes": 450.0, "decode_tokens_per_s": 12.0})
+    values, viol = _sampler_view(rej, s, base_pred, base)
+    assert values == [12.0, 0.0] and viol[0] == pytest.approx(0.5) and viol[1] == 0.0  # 0.45x against 0.3x of the predicted baseline
+    stopped = Trial(1, {}, status="stopped", metrics={"ppl_increase": 0.5, "weight_bytes": 200.0}, predicted={"decode_tokens_per_s": 9.0})
+    values, viol = _sampler_view(stopped, s, base_pred, base)
+    assert values == [9.0, 0.5] and viol[0] == 0.0 and viol[1] == pytest.approx(1.0)  # measured short pass: 50% against 25%
+    failed = Trial(2, {}, status="failed")
+    assert _sampler_view(failed, s, base_pred, base) is None

@@ -231,7 +231,7 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
                               "(drop --device/--dtype, or use --runtime torch)")
     if (protocol.device, protocol.dtype) != ("cpu", "fp32"):  # before any work: packed layers are fp32-activation CPU kernels
         packing = [r.name for r in recipes for st in r.steps
-                   if getattr(st, "produces", "") == "int-weights" and getattr(st, "backend", "fake") != "fake"]
+                   if getattr(st, "produces", "") in ("int-weights", "int-embeddings") and getattr(st, "backend", "fake") != "fake"]
         if packing:
             what = "--device cuda" if protocol.device == "cuda" else f"--dtype {protocol.dtype}"
             raise LeanfmError(f"{what}: recipe {packing[0]} packs int weights for leanfm's CPU kernels, which choose their own "

@@ -84,6 +84,7 @@ class BaseConfig:
 # What a step leaves in the model (``produces``): the storage format it writes or what it attaches.
 PRODUCES = {
     "int-weights": "integer weight codes with scales (packed for a kernel, or fake-quantized fp32)",
+    "int-embeddings": "the token embedding table as integer codes with scales (shared with a tied LM head)",
     "sparse-weights": "zeroed weights (masked in dense fp32, or CSR)",
     "smaller-dense": "a smaller dense model (layers or channels removed, config rewritten)",
     "low-rank": "each linear replaced by two low-rank factors",

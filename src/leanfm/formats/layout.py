@@ -12,6 +12,9 @@ from ..errors import LeanfmError
 
 BACKEND_NAMES = ("reference", "cpp-int4", "tinygemm-int4", "int8pack")  # backends.BACKENDS (a test keeps them equal)
 AUTO_ORDER = ("cpp-int4", "tinygemm-int4", "int8pack")  # ``backends.auto``: fastest first, then reference
+# backends whose buffers keep each weight row whole (row-major, one row per output), so an
+# embedding lookup can gather rows of the packed table (tinygemm tiles rows together)
+ROW_LOCAL = ("reference", "cpp-int4", "int8pack")
 
 
 @dataclass(frozen=True)

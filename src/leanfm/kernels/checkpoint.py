@@ -22,6 +22,8 @@ from ..formats.quantized import QuantizedWeight
 from . import backends, packing
 from .actquant import ActQuant
 from .modules import set_module
+from ..formats.layout import ROW_LOCAL
+from .qembedding import QuantEmbedding
 from .qlinear import QuantLinear, is_symmetric
 
 MANIFEST = "leanfm-quant.json"
@@ -142,7 +144,7 @@ def read_quant_manifest(path: str | Path) -> dict:
     """``leanfm-quant.json`` of the checkpoint folder ``path``, schema-checked."""
     return read_manifest(Path(path) / MANIFEST, FORMAT_VERSION,
                          {"bits": (int,), "group_size": (int,), "in_features": (int,), "out_features": (int,), "bias": (bool,)},
-                         {"backend": (str, type(None)), "act_bits": (int, type(None))})
+                         {"backend": (str, type(None)), "act_bits": (int, type(None)), "kind": (str,), "tied_head": (str, type(None))})
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
@@ -151,7 +153,19 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     from .fuse import FusedGroup, FusedSlice
 
     fused = {n + ".fused" for n, m in model.named_modules() if isinstance(m, FusedGroup)}
-    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, FusedSlice)) and n not in fused}
+    tables = {id(e.table) for e in quantized_embeddings(model).values()}
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (QuantLinear, FusedSlice)) and n not in fused and id(m) not in tables}
+
+
+def quantized_embeddings(model: nn.Module) -> dict[str, QuantEmbedding]:
+    """Packed token embeddings (embed_quant) by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+
+
+def tied_head_name(model: nn.Module, emb: QuantEmbedding) -> str | None:
+    """The name under which the embedding's packed table also serves as the LM head, if it does."""
+    return next((n for n, m in model.named_modules(remove_duplicate=False) if m is emb.table and not n.endswith(".table")), None)
 
 
 def act_quant_bits(model: nn.Module) -> dict[str, int]:
@@ -164,14 +178,15 @@ def kernel_summary(model: nn.Module) -> str:
     from . import backends
 
     used: dict[str, int] = {}
-    for q in quantized_layers(model).values():
+    for q in [*quantized_layers(model).values(), *(e.table for e in quantized_embeddings(model).values())]:
         used[q.backend.name] = used.get(q.backend.name, 0) + 1
     return "; ".join(f"{backends.BACKENDS[b].kernel} [{b}: {n} layers]" for b, n in used.items())
 
 
 def dense_state(model: nn.Module, qlayers: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
-    """State dict without the quantized layers' buffers (tied tensors stored once)."""
-    prefixes = tuple(n + "." for n in qlayers)
+    """State dict without the quantized layers' and embeddings' buffers (tied tensors stored once)."""
+    embs = quantized_embeddings(model)
+    prefixes = tuple(n + "." for n in [*qlayers, *embs, *filter(None, (tied_head_name(model, e) for e in embs.values()))])
     out, seen = {}, {}
     for k, v in model.state_dict().items():
         if k.startswith(prefixes):
@@ -203,6 +218,13 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
         layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "in_features": q.in_features,
                         "out_features": q.out_features, "bias": q.bias is not None, "backend": q.backend.name,
                         "act_bits": acts.get(name)}
+    for name, e in quantized_embeddings(model).items():
+        qw = e.table.quantized_weight()
+        tensors[f"{name}.qweight"] = packing.pack_codes(qw.codes, qw.bits)
+        tensors.update({f"{name}.{k}": v for k, v in backends.canonical(qw).items()})
+        layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "in_features": e.table.in_features,
+                        "out_features": e.table.out_features, "bias": False, "backend": e.table.backend.name,
+                        "kind": "embedding", "tied_head": tied_head_name(model, e)}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(str(out))
     (out / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "layers": layers}, indent=1))
@@ -233,7 +255,10 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
             old = model.get_submodule(name)
         except AttributeError:
             raise LeanfmError(f"{path / MANIFEST} names layer '{name}', which the model in {path / 'config.json'} does not have; {fix}") from None
-        if not isinstance(old, nn.Linear):
+        embedding = spec.get("kind") == "embedding"
+        if not isinstance(old, nn.Embedding if embedding else nn.Linear):
+            if embedding:
+                raise LeanfmError(f"{path / MANIFEST} names embedding '{name}', which is a {type(old).__name__}, not an embedding; {fix}")
             raise LeanfmError(f"{path / MANIFEST} names layer '{name}', which is a {type(old).__name__}, not a linear layer; {fix}")
         try:
             qw = QuantizedWeight(
@@ -248,6 +273,12 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
                 backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]), is_symmetric(qw)
             ):
                 be = "auto"
+            if embedding and be not in ROW_LOCAL:
+                be = "auto"
+            if embedding and be == "auto":
+                be = next((n for n in backends.AUTO_ORDER if n in ROW_LOCAL and backends.BACKENDS[n].unsupported(
+                    backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]), is_symmetric(qw)) is None),
+                    "reference")
             layer = QuantLinear(qw, bias, be)
         except KeyError as e:
             raise LeanfmError(f"quantized checkpoint {path} lacks tensor {e.args[0]}; the file is incomplete: {REWRITE_HINT}") from None
@@ -256,16 +287,23 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
                               f"(bits {spec['bits']}, group_size {spec['group_size']}: {' '.join(str(e).split())[:160]}); {fix}") from None
         if spec.get("act_bits"):
             layer = ActQuant(layer, spec["act_bits"])
-        set_module(model, name, layer)
+        if embedding:
+            scale = getattr(old, "embed_scale", None)
+            set_module(model, name, QuantEmbedding(layer, None if scale is None else float(scale), old.padding_idx))
+            if spec.get("tied_head"):
+                set_module(model, spec["tied_head"], layer)
+        else:
+            set_module(model, name, layer)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # a shape mismatch
         raise LeanfmError(f"quantized checkpoint {path} does not match its config.json ({' '.join(str(e).split())[:200]}); {fix}") from None
-    qnames = tuple(man["layers"])
+    heads = [sp["tied_head"] for sp in man["layers"].values() if sp.get("tied_head")]
+    qnames = tuple(n + "." for n in [*man["layers"], *heads])
     missing = [k for k in missing if not k.startswith(qnames)]
     if getattr(config, "tie_word_embeddings", False):
         missing = [k for k in missing if k != "lm_head.weight"]
-        if "lm_head" not in man["layers"]:
+        if "lm_head" not in man["layers"] and not heads:
             model.tie_weights()
     if missing or unexpected:
         raise LeanfmError(f"quantized checkpoint {path} does not match its config: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")

@@ -15,11 +15,14 @@ from ..predict.roofline import measured_step
 
 def linear_like(model: nn.Module):
     """Leaf modules that do a per-token matmul: nn.Linear, packed QuantLinear, CSR SparseLinear."""
+    from ..kernels.qembedding import QuantEmbedding
     from ..kernels.qlinear import QuantLinear
     from ..kernels.sparse import SparseLinear
 
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, QuantLinear, SparseLinear)):
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tables = {id(m.table) for m in model.modules() if isinstance(m, QuantEmbedding)} - {id(head)}
+    for m in model.modules():  # a packed embedding table is a lookup, unless it is also the (tied) head
+        if isinstance(m, (nn.Linear, QuantLinear, SparseLinear)) and id(m) not in tables:
             yield m
 
 

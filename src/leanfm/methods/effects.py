@@ -41,6 +41,7 @@ class QuantSpec:
     act_bits: int | None = None  # smoothquant: per-token int activations
     fractional_zero: bool = False  # HQQ: float zero points (stored as fp32)
     simulated: bool = False  # fake-quant: dequantized values written back into the dense weight
+    row_local: bool = False  # embed_quant: a lookup gathers rows, so only backends keeping rows whole
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Piece:
     sparsity: SparsitySpec | None = None
     packed: bool = False  # no longer an nn.Linear (QuantLinear, SparseLinear): later steps skip it
     tied: bool = False  # lm_head sharing the embedding matrix
+    shared: bool = False  # packed as the quantized embedding table itself (embed_quant): stored once
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class Effects:
     width: tuple[float, float] | None = None  # (heads_fraction, mlp_fraction)
     kv: KVSpec | None = None
     speculative: SpecDecode | None = None
+    embed: QuantSpec | None = None  # embed_quant: the token embedding table's grid
     unmodelled: list[str] = field(default_factory=list)
 
     def structure(self, arch):
@@ -164,9 +167,18 @@ class Effects:
                     out.append(pc)
                     continue
                 spec = rule.spec
+                if isinstance(rule, TiedHeadRule) and not pc.tied:
+                    out.append(pc)  # an untied head keeps its own weight
+                    continue
                 if isinstance(spec, QuantSpec):
+                    check_quant_shape(spec, pc)
+                    pc.shared = isinstance(rule, TiedHeadRule)
                     pc.quant, pc.packed = spec, not spec.simulated
                 elif isinstance(spec, SparsitySpec):
+                    if spec.nm and pc.in_features % spec.nm[1]:
+                        raise LeanfmError(f"{spec.method} pattern '{spec.pattern}' needs in_features divisible by {spec.nm[1]}, but "
+                                          f"{pc.name} has {pc.in_features} after the earlier steps; use another pattern or change "
+                                          "the step that sets that width")
                     pc.sparsity, pc.packed = spec, spec.backend == "csr"
                     if isinstance(getattr(rule, "joint", None), QuantSpec):  # pruning with joint fake-quant
                         pc.quant = rule.joint
@@ -183,6 +195,24 @@ class Effects:
                 out.append(pc)
             pieces = out
         return pieces
+
+
+@dataclass(frozen=True)
+class TiedHeadRule(Rule):
+    """embed_quant: a head tied to the embedding (and still dense) becomes the packed table."""
+
+
+def check_quant_shape(spec: QuantSpec, pc: Piece) -> None:
+    """The quantizers' own shape rules, checked on the width the layer has after the earlier
+    steps (a low-rank factor of rank 209, a width-pruned MLP of 1075 channels), so a recipe that
+    would fail to pack is refused before it runs."""
+    n = pc.in_features
+    if spec.group_size is not None and n % spec.group_size:
+        raise LeanfmError(f"{spec.method} group_size {spec.group_size} does not divide in_features {n} of {pc.name} after the "
+                          "earlier steps; use a group size that divides it, or per-channel (group_size: null)")
+    if spec.bits <= 4 and not spec.simulated and n % 2:
+        raise LeanfmError(f"{spec.method} packs {spec.bits}-bit codes two per byte, but {pc.name} has an odd in_features {n} "
+                          "after the earlier steps; change the step that sets that width, or use backend fake")
 
 
 @dataclass(frozen=True)

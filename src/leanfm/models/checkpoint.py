@@ -27,7 +27,8 @@ from torch import nn
 
 from ..errors import LeanfmError, os_reason
 from ..kernels.checkpoint import (
-    REWRITE_HINT, check_tensor_files, dense_state, is_quantized_checkpoint, load_quantized, quantized_layers, save_quantized,
+    REWRITE_HINT, check_tensor_files, dense_state, is_quantized_checkpoint, load_quantized, quantized_embeddings, quantized_layers,
+    save_quantized,
 )
 from ..kernels.lowrank import is_lowrank_checkpoint, load_lowrank, lowrank_layout, save_lowrank
 
@@ -126,6 +127,7 @@ def source_gguf(model: nn.Module, workdir: Path) -> Path | None:
 
 
 def _write(model: nn.Module, out: Path, tokenizer, fmt: str, qlayers, gguf_type: str = "auto") -> None:
+    embs = quantized_embeddings(model)
     if fmt == "gguf":
         from .gguf_export import export_gguf
 
@@ -139,7 +141,7 @@ def _write(model: nn.Module, out: Path, tokenizer, fmt: str, qlayers, gguf_type:
         dense = dense_state(model, qlayers)
         export_compressed_tensors(model.config, dense, {n: q.quantized_weight() for n, q in qlayers.items()}, out, tokenizer)
         return
-    if qlayers:
+    if qlayers or embs:
         save_quantized(model, out, tokenizer)
         return
     if lowrank_layout(model):  # two smaller linears per layer: plain transformers cannot rebuild them
@@ -173,6 +175,9 @@ def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, fmt: str 
     for name in extra_files or {}:
         if not name or os.sep in name or name in (".", "..") or (os.altsep and os.altsep in name):
             raise LeanfmError(f"extra checkpoint file name {name!r} must be a plain file name")
+    if fmt in ("gguf", "compressed-tensors") and quantized_embeddings(model):
+        raise LeanfmError(f"--format {fmt}: leanfm has no {fmt} writer for a packed embedding table (embed_quant) yet; "
+                          "save in leanfm's own format (the default --format) or drop the embed_quant step")
     qlayers = quantized_layers(model)
     if fmt == "compressed-tensors" and not qlayers:
         raise LeanfmError(f"{source} leaves no packed quantized layers; "
@@ -286,7 +291,7 @@ def tensors_file_bytes(model: nn.Module) -> int:
 
     with tempfile.TemporaryDirectory(prefix="leanfm-size-") as d:
         path = os.path.join(d, "model.safetensors")
-        if quantized_layers(model):
+        if quantized_layers(model) or quantized_embeddings(model):
             save_quantized(model, d)
         else:
             save_model(model, path)

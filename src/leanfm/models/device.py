@@ -47,11 +47,11 @@ def describe(device: str, dtype: str) -> dict:
 def place(model: nn.Module, device: str, dtype: str) -> nn.Module:
     """Move ``model`` to ``device`` in ``dtype``. Packed quantized layers stay as they are: they
     are CPU kernels that pick their own activation dtype (the run's ``kernel`` flag says which)."""
-    from ..kernels.checkpoint import quantized_layers
+    from ..kernels.checkpoint import quantized_embeddings, quantized_layers
 
     if (device, dtype) == ("cpu", "fp32"):
         return model
-    if quantized_layers(model):
+    if quantized_layers(model) or quantized_embeddings(model):
         if device == "cuda":
             raise LeanfmError("--device cuda: leanfm's packed int4/int8 layers are CPU kernels; measure a quantized recipe on a "
                               "GPU with --runtime vllm, or use --device cpu")

@@ -31,7 +31,7 @@ from .arch import Arch, load_arch
 from .curves import gemv_seconds, rate_for_rows
 from .formats import DTYPE_BYTES, resolve
 from .kvcache import kv_cache_bytes
-from .recipe_effects import Effects, recipe_effects
+from .recipe_effects import Effects, Piece, check_quant_shape, recipe_effects
 from .roofline import Forward, Plan, Target, forward
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -92,6 +92,10 @@ def build_plan(arch: Arch, eff: Effects, tgt: Target) -> Plan:
         layers.append(layer)
     head = formats("lm_head", a.hidden, a.vocab, False, tied=a.tie)
     embed = a.vocab * a.hidden * tgt.elem_bytes
+    if eff.embed is not None:  # embed_quant: the table's packed bytes (a shared head adds none)
+        piece = Piece("embed_tokens", a.hidden, a.vocab, quant=eff.embed)
+        check_quant_shape(eff.embed, piece)
+        embed = resolve(piece, tgt.profile, tgt.dtype, tgt.kernels).stored_bytes
     norms = a.hidden * (a.norms_per_layer * a.layers + 1) * tgt.elem_bytes
     return Plan(a, layers, head, eff.kv, embed, norms)
 
@@ -100,7 +104,7 @@ def weight_bytes(plan: Plan) -> tuple[float, float]:
     """(all weights held, weights a decode step reads). A tied LM head that stays dense shares
     the embedding matrix (counted once); a packed one is stored beside it."""
     linears = sum(f.stored_bytes for layer in plan.layers for _, _, f in layer)
-    head = sum(f.stored_bytes for pc, f in plan.head if not (pc.tied and not pc.packed))
+    head = sum(f.stored_bytes for pc, f in plan.head if not (pc.tied and (pc.shared or not pc.packed)))
     read = sum(f.read_bytes for layer in plan.layers for _, _, f in layer) + sum(f.read_bytes for _, f in plan.head)
     return plan.embed_bytes + linears + head + plan.norm_bytes, read
 

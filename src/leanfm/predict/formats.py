@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..formats.layout import AUTO_ORDER, Layout, kernel_group, layout_unsupported, storage_bits
+from ..formats.layout import AUTO_ORDER, ROW_LOCAL, Layout, kernel_group, layout_unsupported, storage_bits
 from .recipe_effects import Piece, QuantSpec
 
 DTYPE_BYTES = {"fp32": 4.0, "tf32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
@@ -64,7 +64,7 @@ def leanfm_backend(qs: QuantSpec, in_f: int, out_f: int, offered: list[str]) -> 
         return qs.backend
     lay, symmetric = _layout(qs, in_f, out_f), qs.symmetric and not qs.fractional_zero
     for name in AUTO_ORDER:
-        if name in offered and layout_unsupported(name, lay, symmetric) is None:
+        if name in offered and (name in ROW_LOCAL or not qs.row_local) and layout_unsupported(name, lay, symmetric) is None:
             return name
     return "reference"
 

@@ -10,7 +10,7 @@ listed in ``unmodelled`` with its reason.
 from __future__ import annotations
 
 from ..methods.effects import (Effects, JointRule, KVSpec, LowRankSpec, Piece, QuantSpec, Rule,  # noqa: F401 (re-exported)
-                               SparsitySpec, SpecDecode)
+                               SparsitySpec, SpecDecode, check_quant_shape)
 
 
 def _steps(recipe) -> tuple[str, list]:

@@ -120,6 +120,8 @@ def check_recipes(name: str, recipes, gguf_type: str = "auto") -> None:
             why = None
             if produces in ("kv-policy", "decoding-policy"):
                 why = f"its {st.method} policy runs in leanfm's decode loop, not in {name}'s"
+            elif produces == "int-embeddings":
+                why = f"leanfm writes no {name} file for a packed embedding table ({st.method}) yet"
             elif produces == "low-rank":
                 why = f"{name} files hold one matrix per linear, not {st.method}'s two factors"
             elif produces == "sparse-weights" and backend == "csr":

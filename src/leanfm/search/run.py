@@ -274,20 +274,54 @@ def run_search(s: Search) -> dict:
             batch = [(ot, t) for (ot, _), t in zip(batch, measured)]
             trials.extend(measured)
             for ot, t in batch:  # tell in trial order: the next generation does not depend on who finished first
-                if t.status == "measured":
-                    values = [t.metrics.get(o.metric) for o in s.objectives]
-                    if any(v is None for v in values):
-                        study.tell(ot, state=TrialState.FAIL)
-                        continue
-                    for i, c in enumerate(s.budget):
-                        ot.set_constraint(f"{i}:{c}", c.violation(t.metrics, base_metrics) or 0.0)
-                    study.tell(ot, values)
-                else:
-                    study.tell(ot, state=TrialState.PRUNED if t.status in ("rejected", "stopped") else TrialState.FAIL)
+                told = _sampler_view(t, s, base_pred, base_metrics)
+                if told is None:
+                    study.tell(ot, state=TrialState.FAIL)
+                    continue
+                values, violations = told
+                for i, (c, v) in enumerate(zip(s.budget, violations)):
+                    ot.set_constraint(f"{i}:{c}", v)
+                study.tell(ot, values)
         return _finish(s, trials, runner, sid, base_metrics, store)
     finally:
         if pool is not None:
             pool.close()
+
+
+def _sampler_view(t: Trial, s: Search, base_pred: dict, base_metrics: dict) -> tuple[list[float], list[float]] | None:
+    """What NSGA-II is told of a trial: objective values and one violation per budget bound
+    (> 0: missed by that fraction), or None (told as failed).
+
+    A measured trial gives its measurements. A trial rejected by the predictor or stopped after
+    the short pass is told too, as infeasible by what is known of it (the measured short-pass
+    metrics first, else the prediction, relative bounds against the predicted baseline): NSGA-II
+    ranks infeasible trials by their summed violation alone (Deb's constrained domination), so the
+    next generation breeds from the candidates nearest the budget instead of ignoring them; their
+    objective values (the prediction, else the baseline's) only break ties among equals."""
+    if t.status == "measured":
+        values = [t.metrics.get(o.metric) for o in s.objectives]
+        if any(v is None for v in values):
+            return None
+        return values, [c.violation(t.metrics, base_metrics) or 0.0 for c in s.budget]
+    if t.status not in ("rejected", "stopped"):
+        return None
+    violations = []
+    for c in s.budget:
+        if c.metric in t.metrics:
+            v = c.violation(t.metrics, base_metrics)
+        elif c.metric in t.predicted:
+            v = c.violation(t.predicted, base_pred if c.relative else base_metrics)
+        else:
+            v = None
+        violations.append(v or 0.0)
+    if not any(v > 0 for v in violations):  # told infeasible whatever the numbers say: it was not run to the end
+        violations = [v + 1e-6 for v in violations]
+    values = [_number_or(t.metrics.get(o.metric), t.predicted.get(o.metric), base_metrics.get(o.metric)) for o in s.objectives]
+    return (values, violations) if all(v is not None for v in values) else None
+
+
+def _number_or(*vals) -> float | None:
+    return next((float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
 
 
 def measure_in_worker(t: "Trial", s: "Search", store_path, mhash: str, sid: str, base_pred: dict, base_metrics: dict,
@@ -324,9 +358,11 @@ def _measure(s: Search, t: Trial, store: Store, runner: _Runner, sid: str, worke
     try:
         t.predicted = predicted_metrics(predict(s.model, t.recipe, s.hardware, s.protocol.batch, s.protocol.prompt, s.protocol.gen),
                                         base_pred)
-    except LeanfmError as e:  # not priced: measure it
-        t.predicted = {"error": str(e)}
-    why = screen(s.budget, t.predicted, base_pred, base_metrics) if "error" not in t.predicted else None
+    except LeanfmError as e:  # the baseline was priced, so the recipe itself cannot run as composed
+        t.status, t.reason = "invalid", f"predictor: {e}"  # (e.g. a rank-209 factor that int4 cannot pack)
+        store.finish(sid, t.number, result=_result(t))
+        return
+    why = screen(s.budget, t.predicted, base_pred, base_metrics)
     if why:
         t.status, t.reason = "rejected", why
         store.finish(sid, t.number, result=_result(t))

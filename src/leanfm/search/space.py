@@ -26,8 +26,8 @@ from ..recipe import Recipe, check_composition
 from ..space import Dim, Sampler, applies, dim_from_data, inherit
 
 # what a step produces -> its place in a composed recipe (structure -> pruning -> low rank ->
-# quantization; policies beside the weights)
-ORDER = ("smaller-dense", "sparse-weights", "low-rank", "int-weights", "kv-policy", "decoding-policy")
+# quantization of the linears, then of the embedding table; policies beside the weights)
+ORDER = ("smaller-dense", "sparse-weights", "low-rank", "int-weights", "int-embeddings", "kv-policy", "decoding-policy")
 NONE = "none"
 
 

@@ -10,8 +10,8 @@ from typing import ClassVar
 
 from ...config import BaseConfig
 from ...errors import LeanfmError
-from ...formats.layout import BACKEND_NAMES
-from ..effects import QuantSpec, Rule
+from ...formats.layout import BACKEND_NAMES, ROW_LOCAL
+from ..effects import QuantSpec, Rule, TiedHeadRule
 from ...space import Choice, Range
 
 BACKEND_CHOICES = ("auto", "fake", *BACKEND_NAMES)
@@ -245,3 +245,42 @@ class SmoothQuantConfig(WeightQuantConfig):
             raise LeanfmError(f"alpha={self.alpha} must be in [0, 1]")
         if not 2 <= self.act_bits <= 8:
             raise LeanfmError(f"act_bits={self.act_bits} is not supported; use 2..8")
+
+
+@dataclass
+class EmbedQuantConfig(BaseConfig):
+    """Integer token embeddings: the input embedding table stored as codes on a group grid.
+
+    The table (vocab x hidden; 113 MB of SmolLM2-135M's 538 MB in fp32) is untouched by the
+    linear quantizers. This step rounds it to nearest on the grid given by ``bits``,
+    ``group_size`` (columns of the hidden dimension per scale; null = one scale per token row)
+    and ``symmetric``, as llama.cpp stores ``token_embd``. A lookup dequantizes only the rows
+    it gathers. When the LM head is tied to the embedding (``tie_word_embeddings``) and still a
+    dense linear, the head becomes the same packed table run by an integer kernel: one copy of
+    the codes serves both, as the fp32 tied matrix did. backend: auto | reference | cpp-int4 |
+    int8pack (kernels whose storage keeps each row whole, so a lookup can gather it; auto: the
+    fastest of them that runs the grid here).
+    """
+
+    search_space = {"bits": Choice(4, 8), "group_size": Choice(32, 64, None, divides="in_features")}
+
+    method = "embed_quant"
+    handler = "leanfm.methods.quantize.embedding:apply_embed_quant"
+    produces = "int-embeddings"
+
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    backend: str = "auto"
+
+    def validate(self) -> None:
+        check_bits(self.bits)
+        if self.group_size is not None and self.group_size <= 0:
+            raise LeanfmError(f"group_size={self.group_size} must be positive (or null for one scale per row)")
+        if self.backend not in ("auto", *ROW_LOCAL):
+            raise LeanfmError(f"backend '{self.backend}' cannot gather embedding rows; use one of: auto, {', '.join(ROW_LOCAL)}")
+
+    def effect(self, eff) -> None:
+        spec = QuantSpec(self.method, int(self.bits), self.group_size, bool(self.symmetric), str(self.backend), row_local=True)
+        eff.embed = spec
+        eff.rules.append(TiedHeadRule(spec, (), ("lm_head",)))
