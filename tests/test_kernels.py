@@ -191,3 +191,16 @@ def test_memory_metrics_count_packed_linears():
     assert fp32 == 4 * sum(p.numel() for n, p in dense.named_parameters() if n.endswith("proj.weight"))
     assert 0.125 < packed / fp32 <= 0.3
     assert model_size_on_disk_bytes(m) < size0
+
+
+@pytest.mark.parametrize("in_features", [20, 148, 145])
+def test_int8pack_is_not_used_where_aten_computes_garbage(in_features):
+    """aten._weight_int8pack_mm returns inf/garbage (or crashes) when in_features is not a multiple
+    of 8 on torch 2.13 here; leanfm refuses it and ``auto`` falls back to a correct path."""
+    qw = rtn_quantize(torch.randn(64, in_features), 8, None, True)
+    with pytest.raises(LeanfmError, match="divisible by 32"):
+        QuantLinear(qw, None, "int8pack")
+    ql = QuantLinear(qw, None, "auto")
+    assert ql.backend.name != "int8pack"
+    x = torch.randn(3, in_features)
+    assert torch.allclose(ql(x), F.linear(x, dequantize(qw.codes, qw.scale, qw.zero, in_features)), atol=1e-4)

@@ -178,3 +178,20 @@ def test_rejected_and_stopped_trials_teach_the_sampler_their_violation():
     assert values == [9.0, 0.5] and viol[0] == 0.0 and viol[1] == pytest.approx(1.0)  # measured short pass: 50% against 25%
     failed = Trial(2, {}, status="failed")
     assert _sampler_view(failed, s, base_pred, base) is None
+
+
+def test_invalid_draws_are_refused_by_the_predictor_and_not_counted(tiny_model_dir, tiny_text, tmp_path):
+    """A rank-145 factor cannot hold int4 codes two per byte: the predictor says so in
+    milliseconds, the draw is recorded as invalid and another is drawn in its place."""
+    space = tmp_path / "space.yaml"
+    space.write_text("methods:\n  svd: {param_ratio: [0.505]}\n  rtn: {bits: [4, 8], group_size: [null]}\n"
+                     "require: [low-rank, int-weights]\n")
+    out = tmp_path / "s"
+    assert _search(tiny_model_dir, tiny_text, out, tmp_path / "st.sqlite", "--space", str(space), "--trials", "3",
+                   "--population", "3", "--metrics", "quality,memory", "--objective", "ppl_increase:min,weight_bytes:min") == 0
+    res = json.loads((out / "search.json").read_text())
+    invalid = [t for t in res["trials"] if t["status"] == "invalid"]
+    counted = [t for t in res["trials"] if t["status"] != "invalid"]
+    assert len(counted) == 3 and invalid  # seed 0 draws 4-bit at least once
+    assert all("odd in_features 145" in t["reason"] and t["metrics"] == {} for t in invalid)
+    assert all(t["recipe"]["steps"][1]["bits"] == 8 for t in counted)

@@ -15,6 +15,7 @@ AUTO_ORDER = ("cpp-int4", "tinygemm-int4", "int8pack")  # ``backends.auto``: fas
 # backends whose buffers keep each weight row whole (row-major, one row per output), so an
 # embedding lookup can gather rows of the packed table (tinygemm tiles rows together)
 ROW_LOCAL = ("reference", "cpp-int4", "int8pack")
+INT8PACK_K_MULTIPLE = 32
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,10 @@ def layout_unsupported(backend: str, lay: Layout, symmetric: bool) -> str | None
     if backend == "int8pack" and (lay.bits != 8 or lay.group_size != lay.in_features or not symmetric):
         return (f"{backend} runs 8-bit symmetric per-channel weights only (got {lay.bits} bits, group {lay.group_size}, "
                 f"symmetric={symmetric})")
+    if backend == "int8pack" and lay.in_features % INT8PACK_K_MULTIPLE:
+        # aten._weight_int8pack_mm (torch 2.13, AVX2) returns inf/garbage for K = 4, 12, 20, 36, 145, 146, 148
+        # and can crash the process; every multiple of 8 measured right. 32 leaves room for wider ISAs.
+        return f"{backend} needs in_features divisible by {INT8PACK_K_MULTIPLE}, got {lay.in_features}"
     return None
 
 

@@ -249,28 +249,39 @@ def run_search(s: Search) -> dict:
                                     sampler=sampler)
         worker = f"{socket.gethostname()}:{os.getpid()}"
         trials: list[Trial] = []
-        for gen_start in range(0, s.trials, s.population):
+        drawn = counted = 0
+        slot: dict[int, int] = {}  # draw number -> trial number shown (invalid draws are not trials)
+        while counted < s.trials:
             batch = []
-            for n in range(gen_start, min(gen_start + s.population, s.trials)):
+            while len(batch) < s.population and counted < s.trials:
+                if drawn >= MAX_DRAWS_PER_TRIAL * s.trials:
+                    break
                 ot = study.ask()
-                t = Trial(n, {})
-                try:
-                    t.recipe = s.space.sample(ot, widths, name=f"t{n:03d}")
-                except LeanfmError as e:
-                    t.status, t.reason = "invalid", str(e)
-                t.params = dict(ot.params)
+                t = _draw(s, ot, drawn, widths, base_pred)
+                drawn += 1
+                if t.status == "invalid":  # cannot run as composed: found in milliseconds, drawn again in its place
+                    study.tell(ot, state=TrialState.FAIL)
+                    trials.append(t)
+                    progress.info(f"search draw {t.number + 1} (not counted as a trial): {_line(t)}")
+                    continue
+                counted += 1
+                slot[t.number] = counted
                 batch.append((ot, t))
+            if not batch:
+                progress.info(f"search: stopped drawing after {drawn} candidates, {drawn - counted} of them invalid; narrow the "
+                              "space (--methods / --space) to the methods that compose on this model")
+                break
             # measure the generation (claims make a resumed or shared run skip finished ones)
             if pool is None:
                 measured = []
                 for _, t in batch:
                     _measure(s, t, store, runner, sid, worker, base_pred, base_metrics)
                     measured.append(t)
-                    progress.info(f"search trial {t.number + 1}/{s.trials}: {_line(t)}")
+                    progress.info(f"search trial {slot[t.number]}/{s.trials}: {_line(t)}")
             else:
                 measured = pool.map([t for _, t in batch], (s, store.path, mhash, sid, base_pred, base_metrics, runner.baseline_dirs))
                 for t in measured:
-                    progress.info(f"search trial {t.number + 1}/{s.trials}: {_line(t)}")
+                    progress.info(f"search trial {slot[t.number]}/{s.trials}: {_line(t)}")
             batch = [(ot, t) for (ot, _), t in zip(batch, measured)]
             trials.extend(measured)
             for ot, t in batch:  # tell in trial order: the next generation does not depend on who finished first
@@ -286,6 +297,30 @@ def run_search(s: Search) -> dict:
     finally:
         if pool is not None:
             pool.close()
+
+
+MAX_DRAWS_PER_TRIAL = 20  # invalid draws are free, but a space that yields almost nothing else is a user error
+
+
+def _draw(s: Search, ot, number: int, widths, base_pred: dict) -> Trial:
+    """One candidate from the sampler, priced by the predictor; ``invalid`` when a config refuses
+    the drawn values or the predictor finds the composition cannot run (a width a later step
+    cannot pack), with the reason."""
+    from ..predict.analyzer import predict
+
+    t = Trial(number, {})
+    try:
+        t.recipe = s.space.sample(ot, widths, name=f"t{number:03d}")
+    except LeanfmError as e:
+        t.status, t.reason = "invalid", str(e)
+    t.params = dict(ot.params)
+    if t.recipe is not None:
+        try:  # the baseline was priced, so an error here is the recipe's own
+            t.predicted = predicted_metrics(predict(s.model, t.recipe, s.hardware, s.protocol.batch, s.protocol.prompt,
+                                                    s.protocol.gen), base_pred)
+        except LeanfmError as e:
+            t.status, t.reason = "invalid", f"predictor: {e}"
+    return t
 
 
 def _sampler_view(t: Trial, s: Search, base_pred: dict, base_metrics: dict) -> tuple[list[float], list[float]] | None:
@@ -340,8 +375,6 @@ def measure_in_worker(t: "Trial", s: "Search", store_path, mhash: str, sid: str,
 
 def _measure(s: Search, t: Trial, store: Store, runner: _Runner, sid: str, worker: str,
              base_pred: dict, base_metrics: dict) -> None:
-    from ..predict.analyzer import predict
-
     rh = recipe_hash(t.recipe.to_dict()) if t.recipe else "invalid"
     prev = None if store.claim(sid, t.number, t.params, rh, worker) else _wait_finished(store, sid, t.number, worker)
     if prev is not None:
@@ -351,16 +384,6 @@ def _measure(s: Search, t: Trial, store: Store, runner: _Runner, sid: str, worke
         t.reason = res.get("reason") or prev.get("reason") or ""
         t.metrics, t.stage, t.predicted = res.get("metrics", {}), res.get("stage", 0), res.get("predicted", {})
         t.feasible, t.cached = res.get("feasible", False), True
-        return
-    if t.status == "invalid":
-        store.reject(sid, t.number, t.reason)
-        return
-    try:
-        t.predicted = predicted_metrics(predict(s.model, t.recipe, s.hardware, s.protocol.batch, s.protocol.prompt, s.protocol.gen),
-                                        base_pred)
-    except LeanfmError as e:  # the baseline was priced, so the recipe itself cannot run as composed
-        t.status, t.reason = "invalid", f"predictor: {e}"  # (e.g. a rank-209 factor that int4 cannot pack)
-        store.finish(sid, t.number, result=_result(t))
         return
     why = screen(s.budget, t.predicted, base_pred, base_metrics)
     if why:
@@ -419,6 +442,7 @@ def _result(t: Trial) -> dict:
 
 
 def _finish(s: Search, trials: list[Trial], runner: _Runner, sid: str, base_metrics: dict, store: Store) -> dict:
+    trials = sorted(trials, key=lambda t: t.number)
     feasible = [t for t in trials if t.status == "measured" and t.feasible]
     front = [feasible[i] for i in pareto_front([t.metrics for t in feasible], s.objectives)]
     (s.out / "front").mkdir(exist_ok=True)
