@@ -13,7 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "'weight_bytes<=80MB,ppl_increase<=15%%'; 0.3x = 0.3 times the baseline's value")
     g.add_argument("--objective", default="decode_tokens_per_s:max,ppl_increase:min",
                    help="metrics to optimize, metric:max|min, comma-separated (default decode_tokens_per_s:max,ppl_increase:min)")
-    g.add_argument("--trials", type=int, default=24, help="candidates to draw (default 24)")
+    g.add_argument("--trials", type=int, default=24,
+                   help="candidates to run, at least through the short quality pass (default 24); draws the predictor "
+                        "rejects or finds invalid are recorded but not counted (at most 20 draws per trial)")
     g.add_argument("--population", type=int, default=8, help="NSGA-II generation size (default 8)")
     g.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     g.add_argument("--methods", default=None, help="narrow the space to these methods, comma-separated (default: every method "

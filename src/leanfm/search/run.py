@@ -250,9 +250,9 @@ def run_search(s: Search) -> dict:
         worker = f"{socket.gethostname()}:{os.getpid()}"
         trials: list[Trial] = []
         drawn = counted = 0
-        slot: dict[int, int] = {}  # draw number -> trial number shown (invalid draws are not trials)
+        slot: dict[int, int] = {}  # draw number -> trial number shown (draws not run are not trials)
         while counted < s.trials:
-            batch = []
+            batch, screened = [], []  # to measure; rejected by the predictor (told with the batch, in draw order)
             while len(batch) < s.population and counted < s.trials:
                 if drawn >= MAX_DRAWS_PER_TRIAL * s.trials:
                     break
@@ -264,12 +264,19 @@ def run_search(s: Search) -> dict:
                     trials.append(t)
                     progress.info(f"search draw {t.number + 1} (not counted as a trial): {_line(t)}")
                     continue
+                why = screen(s.budget, t.predicted, base_pred, base_metrics)
+                if why:  # cannot meet the budget by the predictor: not run, not counted, told as infeasible
+                    t.status, t.reason = "rejected", why
+                    screened.append((ot, t))
+                    trials.append(t)
+                    progress.info(f"search draw {t.number + 1} (not counted as a trial): {_line(t)}")
+                    continue
                 counted += 1
                 slot[t.number] = counted
                 batch.append((ot, t))
-            if not batch:
-                progress.info(f"search: stopped drawing after {drawn} candidates, {drawn - counted} of them invalid; narrow the "
-                              "space (--methods / --space) to the methods that compose on this model")
+            if not batch and not screened:
+                progress.info(f"search: stopped drawing after {drawn} candidates, {drawn - counted} of them invalid or rejected; "
+                              "narrow the space (--methods / --space) or relax --budget")
                 break
             # measure the generation (claims make a resumed or shared run skip finished ones)
             if pool is None:
@@ -278,13 +285,16 @@ def run_search(s: Search) -> dict:
                     _measure(s, t, store, runner, sid, worker, base_pred, base_metrics)
                     measured.append(t)
                     progress.info(f"search trial {slot[t.number]}/{s.trials}: {_line(t)}")
-            else:
+            elif batch:
                 measured = pool.map([t for _, t in batch], (s, store.path, mhash, sid, base_pred, base_metrics, runner.baseline_dirs))
                 for t in measured:
                     progress.info(f"search trial {slot[t.number]}/{s.trials}: {_line(t)}")
-            batch = [(ot, t) for (ot, _), t in zip(batch, measured)]
+            else:
+                measured = []
             trials.extend(measured)
-            for ot, t in batch:  # tell in trial order: the next generation does not depend on who finished first
+            # tell in draw order: the next generation does not depend on who finished first
+            told_now = sorted([(ot, t) for (ot, _), t in zip(batch, measured)] + screened, key=lambda p: p[1].number)
+            for ot, t in told_now:
                 told = _sampler_view(t, s, base_pred, base_metrics)
                 if told is None:
                     study.tell(ot, state=TrialState.FAIL)
@@ -293,13 +303,18 @@ def run_search(s: Search) -> dict:
                 for i, (c, v) in enumerate(zip(s.budget, violations)):
                     ot.set_constraint(f"{i}:{c}", v)
                 study.tell(ot, values)
+            if counted >= s.trials or drawn >= MAX_DRAWS_PER_TRIAL * s.trials:
+                if drawn >= MAX_DRAWS_PER_TRIAL * s.trials and counted < s.trials:
+                    progress.info(f"search: stopped drawing after {drawn} candidates ({counted} run); narrow the space "
+                                  "(--methods / --space) or relax --budget")
+                break
         return _finish(s, trials, runner, sid, base_metrics, store)
     finally:
         if pool is not None:
             pool.close()
 
 
-MAX_DRAWS_PER_TRIAL = 20  # invalid draws are free, but a space that yields almost nothing else is a user error
+MAX_DRAWS_PER_TRIAL = 20  # invalid and rejected draws are nearly free, but a space that yields almost nothing else is a user error
 
 
 def _draw(s: Search, ot, number: int, widths, base_pred: dict) -> Trial:

@@ -28,7 +28,6 @@ from ..space import Dim, Sampler, applies, dim_from_data, inherit
 # what a step produces -> its place in a composed recipe (structure -> pruning -> low rank ->
 # quantization of the linears, then of the embedding table; policies beside the weights)
 ORDER = ("smaller-dense", "sparse-weights", "low-rank", "int-weights", "int-embeddings", "kv-policy", "decoding-policy")
-NONE = "none"
 
 
 @dataclass
@@ -91,17 +90,19 @@ class SearchSpace:
         return cls(dims, tuple(data.get("require") or ()), int(data.get("seed", 0)))
 
     def sample(self, sampler: Sampler, widths: dict[str, list[int]] | None = None, name: str = "candidate") -> Recipe:
-        """One recipe: per group in ORDER, a method (or none), then its parameters. Raises
+        """One recipe: per group in ORDER, whether it is used (unless required), which method, then
+        its parameters. Raises
         LeanfmError when the drawn combination fails a config's own validation."""
         steps = []
         for group in ORDER:
             ms = self.groups.get(group)
             if not ms:
                 continue
-            opts = ms if group in self.require else [NONE, *ms]
-            m = sampler.suggest_categorical(group, opts)
-            if m == NONE:
+            # each group is used with probability 1/2 whatever its number of methods (a "none" among
+            # the methods would stack groups with many methods far more often than it leaves them out)
+            if group not in self.require and not sampler.suggest_categorical(f"{group}:used", [False, True]):
                 continue
+            m = sampler.suggest_categorical(group, ms)
             drawn: dict = {}
             for p, dim in self.dims[m].items():
                 if applies(dim, drawn):
