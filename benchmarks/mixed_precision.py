@@ -1,7 +1,7 @@
 """Per-layer mixed precision (issue 15): what a curve over several budgets costs.
 
     python benchmarks/mixed_precision.py [--model smollm2-135m] [--recipe benchmarks/recipes/mixed-w4g64-asym.yaml]
-        [--budgets w4g128,4.5,w4g64,5.0,5.5] [--calib-samples 64] [--calib-seqlen 512] [--threads 2]
+        [--budgets 4.55,w4g64,4.75,5.0,5.5] [--calib-samples 64] [--calib-seqlen 512] [--threads 2]
 
 Scores every (layer, format) of the recipe's mixed_precision step once (timed, with an empty
 score cache), then solves the allocation for each budget from those scores (each solve timed,
@@ -27,7 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recipe", default="benchmarks/recipes/mixed-w4g64-asym.yaml")
-    ap.add_argument("--budgets", default="w4g128,4.5,w4g64,5.0,5.5")
+    ap.add_argument("--budgets", default="4.55,w4g64,4.75,5.0,5.5")
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)

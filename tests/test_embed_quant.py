@@ -110,6 +110,9 @@ def test_predictor_prices_embedding_and_rejects_unpackable_widths():
         predict(cfg, [{"method": "svd", "rank": 31}, {"method": "rtn", "bits": 8, "group_size": 32}], "local")
     with pytest.raises(LeanfmError, match="needs in_features divisible by 4"):
         predict(cfg, [{"method": "svd", "rank": 31}, {"method": "wanda", "pattern": "2:4"}], "local")
+    # mixed_precision offers each layer only the formats that fit it: a nominal group that does not divide is no error
+    predict(cfg, [{"method": "svd", "rank": 30}, {"method": "mixed_precision", "avg_bits": 5.0, "formats": ["w4", "w4g32", "w8"]}],
+            "local")
 
 
 def test_compress_saves_and_reloads_and_foreign_formats_refuse(tmp_path):

@@ -42,6 +42,7 @@ class QuantSpec:
     fractional_zero: bool = False  # HQQ: float zero points (stored as fp32)
     simulated: bool = False  # fake-quant: dequantized values written back into the dense weight
     row_local: bool = False  # embed_quant: a lookup gathers rows, so only backends keeping rows whole
+    per_layer: bool = False  # mixed_precision: priced as one nominal grid, but each layer gets a format that fits it
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def check_quant_shape(spec: QuantSpec, pc: Piece) -> None:
     steps (a low-rank factor of rank 209, a width-pruned MLP of 1075 channels), so a recipe that
     would fail to pack is refused before it runs."""
     n = pc.in_features
-    if spec.group_size is not None and n % spec.group_size:
+    if spec.group_size is not None and n % spec.group_size and not spec.per_layer:
         raise LeanfmError(f"{spec.method} group_size {spec.group_size} does not divide in_features {n} of {pc.name} after the "
                           "earlier steps; use a group size that divides it, or per-channel (group_size: null)")
     if spec.bits <= 4 and not spec.simulated and n % 2:

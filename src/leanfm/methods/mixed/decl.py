@@ -191,7 +191,7 @@ class MixedPrecisionConfig(BaseConfig):
     def effect(self, eff) -> None:
         f = self.nominal_format()
         spec = QuantSpec(self.method, int(f.bits), f.group_size, bool(self.symmetric), str(self.backend),
-                         simulated=self.backend == "fake")
+                         simulated=self.backend == "fake", per_layer=True)
         eff.rules.append(Rule(spec, tuple(self.skip), tuple(self.only)))
         how = ("its budget_like format" if self.budget_like is not None else
                "the smallest listed format (weight_bytes: the model's size is not known to the declaration)"
