@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LeanfmError
-from ..formats.layout import AUTO_ORDER, Layout, kernel_group, layout_unsupported
+from ..formats.layout import AUTO_ORDER, ROW_LOCAL, Layout, kernel_group, layout_unsupported
 from ..formats.quantized import QuantizedWeight, dequantize
 from . import cpp_int4, packing
 
@@ -164,9 +164,10 @@ def get(name: str) -> Backend:
     return BACKENDS[name]
 
 
-def auto(lay: Layout, symmetric: bool) -> Backend:
-    """Fastest backend that runs the layout on this machine (reference as the fallback)."""
+def auto(lay: Layout, symmetric: bool, row_local: bool = False) -> Backend:
+    """Fastest backend that runs the layout on this machine (reference as the fallback);
+    ``row_local``: only those whose buffers keep each row whole (an embedding table's lookup)."""
     for name in AUTO_ORDER:
-        if BACKENDS[name].unsupported(lay, symmetric) is None:
+        if (name in ROW_LOCAL or not row_local) and BACKENDS[name].unsupported(lay, symmetric) is None:
             return BACKENDS[name]
     return BACKENDS["reference"]

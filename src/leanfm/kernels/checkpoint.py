@@ -276,9 +276,8 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
             if embedding and be not in ROW_LOCAL:
                 be = "auto"
             if embedding and be == "auto":
-                be = next((n for n in backends.AUTO_ORDER if n in ROW_LOCAL and backends.BACKENDS[n].unsupported(
-                    backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]), is_symmetric(qw)) is None),
-                    "reference")
+                be = backends.auto(backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]),
+                                   is_symmetric(qw), row_local=True).name
             layer = QuantLinear(qw, bias, be)
         except KeyError as e:
             raise LeanfmError(f"quantized checkpoint {path} lacks tensor {e.args[0]}; the file is incomplete: {REWRITE_HINT}") from None

@@ -274,10 +274,6 @@ def run_search(s: Search) -> dict:
                 counted += 1
                 slot[t.number] = counted
                 batch.append((ot, t))
-            if not batch and not screened:
-                progress.info(f"search: stopped drawing after {drawn} candidates, {drawn - counted} of them invalid or rejected; "
-                              "narrow the space (--methods / --space) or relax --budget")
-                break
             # measure the generation (claims make a resumed or shared run skip finished ones)
             if pool is None:
                 measured = []
@@ -303,10 +299,9 @@ def run_search(s: Search) -> dict:
                 for i, (c, v) in enumerate(zip(s.budget, violations)):
                     ot.set_constraint(f"{i}:{c}", v)
                 study.tell(ot, values)
-            if counted >= s.trials or drawn >= MAX_DRAWS_PER_TRIAL * s.trials:
-                if drawn >= MAX_DRAWS_PER_TRIAL * s.trials and counted < s.trials:
-                    progress.info(f"search: stopped drawing after {drawn} candidates ({counted} run); narrow the space "
-                                  "(--methods / --space) or relax --budget")
+            if drawn >= MAX_DRAWS_PER_TRIAL * s.trials and counted < s.trials:
+                progress.info(f"search: stopped drawing after {drawn} candidates ({counted} run); narrow the space "
+                              "(--methods / --space) or relax --budget")
                 break
         return _finish(s, trials, runner, sid, base_metrics, store)
     finally:
@@ -390,20 +385,14 @@ def measure_in_worker(t: "Trial", s: "Search", store_path, mhash: str, sid: str,
 
 def _measure(s: Search, t: Trial, store: Store, runner: _Runner, sid: str, worker: str,
              base_pred: dict, base_metrics: dict) -> None:
-    rh = recipe_hash(t.recipe.to_dict()) if t.recipe else "invalid"
+    rh = recipe_hash(t.recipe.to_dict())
     prev = None if store.claim(sid, t.number, t.params, rh, worker) else _wait_finished(store, sid, t.number, worker)
     if prev is not None:
         res = prev.get("result") or {}
-        if t.status != "invalid":
-            t.status = res.get("status") or ("rejected" if prev.get("state") == "rejected" else "failed")
+        t.status = res.get("status") or ("rejected" if prev.get("state") == "rejected" else "failed")
         t.reason = res.get("reason") or prev.get("reason") or ""
         t.metrics, t.stage, t.predicted = res.get("metrics", {}), res.get("stage", 0), res.get("predicted", {})
         t.feasible, t.cached = res.get("feasible", False), True
-        return
-    why = screen(s.budget, t.predicted, base_pred, base_metrics)
-    if why:
-        t.status, t.reason = "rejected", why
-        store.finish(sid, t.number, result=_result(t))
         return
     try:
         out = s.out / "trials" / f"t{t.number:03d}"

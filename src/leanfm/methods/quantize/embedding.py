@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ...errors import LeanfmError
-from ...formats.layout import AUTO_ORDER, ROW_LOCAL, Layout
+from ...formats.layout import Layout
 from ...kernels import backends as B
 from ...kernels.modules import set_module
 from ...kernels.qembedding import QuantEmbedding
@@ -35,7 +35,7 @@ def _backend(cfg: EmbedQuantConfig, lay: Layout, symmetric: bool) -> str:
         if why:
             raise LeanfmError(f"embed_quant backend {cfg.backend}: {why}")
         return cfg.backend
-    return next((n for n in AUTO_ORDER if n in ROW_LOCAL and B.get(n).unsupported(lay, symmetric) is None), "reference")
+    return B.auto(lay, symmetric, row_local=True).name
 
 
 def apply_embed_quant(model: nn.Module, cfg: EmbedQuantConfig, calib=None) -> dict:
