@@ -5,6 +5,7 @@ import pytest
 
 from leanfm.config import config_class, config_from_dict, methods
 from leanfm.errors import LeanfmError
+from leanfm.recipe import load_recipe
 from leanfm.search.space import ORDER, SearchSpace
 from leanfm.space import Choice, Range, RandomSampler
 
@@ -104,3 +105,50 @@ def test_dimension_validation():
     with pytest.raises(LeanfmError):
         Choice()
     assert config_from_dict({"method": "gptq", "bits": 3}).bits == 3
+
+
+def test_params_of_replays_a_recipe_through_optuna_exactly():
+    """A built-in recipe (or a+b) the space can draw is found as sampler parameters which, enqueued
+    in Optuna, make ``sample`` draw exactly its steps; one it cannot draw gives None."""
+    optuna = pytest.importorskip("optuna")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = SearchSpace.from_methods()
+    names = ["gptq-w4g64+emb8", "wanda50+rtn-w4g64", "layerdrop25", "kv-int8", "streamingllm512", "rtn-w3"]
+    study = optuna.create_study(sampler=optuna.samplers.NSGAIISampler(seed=0), directions=["minimize"])
+    for n in names:
+        params = space.params_of(load_recipe(n), SMOL)
+        assert params is not None, n
+        study.enqueue_trial(params)
+    for n in names:
+        drawn = space.sample(study.ask(), SMOL, name="t")
+        assert [s.to_dict() for s in drawn.steps] == [s.to_dict() for s in load_recipe(n).steps], n
+    # int4-fast quantizes twice; kv-int4 sets key_axis, which the space does not vary; group 128 does not divide 576
+    for n in ["int4-fast", "kv-int4", "gptq-w4g128", "early-exit"]:
+        assert space.params_of(load_recipe(n), SMOL) is None, n
+    assert SearchSpace.from_methods(["rtn"]).params_of(load_recipe("gptq-w4g64"), SMOL) is None  # method not in the space
+    narrowed = SearchSpace.from_yaml("methods:\n  rtn: {bits: [4]}\n")
+    assert narrowed.params_of(load_recipe("rtn-w8"), SMOL) is None and narrowed.params_of(load_recipe("rtn-w4"), SMOL)
+
+
+def test_warm_start_picks_builtins_the_predictor_lets_through_gentlest_first():
+    from leanfm.search.budget import parse_budget
+    from leanfm.search.seeds import pick
+
+    space = SearchSpace.from_methods(["rtn", "gptq", "layerdrop", "embed_quant"])
+    bytes_of = {"rtn-w8": 0.25, "rtn-w4": 0.14, "layerdrop25": 0.75}
+
+    def price(recipe):  # a stand-in predictor: bytes multiply, per step
+        v = 1.0
+        for s in recipe.name.split("+"):
+            v *= bytes_of.get(s, 0.9)
+        return {"weight_bytes": v}
+
+    seeds = pick(space, SMOL, price, parse_budget("weight_bytes<=0.3x"), {"weight_bytes": 1.0}, limit=20)
+    names = [n for n, _ in seeds]
+    assert names[:2] == ["rtn-w8", "rtn-w4"]  # single steps first, more bytes kept first
+    assert all(price(load_recipe(n))["weight_bytes"] <= 0.3 * 1.02 for n in names)
+    pairs = names[names.index("rtn-w4") + 1:]
+    assert pairs and all("+" in n for n in pairs) and "layerdrop25" not in names
+    removing = [i for i, n in enumerate(pairs) if n.startswith("layerdrop25+")]
+    assert removing and min(removing) > max(i for i, n in enumerate(pairs) if not n.startswith("layerdrop25+"))
+    assert len(pick(space, SMOL, price, parse_budget("weight_bytes<=0.3x"), {"weight_bytes": 1.0}, limit=3)) == 3

@@ -26,7 +26,7 @@ class Sampler(Protocol):
     def suggest_int(self, name: str, low: int, high: int, *, step: int = 1, log: bool = False) -> int: ...
 
 
-def _none_safe(v):
+def none_safe(v):
     """Optuna's categorical choices must be str/int/float/bool: None travels as the string 'null'."""
     return "null" if v is None else v
 
@@ -64,7 +64,7 @@ class Choice:
         opts = self.options(widths)
         if not opts:
             raise LeanfmError(f"no value of {name} fits this model (choices {list(self.values)}, widths {widths.get(self.divides)})")
-        v = sampler.suggest_categorical(name, [_none_safe(o) for o in opts])
+        v = sampler.suggest_categorical(name, [none_safe(o) for o in opts])
         return None if v == "null" and None in opts else v
 
 
@@ -148,3 +148,37 @@ class RandomSampler:
     def suggest_int(self, name, low, high, *, step=1, log=False):
         self.params[name] = self.rng.randrange(low, high + 1, step)
         return self.params[name]
+
+
+class ReplaySampler:
+    """Answers each ``suggest_*`` from ``answer(name)`` and records the values, with Optuna's
+    trial interface. A value outside the offered choices or range raises :class:`Unrepresentable`
+    (a recipe the space cannot draw)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.params: dict[str, Any] = {}
+
+    def _take(self, name, ok) -> Any:
+        v = self.answer(name)
+        if not ok(v):
+            raise Unrepresentable(f"{name} = {v!r} is not among the values the space draws")
+        self.params[name] = v
+        return v
+
+    def suggest_categorical(self, name, choices):
+        return self._take(name, lambda v: any(type(v) is type(c) and v == c for c in choices))
+
+    def suggest_float(self, name, low, high, *, step=None, log=False):
+        def ok(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low - 1e-9 <= v <= high + 1e-9:
+                return False
+            return step is None or abs((v - low) / step - round((v - low) / step)) < 1e-6
+        return float(self._take(name, ok))
+
+    def suggest_int(self, name, low, high, *, step=1, log=False):
+        return self._take(name, lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high and (v - low) % step == 0)
+
+
+class Unrepresentable(LeanfmError):
+    """A recipe a search space cannot draw (a method it lacks, a value outside its dimensions)."""

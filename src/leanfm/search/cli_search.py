@@ -26,6 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--store", default=None, help="results store (SQLite; default $LEANFM_CACHE/results.sqlite)")
     g.add_argument("--screen-share", type=float, default=0.25,
                    help="share of --max-eval-tokens for the short quality pass that stops hopeless candidates (default 0.25)")
+    g.add_argument("--warm-start", default="builtin", choices=["builtin", "none"],
+                   help="builtin (default): the first trials (at most half of --trials) are the built-in recipes, and pairs "
+                        "of them joined with '+', that the space can draw and the predictor lets through the budget, gentlest "
+                        "first; NSGA-II breeds the rest from them. none: every trial is drawn by the sampler")
     g.add_argument("--executor", default="local", choices=["local", "ray"],
                    help="where trials run: local (one after another, in this process) or ray (--workers at once; default local)")
     g.add_argument("--workers", type=int, default=2, help="ray: trials measured at once, each on --threads cores (default 2)")
@@ -51,7 +55,7 @@ def build(a, protocol, calib_samples, calib_seqlen, calib_dataset="gensim-wiki")
                   out=Path(a.out), trials=a.trials, seed=a.seed, population=a.population, hardware=a.hardware,
                   store=Path(a.store) if a.store else None, screen_share=a.screen_share, executor=a.executor, workers=a.workers, address=a.address,
                   budget_text=a.budget, objective_text=a.objective, calib_dataset=calib_dataset, calib_samples=calib_samples,
-                  calib_seqlen=calib_seqlen)
+                  calib_seqlen=calib_seqlen, warm_start=a.warm_start)
 
 
 def render(res: dict) -> str:
@@ -66,7 +70,8 @@ def render(res: dict) -> str:
         t = by[n]
         steps = " + ".join(f"{s['method']}({', '.join(f'{k}={v}' for k, v in s.items() if k in _SHOWN)})" for s in t["recipe"]["steps"]) or "baseline"
         vals = ", ".join(f"{o.split(':')[0]} {t['metrics'].get(o.split(':')[0], float('nan')):.4g}" for o in res["objectives"])
-        lines.append(f"  t{n:03d}: {steps}: {vals}")
+        seed = f" (built-in {t['builtin']})" if t.get("builtin") else ""
+        lines.append(f"  t{n:03d}{seed}: {steps}: {vals}")
     if not res["front"]:
         lines.append("  (no measured candidate met the budget; raise --trials or relax --budget)")
     return "\n".join(lines)

@@ -110,7 +110,7 @@ def _baseline_value(res: dict, metric: str) -> float | None:
 
 
 def _hover(t: dict, metrics: list[str], values: dict) -> str:
-    lines = [f"<b>t{int(t['trial']):03d}</b> {html.escape(str((t.get('recipe') or {}).get('name', '')))}",
+    lines = [f"<b>t{int(t['trial']):03d}</b> {html.escape(str((t.get('recipe') or {}).get('name', '')))}{_builtin(t)}",
              html.escape(_steps(t.get("recipe")))]
     lines += [f"{html.escape(m)}: {html.escape(_fmt(m, values.get(m)))}" for m in metrics]
     return "<br>".join(lines)
@@ -250,9 +250,13 @@ def _table(res: dict) -> str:
         rows.append(f"<tr class='{html.escape(status)}{' front' if star else ''}'><td>t{int(t['trial']):03d}{star}</td>"
                     f"<td>{html.escape(status)}</td><td>{'yes' if t.get('feasible') else 'no'}</td>"
                     f"<td>{html.escape(str(t.get('stage', '')))}</td><td>{'yes' if t.get('cached') else 'no'}</td>"
-                    f"<td class=recipe>{html.escape(_steps(t.get('recipe')))}</td>{''.join(cells)}"
+                    f"<td class=recipe>{html.escape(_steps(t.get('recipe')))}{_builtin(t)}</td>{''.join(cells)}"
                     f"<td class=reason>{html.escape(str(t.get('reason') or ''))}</td></tr>")
     return f"<table id=trials><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _builtin(t: dict) -> str:
+    return f" <span class=builtin>(built-in {html.escape(str(t['builtin']))})</span>" if t.get("builtin") else ""
 
 
 def _recipe_yaml(t: dict, front_dir: Path | None) -> str:
@@ -282,7 +286,7 @@ def _chosen(res: dict, front_dir: Path | None) -> str:
         path = f"{front_dir / (name + '.yaml')}" if front_dir else f"{name}.yaml"
         vals = " · ".join(f"{html.escape(c)} <b>{html.escape(_fmt(c, (t.get('metrics') or {}).get(c)))}</b>" for c in cols)
         cmd = f"leanfm compress --model {model} --recipe {path} --out {name}-checkpoint"
-        out.append(f"<div class=recipe-card id='recipe-t{int(t['trial']):03d}'><h3>t{int(t['trial']):03d}: {html.escape(name)}</h3>"
+        out.append(f"<div class=recipe-card id='recipe-t{int(t['trial']):03d}'><h3>t{int(t['trial']):03d}: {html.escape(name)}{_builtin(t)}</h3>"
                    f"<p>{vals}</p><pre class=yaml>{html.escape(_recipe_yaml(t, front_dir))}</pre>"
                    f"<p class=note>saved as <code>{html.escape(path)}</code>; apply it with</p>"
                    f"<pre class=cmd>{html.escape(cmd)}</pre></div>")

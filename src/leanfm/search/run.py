@@ -70,6 +70,7 @@ class Search:
     calib_dataset: str = "gensim-wiki"
     calib_samples: int | None = None
     calib_seqlen: int | None = None
+    warm_start: str = "builtin"  # builtin: built-in recipes (and pairs) the space draws come first (.seeds); none
 
     def validate(self) -> None:
         if not self.objectives:
@@ -78,6 +79,8 @@ class Search:
             raise LeanfmError(f"--trials must be at least 1 (got {self.trials})")
         if self.population < 2:
             raise LeanfmError(f"--population must be at least 2 (got {self.population})")
+        if self.warm_start not in ("builtin", "none"):
+            raise LeanfmError(f"--warm-start must be builtin or none (got {self.warm_start!r})")
         if not 0 < self.screen_share <= 1:
             raise LeanfmError(f"--screen-share must be in (0, 1] (got {self.screen_share})")
         self.protocol.validate()
@@ -102,10 +105,11 @@ class Trial:
     stage: int = 0
     cached: bool = False
     feasible: bool = False
+    builtin: str | None = None  # the built-in recipe (or a+b) this warm-start trial reproduces
 
     def to_dict(self) -> dict:
         return {"trial": self.number, "params": self.params, "recipe": self.recipe.to_dict() if self.recipe else None,
-                "status": self.status, "reason": self.reason, "predicted": self.predicted, "metrics": self.metrics,
+                "builtin": self.builtin, "status": self.status, "reason": self.reason, "predicted": self.predicted, "metrics": self.metrics,
                 "stage": self.stage, "cached": self.cached, "feasible": self.feasible}
 
 
@@ -225,7 +229,7 @@ def run_search(s: Search) -> dict:
     mhash = store.model_hash(mpath) if mpath else f"name:{s.model}"
     space_desc = {m: {p: str(d) for p, d in dims.items()} for m, dims in s.space.dims.items()}
     sid = make_search_id(mhash, {"space": space_desc, "require": list(s.space.require), "protocol": s.protocol.to_dict(),
-                                 "population": s.population},
+                                 "population": s.population, "warm_start": s.warm_start},
                          [str(c) for c in s.budget], [str(o) for o in s.objectives], s.seed)
     widths = _widths(s.model)
     base_pred = predicted_metrics(predict(s.model, "baseline", s.hardware, s.protocol.batch, s.protocol.prompt, s.protocol.gen))
@@ -247,6 +251,18 @@ def run_search(s: Search) -> dict:
         sampler = optuna.samplers.NSGAIISampler(population_size=s.population, seed=s.seed)
         study = optuna.create_study(directions=["maximize" if o.direction == "max" else "minimize" for o in s.objectives],
                                     sampler=sampler)
+        seeds = []
+        if s.warm_start == "builtin":
+            from .seeds import pick
+
+            seeds = pick(s.space, widths, lambda r: predicted_metrics(predict(s.model, r, s.hardware, s.protocol.batch, s.protocol.prompt,
+                                                                            s.protocol.gen), base_pred),
+                         s.budget, base_pred, limit=s.trials // 2)
+            for _, params in seeds:
+                study.enqueue_trial(params)
+            if seeds:
+                progress.info(f"search: warm start with {len(seeds)} built-in recipes the predictor lets through: "
+                              f"{', '.join(n for n, _ in seeds)}")
         worker = f"{socket.gethostname()}:{os.getpid()}"
         trials: list[Trial] = []
         drawn = counted = 0
@@ -258,6 +274,8 @@ def run_search(s: Search) -> dict:
                     break
                 ot = study.ask()
                 t = _draw(s, ot, drawn, widths, base_pred)
+                if drawn < len(seeds):  # enqueued trials are asked first, in order
+                    t.builtin = _reproduces(t, seeds[drawn][0])
                 drawn += 1
                 if t.status == "invalid":  # cannot run as composed: found in milliseconds, drawn again in its place
                     study.tell(ot, state=TrialState.FAIL)
@@ -331,6 +349,14 @@ def _draw(s: Search, ot, number: int, widths, base_pred: dict) -> Trial:
         except LeanfmError as e:
             t.status, t.reason = "invalid", f"predictor: {e}"
     return t
+
+
+def _reproduces(t: Trial, name: str) -> str | None:
+    """``name`` when the drawn trial's steps are exactly that built-in's (else None, said once)."""
+    same = t.recipe is not None and [x.to_dict() for x in t.recipe.steps] == [x.to_dict() for x in load_recipe(name).steps]
+    if not same:
+        progress.info(f"search: warm-start trial {t.number + 1} was meant to reproduce {name} but was drawn differently")
+    return name if same else None
 
 
 def _sampler_view(t: Trial, s: Search, base_pred: dict, base_metrics: dict) -> tuple[list[float], list[float]] | None:
@@ -408,7 +434,10 @@ def _measure(s: Search, t: Trial, store: Store, runner: _Runner, sid: str, worke
         t.stage, t.metrics, t.cached = 2, r2["metrics"], t.cached and r2["_cached"]
         t.status = "measured"
         t.feasible = all(c.holds(t.metrics, base_metrics) for c in s.budget)
-        store.finish(sid, t.number, result=_result(t), key=r2["_key"], run=_plain_run(r2))
+        if r2["_cached"]:  # measured before (another trial drew the same recipe): nothing new to store or log
+            store.finish(sid, t.number, result=_result(t))
+        else:
+            store.finish(sid, t.number, result=_result(t), key=r2["_key"], run=_plain_run(r2))
     except LeanfmError as e:
         t.status, t.reason = "failed", str(e)
         store.fail(sid, t.number, str(e))

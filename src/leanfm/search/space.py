@@ -23,7 +23,7 @@ import yaml
 from ..config import config_class, config_from_dict, methods as all_methods
 from ..errors import LeanfmError
 from ..recipe import Recipe, check_composition
-from ..space import Dim, Sampler, applies, dim_from_data, inherit
+from ..space import Dim, ReplaySampler, Sampler, Unrepresentable, none_safe, applies, dim_from_data, inherit
 
 # what a step produces -> its place in a composed recipe (structure -> pruning -> low rank ->
 # quantization of the linears, then of the embedding table; policies beside the weights)
@@ -111,6 +111,36 @@ class SearchSpace:
         recipe = Recipe(name=name, seed=self.seed, steps=steps, description="drawn by leanfm search")
         check_composition(recipe)
         return recipe
+
+    def params_of(self, recipe: Recipe, widths: dict[str, list[int]] | None = None) -> dict | None:
+        """The sampler parameters under which :meth:`sample` draws exactly ``recipe``'s steps, or
+        None when this space cannot draw it (a method it lacks, two steps of one group, steps out
+        of the composition order, a value outside a dimension, a parameter the space does not vary
+        set away from its default)."""
+        by_group: dict = {}
+        for st in recipe.steps:
+            if st.produces in by_group:
+                return None
+            by_group[st.produces] = st
+        wanted = {}
+        for g, st in by_group.items():
+            wanted[f"{g}:used"], wanted[g] = True, st.method
+            wanted.update({f"{st.method}.{k}": none_safe(v) for k, v in st.to_dict().items() if k != "method"})
+
+        def answer(name):
+            if name.endswith(":used") and name not in wanted:
+                return False
+            if name not in wanted:
+                raise Unrepresentable(f"{name} is not set by the recipe")
+            return wanted[name]
+
+        replay = ReplaySampler(answer)
+        try:
+            drawn = self.sample(replay, widths, name=recipe.name)
+        except LeanfmError:  # Unrepresentable, or the drawn combination fails a config's validation
+            return None
+        same = [s.to_dict() for s in drawn.steps] == [s.to_dict() for s in recipe.steps]
+        return replay.params if same else None
 
     def size(self) -> dict[str, int]:
         """Methods per group (for the search's header line)."""
