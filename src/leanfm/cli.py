@@ -137,6 +137,10 @@ def cmd_models(a) -> int:
     return 0
 
 
+_ONLOAD = {"layerwise": "yes, layer by layer with calibration", "per-layer": "yes, one decoder layer at a time",
+           "outside": "yes (it changes only modules outside the decoder layers)"}
+
+
 def methods_markdown() -> str:
     """One section per registered method, generated from the declarations (docs/methods.md)."""
     import inspect
@@ -154,6 +158,8 @@ def methods_markdown() -> str:
                 + (f"; adds metrics: {', '.join(f'`{x}`' for x in d['adds_metrics'])}" if d["adds_metrics"] else ""),
                 "- parameters: " + (", ".join(f"`{p['name']}` ({p['type']}, default `{p['default']!r}`)" for p in d["parameters"]) or "none"),
                 "- search space: " + ("; ".join(f"`{k}` {v}" for k, v in d["search_space"].items()) or "no"),
+                "- onloading (a model larger than memory, one decoder layer at a time): "
+                + (_ONLOAD.get(d["onload"], d["onload"]) if d["onload"] else "no (needs the whole model in memory)"),
                 ""]
         rest = inspect.cleandoc(cls.__doc__ or "").split("\n\n", 1)
         if len(rest) > 1:
@@ -249,9 +255,8 @@ def cmd_eval(a) -> int:
 def cmd_compress(a) -> int:
     import torch
 
-    from .api import apply_, load
     from .bench import announce_calibration, check_inputs
-    from .models.checkpoint import check_checkpoint_target, save_checkpoint
+    from .models.checkpoint import check_checkpoint_target
     from .recipe import load_recipe
 
     recipe = load_recipe(a.recipe)
@@ -263,18 +268,82 @@ def cmd_compress(a) -> int:
     calib = _calib(a, None, "the GPTQ paper's setting for a checkpoint")
     check_inputs([recipe], calib)
     torch.set_num_threads(a.threads)
-    model, tok = load(a.model)
-    for step in recipe.steps:
-        step.check_model(model)
+    onload, mem = _memory_plan(a, recipe, calib)
     announce_calibration([recipe], calib)
-    apply_(model, recipe, calib=recipe.calibration(calib, tok)[0])
-    save_checkpoint(model, out, tok, a.format, source=f"recipe {recipe.name}", overwrite=a.overwrite,
-                    extra_files={"recipe.yaml": recipe.to_yaml()}, gguf_type=a.gguf_type)
+    extra = {"recipe.yaml": recipe.to_yaml()}
+    if onload:
+        if a.format != "leanfm":
+            raise LeanfmError(f"--format {a.format} is written from a model in memory; an onloaded compress writes leanfm's "
+                              "format (then leanfm export it, or drop --onload)")
+        from transformers import AutoTokenizer
+
+        from .onload_compress import compress_onloaded
+
+        tok = AutoTokenizer.from_pretrained(mem["path"])
+        needs = any(s.needs_calibration for s in recipe.steps)
+        model = compress_onloaded(mem["path"], recipe, recipe.calibration(calib, tok)[0] if needs else None, out, tok,
+                                  a.overwrite, extra, activation_budget=mem["activation_budget"])
+    else:
+        from .api import apply_, load
+        from .models.checkpoint import save_checkpoint
+
+        model, tok = load(a.model)
+        for step in recipe.steps:
+            step.check_model(model)
+        apply_(model, recipe, calib=recipe.calibration(calib, tok)[0])
+        save_checkpoint(model, out, tok, a.format, source=f"recipe {recipe.name}", overwrite=a.overwrite,
+                        extra_files=extra, gguf_type=a.gguf_type)
     simulated = any(s.get("simulated") for s in model.leanfm_info["steps"])
     size = sum(f.stat().st_size for f in [*out.glob("*.safetensors"), *out.glob("*.gguf")])
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"saved {recipe.name} of {a.model} to {out} ({a.format}, {size / 1e6:.1f} MB of tensors)"
-          + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else ""))
+          + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else "")
+          + f"; peak RSS {peak / 1e9:.2f} GB (planned {mem['planned'] / 1e9:.2f} GB, {'onloaded' if onload else 'in memory'})")
     return 0
+
+
+def _memory_plan(a, recipe, calib) -> tuple[bool, dict]:
+    """Choose in-memory or onloaded, print the memory plan, refuse what does not fit (before any
+    work). Returns whether to onload and the plan's numbers."""
+    from .models.load import resolve
+    from .onload_compress import unsupported
+    from .predict.arch import load_arch
+    from .predict.memory_plan import available_bytes, check, current_rss, parse_size, plan
+
+    budget = parse_size(a.max_memory) if a.max_memory else available_bytes()
+    budget_name = f"--max-memory {a.max_memory}" if a.max_memory else "memory available now (set --max-memory to choose)"
+    path, source = resolve(a.model)
+    arch = load_arch(path if source != "hub" else a.model)
+    needs = any(s.needs_calibration for s in recipe.steps)
+    n, seqlen = (calib.n, calib.seqlen) if needs else (0, 0)
+    import transformers.modeling_utils  # noqa: F401 - counted in the base the plan adds to, as the run will hold it
+
+    base = current_rss()
+    whole = plan(arch, recipe.steps, n, seqlen, base, onload=False)
+    why = unsupported(recipe)
+    if a.onload == "never" or (a.onload == "auto" and whole.total <= budget):
+        p, onload = whole, False
+    else:
+        if why:
+            if a.onload == "always":
+                raise LeanfmError(f"--onload always: {why}")
+            check(whole, budget, budget_name, n, seqlen, arch, can_onload=False)  # refused with its own numbers
+        if source == "hub":
+            raise LeanfmError(f"onloading reads a local checkpoint folder; download {a.model} first (or pass its local folder)")
+        p, onload = plan(arch, recipe.steps, n, seqlen, base, onload=True), True
+        room = budget - (p.total - p.parts.get("calibration activations", 0))  # what activations may hold in memory
+        if p.total > budget:
+            least = plan(arch, recipe.steps, n, seqlen, base, onload=True, spill=True)
+            if least.total > budget and a.max_memory:
+                raise LeanfmError(f"--max-memory {a.max_memory} is below what one decoder layer needs: at least "
+                                  f"{least.total / 1e9:.2f} GB ({least.describe().split(': ', 1)[1]}); raise --max-memory")
+            p = least
+    print(p.describe(), f"(budget {budget / 1e9:.2f} GB: {budget_name})")
+    check(p, budget, budget_name, n, seqlen, arch, can_onload=not why)
+    act_room = room if onload else None
+    return onload, {"path": path, "planned": p.total, "activation_budget": act_room}
 
 
 def cmd_export(a) -> int:
@@ -385,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", required=True, help="built-in name or YAML path")
     s.add_argument("--out", required=True, help="output directory (written under a temporary name, renamed when complete)")
     _add_overwrite(s, "checkpoint")
+    s.add_argument("--max-memory", default=None, help="memory budget for the whole run, e.g. 6GB or 6GiB (default: the memory "
+                   "available now); the plan is printed first and a run that would not fit is refused before any work")
+    s.add_argument("--onload", choices=["auto", "always", "never"], default="auto",
+                   help="keep the checkpoint on disk and bring one decoder layer into memory at a time (auto: when the "
+                        "model would not fit in the budget; calibration activations spill to disk when --max-memory "
+                        "leaves no room for them)")
     s.add_argument("--format", choices=["leanfm", "compressed-tensors", "gguf"], default="leanfm",
                    help="leanfm: packed layers + leanfm-quant.json (reload with leanfm); compressed-tensors: the "
                         "pack-quantized format vLLM and transformers (with compressed-tensors installed) read; "

@@ -38,6 +38,12 @@ class BaseConfig:
     produces: ClassVar[str] = ""
     adds_metrics: ClassVar[tuple[str, ...]] = ()
     search_space: ClassVar[dict] = {}  # parameter -> leanfm.space.Choice | Range (empty: not searched)
+    # how the step runs on an onloaded model (a checkpoint larger than memory, one decoder layer
+    # in RAM at a time, leanfm.models.onload): "layerwise" (the handler walks the decoder with
+    # LayerwiseRunner.run, which reads, writes and releases each layer), "per-layer" (no
+    # calibration, linear by linear: applied to one decoder layer at a time), "outside" (touches
+    # only modules outside the decoder stack, e.g. the embedding table); "" needs the whole model
+    onload: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -55,6 +61,16 @@ class BaseConfig:
         A method that cannot be priced says so with ``eff.unmodelled.append(reason)``."""
         raise NotPriced(f"the predictor cannot price method '{self.method}': its declaration has no cost effect; "
                         "drop the step from the recipe to predict the rest")
+
+    def onload_check(self) -> str | None:
+        """Why this configuration cannot run onloaded although its method can (None: it can)."""
+        return None
+
+    def layer_work_bytes(self, linears: list[tuple[int, int]]) -> int:
+        """Peak bytes the step's algorithm holds while it processes one decoder layer whose linears
+        are ``[(in_features, out_features), ...]``, beyond the layer's fp32 weights and the
+        calibration activations (the memory plan of ``leanfm compress``). Default: none."""
+        return 0
 
     def to_dict(self) -> dict[str, Any]:
         d = {"method": self.method}
@@ -76,7 +92,7 @@ class BaseConfig:
         doc = (cls.__doc__ or "").strip()
         return {"method": cls.method, "description": " ".join(doc.split("\n\n")[0].split()),
                 "config": cls.__name__, "needs_calibration": _class_flag(cls, "needs_calibration"),
-                "produces": cls.produces, "adds_metrics": list(cls.adds_metrics),
+                "produces": cls.produces, "adds_metrics": list(cls.adds_metrics), "onload": cls.onload or None,
                 "priced": cls.effect is not BaseConfig.effect, "parameters": params,
                 "search_space": {k: str(v) for k, v in cls.search_space.items()}}
 

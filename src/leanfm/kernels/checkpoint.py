@@ -19,6 +19,7 @@ from torch import nn
 
 from ..errors import LeanfmError
 from ..formats.quantized import QuantizedWeight
+from ..formats.tensorfiles import REWRITE_HINT, check_safetensors  # noqa: F401 - re-exported for the loaders
 from . import backends, packing
 from .actquant import ActQuant
 from .modules import set_module
@@ -28,40 +29,6 @@ from .qlinear import QuantLinear, is_symmetric
 
 MANIFEST = "leanfm-quant.json"
 FORMAT_VERSION = 1
-REWRITE_HINT = "re-run leanfm compress to rewrite it, or re-download the model"
-
-
-# --- reading checkpoint files defensively: every damaged file is one LeanfmError naming it ---
-
-def check_safetensors(file: str | Path) -> None:
-    """Refuse a truncated or corrupt safetensors file, naming it, by reading only its header:
-    8 bytes of header length, the JSON header, then the data its offsets must exactly cover."""
-    file = Path(file)
-    bad = f"{file} is truncated or corrupt"
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise LeanfmError(f"{bad} (it has only {size} bytes); {REWRITE_HINT}")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                raise LeanfmError(f"{file} is truncated (its header alone needs {n + 8} bytes, the file has {size}); {REWRITE_HINT}")
-            raw = f.read(n)
-    except OSError as e:
-        raise LeanfmError(f"cannot read {file}: {e.strerror or e}; check that the file is readable") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not an object")
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, UnicodeDecodeError):
-        raise LeanfmError(f"{bad} (its header is not valid safetensors JSON); {REWRITE_HINT}") from None
-    want = 8 + n + end
-    if size < want:
-        raise LeanfmError(f"{file} is truncated ({size} bytes, its header describes {want}); {REWRITE_HINT}")
-    if size > want:
-        raise LeanfmError(f"{bad} ({size} bytes, its header describes {want}); {REWRITE_HINT}")
 
 
 def check_tensor_files(path: str | Path) -> None:
@@ -183,12 +150,15 @@ def kernel_summary(model: nn.Module) -> str:
     return "; ".join(f"{backends.BACKENDS[b].kernel} [{b}: {n} layers]" for b, n in used.items())
 
 
-def dense_state(model: nn.Module, qlayers: dict[str, QuantLinear]) -> dict[str, torch.Tensor]:
-    """State dict without the quantized layers' and embeddings' buffers (tied tensors stored once)."""
+def dense_state(model: nn.Module, qlayers: dict[str, QuantLinear], exclude: str | None = None) -> dict[str, torch.Tensor]:
+    """State dict without the quantized layers' and embeddings' buffers (tied tensors stored once),
+    and without anything under the name prefix ``exclude``."""
     embs = quantized_embeddings(model)
     prefixes = tuple(n + "." for n in [*qlayers, *embs, *filter(None, (tied_head_name(model, e) for e in embs.values()))])
     out, seen = {}, {}
     for k, v in model.state_dict().items():
+        if exclude and k.startswith(exclude + "."):
+            continue
         if k.startswith(prefixes):
             if not k.endswith(".bias"):
                 continue
@@ -201,15 +171,18 @@ def dense_state(model: nn.Module, qlayers: dict[str, QuantLinear]) -> dict[str, 
     return out
 
 
-def save_quantized(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
-    from safetensors.torch import save_file
+def module_tensors(module: nn.Module, prefix: str = "", exclude: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """What storing ``module`` (found at ``prefix`` in its model) writes: the tensors by full name
+    (dense ones as they are; each packed layer as ``qweight`` + canonical scale/zero) and the
+    manifest entry of each packed layer or embedding. ``exclude``: a name prefix left out (an
+    onloaded model's layer stack, written layer by layer)."""
+    def kept(name: str) -> bool:
+        return not exclude or not (name == exclude or name.startswith(exclude + "."))
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    qlayers = quantized_layers(model)
-    tensors = dense_state(model, qlayers)
+    qlayers = {n: q for n, q in quantized_layers(module).items() if kept(n)}
+    tensors = dense_state(module, qlayers, exclude)
     layers = {}
-    acts = act_quant_bits(model)
+    acts = act_quant_bits(module)
     for inner_name, q in qlayers.items():
         name = inner_name[: -len(".inner")] if inner_name.endswith(".inner") and inner_name[: -len(".inner")] in acts else inner_name
         qw = q.quantized_weight()
@@ -218,16 +191,32 @@ def save_quantized(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
         layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "in_features": q.in_features,
                         "out_features": q.out_features, "bias": q.bias is not None, "backend": q.backend.name,
                         "act_bits": acts.get(name)}
-    for name, e in quantized_embeddings(model).items():
+    for name, e in quantized_embeddings(module).items():
+        if not kept(name):
+            continue
         qw = e.table.quantized_weight()
         tensors[f"{name}.qweight"] = packing.pack_codes(qw.codes, qw.bits)
         tensors.update({f"{name}.{k}": v for k, v in backends.canonical(qw).items()})
         layers[name] = {"bits": qw.bits, "group_size": qw.group_size, "in_features": e.table.in_features,
                         "out_features": e.table.out_features, "bias": False, "backend": e.table.backend.name,
-                        "kind": "embedding", "tied_head": tied_head_name(model, e)}
+                        "kind": "embedding", "tied_head": tied_head_name(module, e)}
+    p = f"{prefix}." if prefix else ""
+    return {p + k: v for k, v in tensors.items()}, {p + k: v for k, v in layers.items()}
+
+
+def write_manifest(out: str | Path, layers: dict[str, dict]) -> None:
+    (Path(out) / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "layers": layers}, indent=1))
+
+
+def save_quantized(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors, layers = module_tensors(model)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(str(out))
-    (out / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "layers": layers}, indent=1))
+    write_manifest(out, layers)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
@@ -240,16 +229,31 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
 def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
     """Rebuild the model from its config, install QuantLinear layers, load the tensors.
 
+    The model is built with its parameters on the meta device and each tensor is read from the
+    files into its own memory once (one file or a sharded folder), so loading needs about the
+    checkpoint's size, not the fp32 model's (a 7B model packed to int4 loads in ~4 GB).
     backend: None = the backend recorded for each layer when this machine runs it, else ``auto``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from ..formats.tensorfiles import INDEX, TensorIndex
+    from .meta import skeleton
+    from transformers import AutoConfig
 
     path = Path(path)
     man = read_quant_manifest(path)
-    tensors = load_safetensors(path / "model.safetensors")  # checked before the (slower) model build
+    if not (path / INDEX).is_file() and not (path / "model.safetensors").is_file():
+        raise LeanfmError(f"checkpoint {path} has no model.safetensors; the checkpoint is incomplete: {REWRITE_HINT}")
+    index = TensorIndex(path)  # every file's header checked before the (slower) model build
     config = AutoConfig.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = skeleton(config)
     fix = f"the checkpoint is damaged: {REWRITE_HINT}"
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in index:
+            raise KeyError(name)
+        used.add(name)
+        return index.read(name)
+
     for name, spec in man["layers"].items():
         try:
             old = model.get_submodule(name)
@@ -262,12 +266,12 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
             raise LeanfmError(f"{path / MANIFEST} names layer '{name}', which is a {type(old).__name__}, not a linear layer; {fix}")
         try:
             qw = QuantizedWeight(
-                packing.unpack_codes(tensors.pop(f"{name}.qweight"), spec["bits"]),
-                tensors.pop(f"{name}.scale"), tensors.pop(f"{name}.zero").float(), spec["bits"], spec["group_size"],
+                packing.unpack_codes(take(f"{name}.qweight"), spec["bits"]),
+                take(f"{name}.scale"), take(f"{name}.zero").float(), spec["bits"], spec["group_size"],
             )
             if tuple(qw.codes.shape) != (spec["out_features"], spec["in_features"]) or tuple(old.weight.shape) != tuple(qw.codes.shape):
                 raise ValueError(f"codes {tuple(qw.codes.shape)}, layer {tuple(old.weight.shape)}")
-            bias = tensors.pop(f"{name}.bias", None)
+            bias = take(f"{name}.bias") if f"{name}.bias" in index else None
             be = backend or spec.get("backend") or "auto"
             if be not in backends.BACKENDS or backends.BACKENDS[be].unsupported(
                 backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]), is_symmetric(qw)
@@ -279,6 +283,7 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
                 be = backends.auto(backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]),
                                    is_symmetric(qw), row_local=True).name
             layer = QuantLinear(qw, bias, be)
+            del qw
         except KeyError as e:
             raise LeanfmError(f"quantized checkpoint {path} lacks tensor {e.args[0]}; the file is incomplete: {REWRITE_HINT}") from None
         except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
@@ -293,10 +298,12 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
                 set_module(model, spec["tied_head"], layer)
         else:
             set_module(model, name, layer)
+    tensors = {n: index.read(n, torch.float32 if index.dtype(n).is_floating_point else None) for n in index.names() if n not in used}
     try:
-        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     except RuntimeError as e:  # a shape mismatch
         raise LeanfmError(f"quantized checkpoint {path} does not match its config.json ({' '.join(str(e).split())[:200]}); {fix}") from None
+    del tensors
     heads = [sp["tied_head"] for sp in man["layers"].values() if sp.get("tied_head")]
     qnames = tuple(n + "." for n in [*man["layers"], *heads])
     missing = [k for k in missing if not k.startswith(qnames)]
@@ -304,9 +311,17 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
         missing = [k for k in missing if k != "lm_head.weight"]
         if "lm_head" not in man["layers"] and not heads:
             model.tie_weights()
+    missing = [k for k in missing if _still_meta(model, k)]  # buffers the config rebuilds (rotary tables) are not stored
     if missing or unexpected:
         raise LeanfmError(f"quantized checkpoint {path} does not match its config: missing {missing[:3]}, unexpected {list(unexpected)[:3]}")
     from .fuse import fuse_shared_inputs
 
     fuse_shared_inputs(model.eval())
     return model
+
+
+def _still_meta(model: nn.Module, key: str) -> bool:
+    owner, _, leaf = key.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    t = mod._parameters.get(leaf, mod._buffers.get(leaf))
+    return t is None or t.is_meta

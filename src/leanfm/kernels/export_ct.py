@@ -57,6 +57,7 @@ import torch
 
 from ..errors import LeanfmError
 from ..formats.quantized import QuantizedWeight
+from .meta import tied_aliases
 
 VERIFIED_WITH = {"compressed-tensors": "0.17.1", "transformers": "5.23.0", "torch": "2.13.0"}
 FORMAT = "pack-quantized"
@@ -176,18 +177,6 @@ def _meta_model(config):
         ) from e
 
 
-def _tied_aliases(model) -> dict[str, str]:
-    """Parameter names that alias another (tied) parameter -> the name kept in the checkpoint."""
-    first: dict[int, str] = {}
-    aliases: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return aliases
-
-
 def quantization_config_block(groups: dict[CTScheme, list[str]], ignore: list[str]) -> dict:
     """The ``quantization_config`` entry of ``config.json``."""
     single = len(groups) == 1
@@ -238,7 +227,7 @@ def export_compressed_tensors(
     model = _meta_model(config)
     modules = dict(model.named_modules())
     linears = {n for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
-    aliases = _tied_aliases(model)
+    aliases = tied_aliases(model)
     expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
 
     groups: dict[CTScheme, list[str]] = {}

@@ -137,11 +137,14 @@ def _fused_backend(ms: list[QuantLinear], qws: list[QuantizedWeight]) -> str | N
 def fuse_shared_inputs(model: nn.Module) -> int:
     """Fuse sibling packed linears that share their input; return how many groups were made.
 
-    Only models that take ``input_ids`` are probed; others are left unfused (still correct).
+    Only models that take ``input_ids`` are probed; others are left unfused (still correct), as
+    is a model whose layers are not all in memory.
     """
+    from .meta import has_meta
+
     cands = {n: m for n, m in model.named_modules() if type(m) is QuantLinear and not n.endswith(".fused")}
-    if len(cands) < 2 or not hasattr(model, "get_input_embeddings"):
-        return 0
+    if len(cands) < 2 or not hasattr(model, "get_input_embeddings") or has_meta(model):
+        return 0  # an onloaded model (layers on disk) cannot run the probe; its checkpoint is fused when loaded
     made = 0
     for names in _shared_input_groups(model, cands):
         parents = {n.rpartition(".")[0] for n in names}

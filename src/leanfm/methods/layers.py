@@ -48,26 +48,46 @@ class LayerwiseRunner:
             raise LeanfmError("calibration must be a [n_samples, seqlen] tensor with at least one sample")
         self.model, self.ids = model, ids
         self.layers = decoder_layers(model)
+        self.stream = getattr(model, "leanfm_stream", None)
         self.kwargs = self._layer_kwargs()
         self.hidden = self._layer0_inputs()
 
     @torch.no_grad()
     def _layer_kwargs(self) -> list[dict]:
-        """Per-layer keyword arguments (masks, rotary tables) for one sample of this length."""
+        """Per-layer keyword arguments (masks, rotary tables) for one sample of this length.
+
+        The model's own forward computes them before its layer loop (Gemma picks per layer type),
+        so it runs once with every layer passing its input through unchanged and stops at the
+        last layer: nothing of the layers' weights is needed (an onloaded model has none yet)."""
         recorded: list[dict] = [None] * len(self.layers)
+        last = len(self.layers) - 1
 
         def rec(i):
             def hook(mod, args, kwargs):
                 recorded[i] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache", "hidden_states")}
+                if i == last:
+                    raise _Stop
 
             return hook
 
+        def passthrough(hidden_states, *args, **kwargs):
+            return hidden_states
+
+        own = [layer.__dict__.get("forward") for layer in self.layers]
         hs = [layer.register_forward_pre_hook(rec(i), with_kwargs=True) for i, layer in enumerate(self.layers)]
+        for layer in self.layers:
+            layer.forward = passthrough
         try:
             self.model(input_ids=self.ids[:1], use_cache=False)
+        except _Stop:
+            pass
         finally:
             for h in hs:
                 h.remove()
+            for layer, f in zip(self.layers, own):
+                del layer.forward
+                if f is not None:
+                    layer.forward = f
         return recorded
 
     @torch.no_grad()
@@ -79,21 +99,37 @@ class LayerwiseRunner:
             raise _Stop
 
         h = self.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        hidden = None
         try:
             for i in range(self.ids.shape[0]):
                 try:
                     self.model(input_ids=self.ids[i : i + 1], use_cache=False)
                 except _Stop:
                     pass
+                x = store.pop()
+                if hidden is None:
+                    hidden = self._new((self.ids.shape[0], *x.shape[1:]), x.dtype)
+                hidden[i : i + 1] = x
         finally:
             h.remove()
-        return torch.cat(store, dim=0)
+        return hidden
+
+    def _new(self, shape: tuple[int, ...], dtype: torch.dtype):
+        """Room for one layer's inputs or outputs of every sample: in memory, or in a file when an
+        onloaded run's budget leaves no room for two such sets (:mod:`.activations`)."""
+        nbytes = 2 * torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+        folder = self.stream.spill_folder(nbytes) if self.stream is not None else None
+        if folder is None:
+            return torch.empty(shape, dtype=dtype)
+        from .activations import DiskActivations
+
+        return DiskActivations(shape, folder, dtype)
 
     @torch.no_grad()
     def run_layer(self, i: int) -> torch.Tensor:
         """Outputs of layer ``i`` for every calibration sample, from the current inputs."""
         layer = self.layers[i]
-        outs = torch.empty_like(self.hidden)
+        outs = self._new(tuple(self.hidden.shape), self.hidden.dtype)
         for s in range(self.hidden.shape[0]):
             outs[s : s + 1] = _first_out(layer(self.hidden[s : s + 1], use_cache=False, **self.kwargs[i]))
         return outs
@@ -134,13 +170,25 @@ class LayerwiseRunner:
 
         return observe
 
-    def run(self, process: Callable[[int, nn.Module], None], desc: str) -> None:
+    def run(self, process: Callable[[int, nn.Module], None], desc: str,
+            done: Callable[[int, nn.Module], None] | None = None) -> None:
         """For each layer: ``process(i, layer)`` (it may run :meth:`run_layer` with hooks), then
-        recompute that layer's outputs with its new weights and advance."""
+        recompute that layer's outputs with its new weights, ``done(i, layer)`` (e.g. pack the
+        layer's quantized weights), and advance. On an onloaded model (``model.leanfm_stream``,
+        :mod:`leanfm.models.onload`) each layer is read from disk first and, once done, written
+        to the output and released, so one layer's weights are in memory at a time."""
         with progress.bar(desc, len(self.layers)) as adv:
             for i, layer in enumerate(self.layers):
+                if self.stream is not None:
+                    self.stream.load_layer(i)
                 process(i, layer)
-                self.hidden = self.run_layer(i)
+                old, self.hidden = self.hidden, self.run_layer(i)
+                if hasattr(old, "close"):  # a file of activations (spilled): deleted now, not at garbage collection
+                    old.close()
+                if done is not None:
+                    done(i, layer)
+                if self.stream is not None:
+                    self.stream.store_layer(i, layer)
                 adv()
 
 

@@ -182,6 +182,18 @@ def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, fmt: str 
     if fmt == "compressed-tensors" and not qlayers:
         raise LeanfmError(f"{source} leaves no packed quantized layers; "
                           "compressed-tensors export needs a quantizing recipe without backend: fake")
+    with partial_folder(out, overwrite) as tmp:
+        _write(model, tmp, tokenizer, fmt, qlayers, gguf_type)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return Path(out)
+
+
+@contextmanager
+def partial_folder(out: str | Path, overwrite: bool = False):
+    """A temporary sibling ``.<name>.partial-<pid>`` to fill; renamed to ``out`` when the block
+    completes, removed when it raises (an interrupted write never leaves a folder that loads as a
+    checkpoint). ``out`` is checked first (:func:`check_checkpoint_target`)."""
     check_checkpoint_target(out, overwrite)
     shown, p = str(out), _target(out)
     _remove_stale_partials(p)
@@ -189,9 +201,7 @@ def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, fmt: str 
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        _write(model, tmp, tokenizer, fmt, qlayers, gguf_type)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        yield tmp
         _move_into_place(tmp, p, shown, overwrite)
     except OSError as e:
         raise LeanfmError(f"could not write checkpoint folder {shown}: {os_reason(e)}"
@@ -199,7 +209,6 @@ def save_checkpoint(model: nn.Module, out: str | Path, tokenizer=None, fmt: str 
                           + "; nothing was replaced: free space or choose another --out") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone after a successful rename; a failed write leaves nothing behind
-    return Path(out)
 
 
 def _move_into_place(tmp: Path, p: Path, shown: str, overwrite: bool) -> None:

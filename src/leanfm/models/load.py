@@ -149,6 +149,31 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
     """
     t0 = time.perf_counter()
     name = str(name_or_path)
+    path, source = resolve(name)
+    try:
+        model, tok = _from_dir(path, dtype)
+    except LeanfmError:
+        raise
+    except (OSError, ValueError) as e:
+        where = "the Hugging Face hub" if source == "hub" else f"'{path}'"
+        raise LeanfmError(f"could not load model '{name}' from {where}: {_one_line(e)}") from None
+    model.eval()
+    model.leanfm_info = {
+        "name": name, "path": path, "source": source, "tokenizer": tok,
+        "load_seconds": round(time.perf_counter() - t0, 2), "steps": [],
+    }
+    from ..kernels.checkpoint import act_quant_bits, kernel_summary, quantized_layers
+
+    if quantized_layers(model):  # a packed checkpoint: record what runs it
+        acts = act_quant_bits(model)  # SmoothQuant activations are fake-quantized: simulated
+        kernel = kernel_summary(model) + ("; fake-quant activations" if acts else "")
+        model.leanfm_info["steps"].append({"method": "load-quantized", "simulated": bool(acts), "kernel": kernel})
+    return model, tok
+
+
+def resolve(name: str) -> tuple[str, str]:
+    """``(path, source)`` of a model argument, without loading it: an alias's fp32 cache folder
+    (built on first use), a local directory, or a hub id (or its cached snapshot when offline)."""
     local = os.path.expanduser(name)
     if name in ALIASES:
         spec = ALIASES[name]
@@ -169,22 +194,4 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
         raise LeanfmError(
             f"unknown model '{name}'; use an alias ({', '.join(ALIASES)}), a local model directory, or a hub id like org/name"
         )
-    try:
-        model, tok = _from_dir(path, dtype)
-    except LeanfmError:
-        raise
-    except (OSError, ValueError) as e:
-        where = "the Hugging Face hub" if source == "hub" else f"'{path}'"
-        raise LeanfmError(f"could not load model '{name}' from {where}: {_one_line(e)}") from None
-    model.eval()
-    model.leanfm_info = {
-        "name": name, "path": path, "source": source, "tokenizer": tok,
-        "load_seconds": round(time.perf_counter() - t0, 2), "steps": [],
-    }
-    from ..kernels.checkpoint import act_quant_bits, kernel_summary, quantized_layers
-
-    if quantized_layers(model):  # a packed checkpoint: record what runs it
-        acts = act_quant_bits(model)  # SmoothQuant activations are fake-quantized: simulated
-        kernel = kernel_summary(model) + ("; fake-quant activations" if acts else "")
-        model.leanfm_info["steps"].append({"method": "load-quantized", "simulated": bool(acts), "kernel": kernel})
-    return model, tok
+    return path, source

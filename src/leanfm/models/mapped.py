@@ -37,7 +37,7 @@ def copy_out_of_mapped_files(model: nn.Module) -> int:
     for mod in model.modules():
         for store in (mod._parameters, mod._buffers):
             for name, t in store.items():
-                if t is None or t.device.type != "cpu":
+                if t is None or t.device.type != "cpu":  # meta (an onloaded layer on disk): no storage
                     continue
                 ptr = t.untyped_storage().data_ptr()
                 if ptr in done:

@@ -121,6 +121,12 @@ class PruneConfig(BaseConfig):
                 raise LeanfmError(f"owl_lambda={self.owl_lambda} must be in [0, {min(t, 1 - t):g}) so every layer's sparsity stays "
                                   f"inside (0, 1) around {t:g} (paper: 0.08)")
 
+    def onload_check(self) -> str | None:
+        if self.allocation == "owl":
+            return (f"{self.method} with allocation owl needs every layer's outlier ratios before it prunes the first; "
+                    "use allocation: uniform to compress onloaded")
+        return None
+
     def check_model(self, model) -> None:
         from .sparsity import check_not_packed
 
@@ -162,6 +168,7 @@ class WandaConfig(PruneConfig):
     method = "wanda"
     handler = "leanfm.methods.prune.sparsity:apply_wanda"
     needs_calibration = True
+    onload = "layerwise"
 
 
 @dataclass
@@ -177,11 +184,16 @@ class SparseGPTConfig(PruneConfig):
     method = "sparsegpt"
     handler = "leanfm.methods.prune.sparsity:apply_sparsegpt"
     needs_calibration = True
+    onload = "layerwise"
     block_size: int = 128
     damp: float = 0.01
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool = True
+
+    def layer_work_bytes(self, linears: list[tuple[int, int]]) -> int:
+        # as GPTQ: one fp32 Hessian [in, in] per linear of the layer, then the solve of one
+        return sum(i * i for i, _ in linears) * 4 + max(i * i * 4 * 2 + i * o * 4 * 3 for i, o in linears)
 
     def validate(self) -> None:
         super().validate()

@@ -69,20 +69,24 @@ def _owl_plan(cfg: PruneConfig, names_per_layer: list[list[str]], ratios: list[f
     return plan, extra
 
 
-def _layerwise(model, calib, targets, make_stat: Callable, on_layer: Callable, desc: str) -> list[str]:
+def _layerwise(model, calib, targets, make_stat: Callable, on_layer: Callable, desc: str, done: Callable | None = None) -> list[str]:
     """Run the calibration set layer by layer; for each decoder layer collect one input
     statistic per target inside it (``make_stat(module)`` with ``.add(x)``), then call
     ``on_layer(mods, stats)``, which may change the weights before the layer's outputs are
-    recomputed for the next layer. Returns the targets outside every decoder layer."""
+    recomputed for the next layer; ``done(mods)`` once they are. Returns the targets outside
+    every decoder layer."""
     runner = LayerwiseRunner(model, calib)
     seen: set[str] = set()
+    current: dict = {}
 
     def process(i: int, layer: nn.Module) -> None:
         mods = targets_in(layer, targets)
         seen.update(mods)
+        current.clear()
+        current.update(mods)
         on_layer(mods, runner.collect_inputs(i, mods, make_stat))
 
-    runner.run(process, desc)
+    runner.run(process, desc, (lambda i, layer: done(dict(current))) if done is not None else None)
     return [n for n in targets if n not in seen]
 
 
@@ -109,25 +113,41 @@ def _plan(model, cfg, calib, targets) -> tuple[dict, dict]:
     return _owl_plan(cfg, [list(g) for g in groups], ratios, targets)
 
 
-def _info(cfg: PruneConfig, targets: dict[str, nn.Linear], extra: dict, model: nn.Module) -> dict:
-    zeros = sum(int((m.weight == 0).sum()) for m in targets.values())
-    total = sum(m.weight.numel() for m in targets.values())
-    nm = cfg.nm
-    if cfg.backend == "csr":
-        from ...kernels.sparse import to_sparse_
+class _Tally:
+    """Zeros and weights of the pruned layers, counted as each layer is finished (an onloaded
+    layer is gone from memory afterwards), and the CSR conversion of each layer then."""
 
-        for name in targets:
-            parent, _, child = name.rpartition(".")
-            to_sparse_(model.get_submodule(parent), child)
-    return {
-        "simulated": cfg.backend == "masked",
-        "kernel": KERNEL if cfg.backend == "masked" else CSR_KERNEL,
-        "layers": len(targets),
-        "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}",
-        "sparsity_target": round(cfg.target_sparsity, 6),
-        "sparsity_achieved": zeros / total,
-        **extra,
-    }
+    def __init__(self, cfg: PruneConfig, model: nn.Module):
+        self.cfg, self.model, self.zeros, self.total, self.layers = cfg, model, 0, 0, 0
+
+    def __call__(self, mods: dict[str, nn.Linear]) -> None:
+        for name, m in mods.items():
+            self.zeros += int((m.weight == 0).sum())
+            self.total += m.weight.numel()
+            self.layers += 1
+            if self.cfg.backend == "csr":
+                from ...kernels.sparse import to_sparse_
+
+                parent, _, child = name.rpartition(".")
+                to_sparse_(self.model.get_submodule(parent), child)
+
+    def info(self, extra: dict) -> dict:
+        cfg, nm = self.cfg, self.cfg.nm
+        return {
+            "simulated": cfg.backend == "masked",
+            "kernel": KERNEL if cfg.backend == "masked" else CSR_KERNEL,
+            "layers": self.layers,
+            "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}",
+            "sparsity_target": round(cfg.target_sparsity, 6),
+            "sparsity_achieved": self.zeros / self.total,
+            **extra,
+        }
+
+
+def _info(cfg: PruneConfig, targets: dict[str, nn.Linear], extra: dict, model: nn.Module) -> dict:
+    tally = _Tally(cfg, model)
+    tally(targets)
+    return tally.info(extra)
 
 
 def _magnitude_fallback(cfg: PruneConfig, targets, names: list[str], plan: dict) -> dict:
@@ -167,9 +187,11 @@ def _prune_layerwise(model: nn.Module, cfg, calib: torch.Tensor, make_stats, pru
         for n, m in mods.items():
             prune_one(m, stats.pop(n), plan[n])
 
-    rest = _layerwise(model, calib, targets, make_stats, prune, f"{cfg.method} (layer by layer)")
+    tally = _Tally(cfg, model)
+    rest = _layerwise(model, calib, targets, make_stats, prune, f"{cfg.method} (layer by layer)", tally)
     extra.update(_magnitude_fallback(cfg, targets, rest, plan))
-    return {**_info(cfg, targets, extra, model), "calibration_tokens": int(calib.numel())}
+    tally({n: targets[n] for n in rest})
+    return {**tally.info(extra), "calibration_tokens": int(calib.numel())}
 
 
 def apply_wanda(model: nn.Module, cfg: WandaConfig, calib: torch.Tensor) -> dict:

@@ -14,7 +14,7 @@ from ...errors import LeanfmError
 from ..fold import divide_output, find_producer
 from ..layers import LayerwiseRunner, group_by_input, targets_in
 from .awq_math import apply_clip, search_clip, search_scale
-from .common import install
+from .common import LayerPacker, install
 from .decl import AWQConfig
 from .gptq import check_calibration
 from .grid import dequantize, grid_quantize, resolve_group_size
@@ -46,7 +46,8 @@ def apply_awq(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor) -> dict:
     check_calibration(calib, cfg.method)
     targets = cfg.targets(model)
     runner = LayerwiseRunner(model, calib)
-    qws, alphas, folded, unfolded = {}, [], 0, []
+    qws, pending, seen, alphas, folded, unfolded = {}, {}, set(), [], 0, []
+    packed = LayerPacker(model, cfg.backend)
     per_call = -(-cfg.scale_tokens // calib.shape[0])
 
     def process(i: int, layer: nn.Module) -> None:
@@ -81,15 +82,20 @@ def apply_awq(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor) -> dict:
             if cfg.clip:
                 w = apply_clip(w, search_clip(scaled_x[n][: cfg.clip_tokens], w, cfg.bits, gs, cfg.symmetric, cfg.n_grid,
                                               rounding=cfg.rounding), gs)
-            qws[n] = grid_quantize(w, cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding)
+            pending[n] = grid_quantize(w, cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding)
             with torch.no_grad():  # the next layer sees this layer quantized
-                m.weight.copy_(dequantize(qws[n].codes, qws[n].scale, qws[n].zero, qws[n].group_size))
+                m.weight.copy_(dequantize(pending[n].codes, pending[n].scale, pending[n].zero, pending[n].group_size))
 
-    runner.run(process, "awq (layer by layer)")
+    def done(i: int, layer: nn.Module) -> None:  # packed as soon as the layer's outputs are computed
+        packed(dict(pending))
+        seen.update(pending)
+        pending.clear()
+
+    runner.run(process, "awq (layer by layer)", done)
     for n, m in targets.items():
-        if n not in qws:
+        if n not in seen:
             qws[n] = grid_quantize(m.weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding)
     del runner
-    info = install(model, qws, cfg.backend)
+    info = {**install(model, qws, cfg.backend), "layers": packed.count + len(qws)}
     return {**info, "scaled_groups": folded, "unscaled_groups": len(unfolded),
             "mean_alpha": round(sum(alphas) / len(alphas), 3) if alphas else None, "calibration_tokens": int(calib.numel())}

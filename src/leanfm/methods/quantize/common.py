@@ -85,3 +85,16 @@ def install(model: nn.Module, qws: dict[str, QuantizedWeight], backend: str, fus
 
     groups = fuse_shared_inputs(model) if fuse else 0
     return {"simulated": False, "kernel": kernel_summary(model), "layers": len(qws), "fused_groups": groups}
+
+
+class LayerPacker:
+    """``on_layer`` callback for the layer-by-layer quantizers: packs each decoder layer's weights
+    as soon as the layer is done (a whole model's unpacked uint8 codes never pile up, and an
+    onloaded layer is written packed); siblings are fused once at the end by :func:`install`."""
+
+    def __init__(self, model: nn.Module, backend: str):
+        self.model, self.backend, self.count = model, backend, 0
+
+    def __call__(self, qws: dict[str, QuantizedWeight]) -> None:
+        install(self.model, qws, self.backend, fuse=False)
+        self.count += len(qws)

@@ -73,6 +73,10 @@ class WeightQuantConfig(BaseConfig):
 
         check_layers(self, model)
 
+    def layer_work_bytes(self, linears: list[tuple[int, int]]) -> int:
+        # the layer's uint8 codes until packed, its packed copy, and one fp32 weight being rounded
+        return sum(i * o for i, o in linears) * 2 + max(i * o for i, o in linears) * 4 * 2
+
     def effect(self, eff) -> None:
         gs = self.group_size if self.group_size not in (None, -1) else None
         spec = QuantSpec(self.method, int(self.bits), gs, bool(self.symmetric), str(self.backend),
@@ -133,6 +137,7 @@ class RTNConfig(BlockGridConfig):
                     "symmetric": Choice(True, False)}
 
     method = "rtn"
+    onload = "per-layer"
     handler = "leanfm.methods.quantize.rtn:apply_rtn"
     bits: int = 8
 
@@ -155,6 +160,7 @@ class GPTQConfig(BlockGridConfig):
                     "symmetric": Choice(True, False), "act_order": Choice(False, True)}
 
     method = "gptq"
+    onload = "layerwise"
     handler = "leanfm.methods.quantize.gptq:apply_gptq"
     needs_calibration = True
     damp: float = 0.01
@@ -164,6 +170,14 @@ class GPTQConfig(BlockGridConfig):
     def validate(self) -> None:
         super().validate()
         check_obs_params(self.damp, self.block_size)
+
+    def layer_work_bytes(self, linears: list[tuple[int, int]]) -> int:
+        # Frantar et al. (2023) Alg. 1: one fp32 Hessian [in, in] per linear of the layer, all
+        # collected before the first is solved; solving one adds its inverse's Cholesky factor,
+        # a working copy of W and the block errors (~2 x W)
+        hessians = sum(i * i for i, _ in linears) * 4
+        solve = max(i * i * 4 * 2 + i * o * 4 * 3 for i, o in linears)
+        return hessians + solve + super().layer_work_bytes(linears)
 
 
 @dataclass
@@ -180,6 +194,7 @@ class AWQConfig(BlockGridConfig):
     search_space = W34_SPACE
 
     method = "awq"
+    onload = "layerwise"
     handler = "leanfm.methods.quantize.awq:apply_awq"
     needs_calibration = True
     symmetric: bool = False
@@ -193,6 +208,12 @@ class AWQConfig(BlockGridConfig):
         if self.n_grid < 1 or self.scale_tokens < 1 or self.clip_tokens < 1:
             raise LeanfmError("awq needs n_grid, scale_tokens and clip_tokens >= 1")
 
+    def layer_work_bytes(self, linears: list[tuple[int, int]]) -> int:
+        # sampled inputs of each linear (scale_tokens rows) and, per grid point of the scale
+        # search, a scaled and a rounded copy of the largest group's weights
+        x = sum(self.scale_tokens * i * 4 for i, _ in linears)
+        return x + max(i * o for i, o in linears) * 4 * 3 + super().layer_work_bytes(linears)
+
 
 @dataclass
 class HQQConfig(WeightQuantConfig):
@@ -205,6 +226,7 @@ class HQQConfig(WeightQuantConfig):
     search_space = W34_SPACE
 
     method = "hqq"
+    onload = "per-layer"
     handler = "leanfm.methods.quantize.hqq:apply_hqq"
     fractional_zero = True
     symmetric: bool = False
@@ -233,6 +255,7 @@ class SmoothQuantConfig(WeightQuantConfig):
     search_space = {"alpha": Range(0.3, 0.8, step=0.1)}
 
     method = "smoothquant"
+    onload = "layerwise"
     handler = "leanfm.methods.quantize.smoothquant:apply_smoothquant"
     needs_calibration = True
     bits: int = 8
@@ -265,6 +288,7 @@ class EmbedQuantConfig(BaseConfig):
     search_space = {"bits": Choice(4, 8), "group_size": Choice(32, 64, None, divides="in_features")}
 
     method = "embed_quant"
+    onload = "outside"
     handler = "leanfm.methods.quantize.embedding:apply_embed_quant"
     produces = "int-embeddings"
 

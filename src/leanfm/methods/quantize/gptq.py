@@ -11,7 +11,7 @@ from torch import nn
 
 from ...errors import LeanfmError
 from ..layers import LayerwiseRunner, targets_in
-from .common import install
+from .common import install, LayerPacker
 from .decl import GPTQConfig, check_obs_params  # noqa: F401 (check_obs_params re-exported)
 from .gptq_math import HessianAccumulator, gptq_quantize
 from .grid import grid_quantize
@@ -28,32 +28,39 @@ def check_calibration(calib: torch.Tensor, method: str, min_tokens: int = 256) -
 
 
 def gptq_layerwise(model: nn.Module, targets: dict, calib: torch.Tensor, grid_of, damp: float, block_size: int,
-                   act_order: bool, label: str = "gptq") -> dict:
+                   act_order: bool, label: str = "gptq", on_layer=None) -> dict:
     """GPTQ over the decoder layers in order, each linear on its own grid: ``grid_of(name)`` gives
     ``(bits, group_size, symmetric, rounding)``. Returns ``{name: QuantizedWeight}``; linears outside
-    the decoder stack (e.g. an unskipped lm_head: no layer inputs collected) get RTN on their grid."""
+    the decoder stack (e.g. an unskipped lm_head: no layer inputs collected) get RTN on their grid.
+    ``on_layer(qws)``: called with each decoder layer's weights once its outputs for the next
+    layer are computed (to pack them at once); those are then not in the returned dict."""
     from .grid import dequantize
 
     runner = LayerwiseRunner(model, calib)
-    qws = {}
+    qws, pending = {}, {}
     in_layers = set()
 
     def process(i: int, layer: nn.Module) -> None:
         mods = targets_in(layer, targets)
         in_layers.update(mods)
         hess = runner.collect_inputs(i, mods, lambda m: HessianAccumulator(m.in_features))
-        layer_q = {}
         for n, m in mods.items():
             bits, gs, sym, rounding = grid_of(n)
-            layer_q[n] = gptq_quantize(m.weight.detach(), hess[n].H, bits, gs, sym, damp, block_size, act_order, rounding)
+            pending[n] = gptq_quantize(m.weight.detach(), hess[n].H, bits, gs, sym, damp, block_size, act_order, rounding)
             del hess[n]
-        # the next layer must see this layer's *quantized* outputs: fake-quant now, pack at the end
+        # the next layer must see this layer's *quantized* outputs: fake-quant now, pack when done
         with torch.no_grad():
-            for n, qw in layer_q.items():
+            for n, qw in pending.items():
                 targets[n].weight.copy_(dequantize(qw.codes, qw.scale, qw.zero, qw.group_size))
-        qws.update(layer_q)
 
-    runner.run(process, f"{label} (layer by layer)")
+    def done(i: int, layer: nn.Module) -> None:
+        if on_layer is not None:
+            on_layer(dict(pending))
+        else:
+            qws.update(pending)
+        pending.clear()
+
+    runner.run(process, f"{label} (layer by layer)", done)
     del runner
     for n, m in targets.items():
         if n not in in_layers:
@@ -65,5 +72,7 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
     check_calibration(calib, cfg.method)
     grid = (cfg.bits, cfg.group_size, cfg.symmetric, cfg.rounding)
-    qws = gptq_layerwise(model, cfg.targets(model), calib, lambda n: grid, cfg.damp, cfg.block_size, cfg.act_order)
-    return {**install(model, qws, cfg.backend), "calibration_tokens": int(calib.numel())}
+    packed = LayerPacker(model, cfg.backend)
+    rest = gptq_layerwise(model, cfg.targets(model), calib, lambda n: grid, cfg.damp, cfg.block_size, cfg.act_order,
+                          on_layer=packed)
+    return {**install(model, rest, cfg.backend), "layers": packed.count + len(rest), "calibration_tokens": int(calib.numel())}

@@ -32,8 +32,10 @@ def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: flo
     return (act_max.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
-def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head",), only=()) -> dict:
-    """Fold SmoothQuant scales into the model in place (no quantization); returns counts."""
+def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head",), only=(), on_layer=None) -> dict:
+    """Fold SmoothQuant scales into the model in place (no quantization); returns counts.
+    ``on_layer(names)``: called with each decoder layer's smoothed linears once the next layer's
+    inputs are computed from them (to quantize them then)."""
     targets = dict(iter_linears(model, skip, only))
     runner = LayerwiseRunner(model, calib)
     done = {"smoothed_groups": 0, "unsmoothed_groups": 0}
@@ -65,20 +67,32 @@ def smooth_(model: nn.Module, calib: torch.Tensor, alpha: float, skip=("lm_head"
                     m.weight.mul_(s)
             done["smoothed_groups"] += 1
 
-    runner.run(process, "smoothquant (layer by layer)")
+    def layer_done(i: int, layer: nn.Module) -> None:
+        if on_layer is not None:
+            on_layer(list(targets_in(layer, targets)))
+
+    runner.run(process, "smoothquant (layer by layer)", layer_done)
     return done
 
 
 def apply_smoothquant(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor) -> dict:
     cfg.check_model(model)
     check_calibration(calib, cfg.method)
-    counts = smooth_(model, calib, cfg.alpha, cfg.skip, cfg.only)
     names = list(cfg.targets(model))
-    qws = {n: rtn_quantize(model.get_submodule(n).weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric) for n in names}
-    info = install(model, qws, cfg.backend, fuse=False)  # each layer fake-quantizes its own input
-    for n in names:
-        parent_name, _, child = n.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, ActQuant(getattr(parent, child), cfg.act_bits))
+    infos = []
+
+    def quantize(layer_names: list[str]) -> None:  # W: RTN on the smoothed weights; A: fake-quant at the input
+        qws = {n: rtn_quantize(model.get_submodule(n).weight.detach(), cfg.bits, cfg.group_size, cfg.symmetric) for n in layer_names}
+        if not qws:
+            return
+        infos.append(install(model, qws, cfg.backend, fuse=False))  # each layer fake-quantizes its own input
+        for n in layer_names:
+            parent_name, _, child = n.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, ActQuant(getattr(parent, child), cfg.act_bits))
+
+    counts = smooth_(model, calib, cfg.alpha, cfg.skip, cfg.only, on_layer=quantize)
+    quantize([n for n in names if isinstance(model.get_submodule(n), nn.Linear)])  # outside the decoder layers
+    info = {**infos[-1], "layers": sum(x["layers"] for x in infos)}
     return {**info, **counts, "simulated": True,
             "kernel": f"W{cfg.bits}: {info['kernel']}; A{cfg.act_bits}: fake-quant per-token activations (no int8 GEMM)"}
