@@ -50,10 +50,13 @@ class Onloaded:
         raise LeanfmError(f"checkpoint {self.path} has no tensor {name} (config.json describes it); the checkpoint is incomplete: "
                           "re-download the model, or re-run leanfm compress")
 
-    def load(self, prefix: str) -> nn.Module:
-        """Fill the parameters of the module at ``prefix`` (``""``: the whole model) in place."""
+    def load(self, prefix: str, source_prefix: str | None = None) -> nn.Module:
+        """Fill the parameters of the module at ``prefix`` (``""``: the whole model) in place,
+        from the tensors stored under ``source_prefix`` (default: the same; differs once layers
+        were dropped and the rest renumbered)."""
         module = self.model.get_submodule(prefix) if prefix else self.model
-        base = f"{prefix}." if prefix else ""
+        src = prefix if source_prefix is None else source_prefix
+        base = f"{src}." if src else ""
         for mname, mod in module.named_modules():
             for pname, p in list(mod._parameters.items()):
                 if p is None or not p.is_meta:
@@ -109,6 +112,7 @@ class Stream:
         self.layers_prefix = layers_prefix  # e.g. "model.layers"
         self.manifest: dict[str, dict] = {}
         self.stored: set[int] = set()
+        self.order = list(range(len(source.model.get_submodule(layers_prefix))))  # model layer -> source layer
 
     def spill_folder(self, nbytes: int) -> str | Path | None:
         """Where to keep ``nbytes`` of calibration activations on disk, or None to keep them in memory."""
@@ -118,7 +122,17 @@ class Stream:
         return self.scratch or tempfile.gettempdir()
 
     def load_layer(self, i: int) -> nn.Module:
-        return self.source.load(f"{self.layers_prefix}.{i}")
+        return self.source.load(f"{self.layers_prefix}.{i}", f"{self.layers_prefix}.{self.order[i]}")
+
+    def release_layer(self, i: int) -> None:
+        """Give a layer's memory back without writing it (a read-only pass, e.g. scoring)."""
+        Onloaded.release(self.source.model.get_submodule(f"{self.layers_prefix}.{i}"))
+
+    def renumber(self, keep: list[int]) -> None:
+        """Layers were removed: layer ``j`` of the model is now layer ``keep[j]`` of the source."""
+        if self.stored:
+            raise LeanfmError("internal: layers removed after some were written")
+        self.order = [self.order[k] for k in keep]
 
     def store_layer(self, i: int, layer: nn.Module) -> None:
         from ..kernels.checkpoint import module_tensors

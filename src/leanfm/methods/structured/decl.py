@@ -38,6 +38,7 @@ class LayerDropConfig(BaseConfig):
     method = "layerdrop"
     handler = "leanfm.methods.structured.layerdrop:apply_layerdrop"
     needs_calibration = True
+    onload = "layerwise"
     produces = "smaller-dense"
     fraction: float | None = None
     count: int | None = None

@@ -49,14 +49,22 @@ def lowest_influence(bi: Sequence[float], n: int) -> list[int]:
 
 @torch.no_grad()
 def measure_block_influence(model: nn.Module, calib: torch.Tensor) -> list[float]:
-    """BI of every decoder layer on the calibration tokens, unmodified model, one layer at a time."""
+    """BI of every decoder layer on the calibration tokens, unmodified model, one layer at a time
+    (an onloaded layer is read for it and released after: nothing is written yet)."""
     runner = LayerwiseRunner(model, calib)
     bi = []
     with progress.bar("layerdrop (block influence)", len(runner.layers)) as adv:
         for i in range(len(runner.layers)):
+            if runner.stream is not None:
+                runner.stream.load_layer(i)
             out = runner.run_layer(i)
-            bi.append(block_influence(runner.hidden, out))
-            runner.hidden = out
+            n = runner.hidden.shape[0]  # samples have equal lengths: the mean over tokens is the mean of per-sample means
+            bi.append(1.0 - sum(1.0 - block_influence(runner.hidden[s : s + 1], out[s : s + 1]) for s in range(n)) / n)
+            old, runner.hidden = runner.hidden, out
+            if hasattr(old, "close"):
+                old.close()
+            if runner.stream is not None:
+                runner.stream.release_layer(i)
             adv()
     return bi
 
@@ -77,6 +85,9 @@ def remove_layers(model: nn.Module, drop: Sequence[int]) -> None:
     for i in reversed(drop):
         del layers[i]  # nn.ModuleList renumbers its keys: state_dict names stay contiguous
     cfg.num_hidden_layers = len(keep)
+    stream = getattr(model, "leanfm_stream", None)
+    if stream is not None:  # onloaded: layer j of the result is read from layer keep[j] of the source
+        stream.renumber(keep)
     for new_idx, layer in enumerate(layers):  # the KV cache is indexed by each attention's layer_idx
         for mod in layer.modules():
             if isinstance(getattr(mod, "layer_idx", None), int):
