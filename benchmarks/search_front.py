@@ -1,0 +1,108 @@
+"""Re-measure a search's Pareto set with ``leanfm bench`` and compare it with the built-ins (issue 15).
+
+    python benchmarks/search_front.py runs/search-acc15b [--threads 2] [--out runs/search-front]
+
+1. Candidates from the built-ins: every built-in recipe and every ``a+b`` composition of two
+   that the search's space can draw and the predictor lets through the search's budget (the
+   same rule as the search's warm start, without its limit).
+2. A short quality pass (``leanfm bench --metrics quality,memory`` on 4,096 tokens) of those not
+   measured by the search itself drops the ones whose quality already misses the budget by more
+   than the search's stop margin (25%, relative).
+3. One ``leanfm bench`` run under the search's full protocol holds the Pareto set's recipes and
+   every built-in candidate left, so their speed repeats are interleaved round by round.
+4. Prints, per recipe, the objectives and budgeted metrics, whether it meets the budget, and for
+   each Pareto member whether a built-in that meets the budget dominates it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("search_dir")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/search-front")
+    ap.add_argument("--stop-margin", type=float, default=0.25)
+    a = ap.parse_args()
+    from leanfm.predict.analyzer import predict
+    from leanfm.recipe import load_recipe
+    from leanfm.search.budget import Objective, dominates, parse_budget, parse_objectives
+    from leanfm.search.run import _widths
+    from leanfm.search.screen import predicted_metrics, screen
+    from leanfm.search.seeds import candidates
+    from leanfm.search.space import SearchSpace
+
+    res = json.loads((Path(a.search_dir) / "search.json").read_text())
+    budget = parse_budget(", ".join(res["budget"]).replace(" ", ""))
+    objectives: list[Objective] = parse_objectives(",".join(res["objectives"]))
+    proto = res["protocol"]
+    model = res["model"]
+    space = SearchSpace.from_methods()
+    widths = _widths(model)
+    base_pred = predicted_metrics(predict(model, "baseline", res["hardware"], proto["batch"], proto["prompt"], proto["gen"]))
+    builtins = []
+    for name, _ in candidates(space, widths):
+        try:
+            p = predicted_metrics(predict(model, load_recipe(name), res["hardware"], proto["batch"], proto["prompt"], proto["gen"]), base_pred)
+        except Exception:  # noqa: BLE001 - a composition the predictor finds cannot run
+            continue
+        if screen(budget, p, base_pred, {}) is None:
+            builtins.append(name)
+    searched = {t["builtin"]: t for t in res["trials"] if t.get("builtin")}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    leanfm = str(Path(sys.executable).with_name("leanfm"))
+    base = res["baseline"]
+
+    short = [b for b in builtins if b not in searched]
+    kept = [b for b in builtins if b in searched and _quality_ok(searched[b]["metrics"], budget, base, a.stop_margin)]
+    if short:
+        cmd = [leanfm, "bench", "--model", model, "--out", str(out / "short"), "--overwrite", "--metrics", "quality,memory",
+               "--max-eval-tokens", "4096", "--threads", str(a.threads), *sum((["--recipe", b] for b in short), [])]
+        subprocess.run(cmd, check=True)
+        runs = json.loads((out / "short" / "results.json").read_text())["runs"]
+        for r in runs[1:]:
+            if r.get("status") != "error" and _quality_ok(r["metrics"], budget, r.get("baseline_metrics") or runs[0]["metrics"], a.stop_margin):
+                kept.append(r["recipe"]["name"])
+    front = sorted(Path(a.search_dir, "front").glob("*.yaml"))
+    recipes = [str(f) for f in front] + kept
+    cmd = [leanfm, "bench", "--model", model, "--out", str(out / "full"), "--overwrite", "--threads", str(a.threads),
+           "--max-eval-tokens", str(proto["max_eval_tokens"]), "--seqlen", str(proto["seqlen"]), "--repeats", str(proto["repeats"]),
+           "--gen", str(proto["gen"]), "--prompt", str(proto["prompt"]), *sum((["--recipe", r] for r in recipes), [])]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True)
+    runs = json.loads((out / "full" / "results.json").read_text())["runs"]
+    base = runs[0]["metrics"]
+    rows = []
+    for r in runs[1:]:
+        m = r.get("metrics") or {}
+        ok = all(c.holds(m, base) for c in budget) if r.get("status") != "error" else False
+        rows.append({"name": r["recipe"]["name"], "front": r["recipe"]["name"].startswith("search-t"), "metrics": m, "meets": ok})
+    cols = [o.metric for o in objectives] + [c.metric for c in budget if c.metric not in [o.metric for o in objectives]]
+    print(f"\nbaseline: " + ", ".join(f"{c} {base.get(c, float('nan')):.4g}" for c in cols))
+    print("| recipe | " + " | ".join(cols) + " | meets budget | dominated by a built-in meeting it |")
+    print("|---|" + "---|" * (len(cols) + 2))
+    ok_builtins = [x for x in rows if not x["front"] and x["meets"]]
+    for x in rows:
+        dom = [b["name"] for b in ok_builtins if dominates(b["metrics"], x["metrics"], objectives)] if x["front"] else []
+        vals = " | ".join(f"{x['metrics'].get(c, float('nan')):.4g}" for c in cols)
+        print(f"| {'**' + x['name'] + '**' if x['front'] else x['name']} | {vals} | {'yes' if x['meets'] else 'no'} | "
+              f"{(', '.join(dom) or 'none') if x['front'] else '–'} |")
+
+
+def _quality_ok(m: dict, budget, base: dict, margin: float) -> bool:
+    from leanfm.metrics import METRICS
+
+    return all((c.violation(m, base) or 0) <= margin for c in budget if METRICS[c.metric].group == "quality")
+
+
+if __name__ == "__main__":
+    main()
