@@ -268,21 +268,21 @@ def cmd_compress(a) -> int:
     calib = _calib(a, None, "the GPTQ paper's setting for a checkpoint")
     check_inputs([recipe], calib)
     torch.set_num_threads(a.threads)
-    onload, mem = _memory_plan(a, recipe, calib)
+    from .models.load import load_tokenizer, resolve
+
+    path, source = resolve(a.model)
+    tok = load_tokenizer(path)
     announce_calibration([recipe], calib)
+    ids = recipe.calibration(calib, tok)[0]  # before the plan: the text and tokens stay in the base it measures
+    onload, mem = _memory_plan(a, recipe, calib, path, source)
     extra = {"recipe.yaml": recipe.to_yaml()}
     if onload:
         if a.format != "leanfm":
             raise LeanfmError(f"--format {a.format} is written from a model in memory; an onloaded compress writes leanfm's "
                               "format (then leanfm export it, or drop --onload)")
-        from transformers import AutoTokenizer
-
         from .onload_compress import compress_onloaded
 
-        tok = AutoTokenizer.from_pretrained(mem["path"])
-        needs = any(s.needs_calibration for s in recipe.steps)
-        model = compress_onloaded(mem["path"], recipe, recipe.calibration(calib, tok)[0] if needs else None, out, tok,
-                                  a.overwrite, extra, activation_budget=mem["activation_budget"])
+        model = compress_onloaded(path, recipe, ids, out, tok, a.overwrite, extra, activation_budget=mem["activation_budget"])
     else:
         from .api import apply_, load
         from .models.checkpoint import save_checkpoint
@@ -290,7 +290,7 @@ def cmd_compress(a) -> int:
         model, tok = load(a.model)
         for step in recipe.steps:
             step.check_model(model)
-        apply_(model, recipe, calib=recipe.calibration(calib, tok)[0])
+        apply_(model, recipe, calib=ids)
         save_checkpoint(model, out, tok, a.format, source=f"recipe {recipe.name}", overwrite=a.overwrite,
                         extra_files=extra, gguf_type=a.gguf_type)
     simulated = any(s.get("simulated") for s in model.leanfm_info["steps"])
@@ -304,18 +304,17 @@ def cmd_compress(a) -> int:
     return 0
 
 
-def _memory_plan(a, recipe, calib) -> tuple[bool, dict]:
+def _memory_plan(a, recipe, calib, path: str, source: str) -> tuple[bool, dict]:
     """Choose in-memory or onloaded, print the memory plan, refuse what does not fit (before any
     work). Returns whether to onload and the plan's numbers."""
-    from .models.load import resolve
     from .onload_compress import unsupported
     from .predict.arch import load_arch
     from .predict.memory_plan import available_bytes, check, current_rss, parse_size, plan
 
     budget = parse_size(a.max_memory) if a.max_memory else available_bytes()
     budget_name = f"--max-memory {a.max_memory}" if a.max_memory else "memory available now (set --max-memory to choose)"
-    path, source = resolve(a.model)
     arch = load_arch(path if source != "hub" else a.model)
+    src_bytes = _source_bytes(path)
     needs = any(s.needs_calibration for s in recipe.steps)
     n, seqlen = (calib.n, calib.seqlen) if needs else (0, 0)
     import transformers.modeling_utils  # noqa: F401 - counted in the base the plan adds to, as the run will hold it
@@ -332,10 +331,10 @@ def _memory_plan(a, recipe, calib) -> tuple[bool, dict]:
             check(whole, budget, budget_name, n, seqlen, arch, can_onload=False)  # refused with its own numbers
         if source == "hub":
             raise LeanfmError(f"onloading reads a local checkpoint folder; download {a.model} first (or pass its local folder)")
-        p, onload = plan(arch, recipe.steps, n, seqlen, base, onload=True), True
+        p, onload = plan(arch, recipe.steps, n, seqlen, base, onload=True, source_bytes_per_param=src_bytes), True
         room = budget - (p.total - p.parts.get("calibration activations", 0))  # what activations may hold in memory
         if p.total > budget:
-            least = plan(arch, recipe.steps, n, seqlen, base, onload=True, spill=True)
+            least = plan(arch, recipe.steps, n, seqlen, base, onload=True, spill=True, source_bytes_per_param=src_bytes)
             if least.total > budget and a.max_memory:
                 raise LeanfmError(f"--max-memory {a.max_memory} is below what one decoder layer needs: at least "
                                   f"{least.total / 1e9:.2f} GB ({least.describe().split(': ', 1)[1]}); raise --max-memory")
@@ -344,6 +343,18 @@ def _memory_plan(a, recipe, calib) -> tuple[bool, dict]:
     check(p, budget, budget_name, n, seqlen, arch, can_onload=not why)
     act_room = room if onload else None
     return onload, {"path": path, "planned": p.total, "activation_budget": act_room}
+
+
+def _source_bytes(path: str) -> int:
+    """Bytes per parameter as stored (config.json's dtype; 4 when it says nothing)."""
+    import json
+
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 4
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32")
+    return 2 if dtype in ("bfloat16", "float16") else 4
 
 
 def cmd_export(a) -> int:

@@ -171,6 +171,17 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
     return model, tok
 
 
+def load_tokenizer(path: str):
+    """The tokenizer of a resolved model path (a folder or a hub id), as :func:`load` loads it."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise LeanfmError(f"could not load the tokenizer of {path}: {_one_line(e)}; copy the tokenizer files "
+                          "(tokenizer.json, tokenizer_config.json) from the source model into it") from None
+
+
 def resolve(name: str) -> tuple[str, str]:
     """``(path, source)`` of a model argument, without loading it: an alias's fp32 cache folder
     (built on first use), a local directory, or a hub id (or its cached snapshot when offline)."""

@@ -31,9 +31,15 @@ class MemoryPlan:
     parts: dict[str, int] = field(default_factory=dict)
     spilled: bool = False
 
+    transient: tuple[str, ...] = ()  # parts alive only while loading, before any layer is processed
+
     @property
     def total(self) -> int:
-        return sum(self.parts.values())
+        """Peak: the larger of the loading phase (base, resident modules, the read buffer) and the
+        layer phase (everything but the read buffer)."""
+        steady = sum(v for k, v in self.parts.items() if k not in self.transient)
+        loading = sum(v for k, v in self.parts.items() if k in ("base", "outside layers", *self.transient))
+        return max(steady, loading)
 
     def describe(self) -> str:
         shown = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.parts.items() if v >= 0.005 * GB)
@@ -60,7 +66,9 @@ def plan(arch, steps: list, samples: int, seqlen: int, base: int, onload: bool, 
     if onload:
         p.parts["outside layers"] = _outside_bytes(arch)
         p.parts["one layer"] = _layer_bytes(arch)
-        p.parts["read buffer"] = max(i * o for i, o in linears + [(arch.vocab, arch.hidden)]) * source_bytes_per_param
+        if source_bytes_per_param != 4:  # a bf16/fp16 tensor is read, then upcast: both alive for a moment
+            p.parts["read buffer"] = max(i * o for i, o in linears + [(arch.vocab, arch.hidden)]) * source_bytes_per_param
+            p.transient = ("read buffer",)
     else:
         p.parts["model"] = _outside_bytes(arch) + arch.layers * _layer_bytes(arch)
     if samples:

@@ -81,6 +81,11 @@ def install(model: nn.Module, qws: dict[str, QuantizedWeight], backend: str, fus
         parent, child = _parent(model, name)
         lin = getattr(parent, child)
         setattr(parent, child, QuantLinear(qw, lin.bias, backend))
+        # the replaced linear may still be referenced (a method's target list): drop its fp32
+        # tensors so they are freed now, not when the method returns (a tied weight stays with
+        # its other owner: only this module's reference goes)
+        lin._parameters["weight"] = None
+        lin._parameters["bias"] = None
     from ...kernels.fuse import fuse_shared_inputs
 
     groups = fuse_shared_inputs(model) if fuse else 0
