@@ -33,7 +33,6 @@ def main() -> None:
     ap.add_argument("--stop-margin", type=float, default=0.25)
     a = ap.parse_args()
     from leanfm.predict.analyzer import predict
-    from leanfm.recipe import load_recipe
     from leanfm.search.budget import Objective, dominates, parse_budget, parse_objectives
     from leanfm.search.run import _widths
     from leanfm.search.screen import predicted_metrics, screen
@@ -49,9 +48,9 @@ def main() -> None:
     widths = _widths(model)
     base_pred = predicted_metrics(predict(model, "baseline", res["hardware"], proto["batch"], proto["prompt"], proto["gen"]))
     builtins = []
-    for name, _ in candidates(space, widths):
+    for name, recipe, _ in candidates(space, widths):
         try:
-            p = predicted_metrics(predict(model, load_recipe(name), res["hardware"], proto["batch"], proto["prompt"], proto["gen"]), base_pred)
+            p = predicted_metrics(predict(model, recipe, res["hardware"], proto["batch"], proto["prompt"], proto["gen"]), base_pred)
         except Exception:  # noqa: BLE001 - a composition the predictor finds cannot run
             continue
         if screen(budget, p, base_pred, {}) is None:

@@ -16,6 +16,7 @@ corrupt file, a shard the index names that is missing, a dtype leanfm cannot rea
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,18 @@ def check_safetensors(file: str | Path) -> None:
         raise LeanfmError(f"{file} is truncated ({size} bytes, its header describes {want}); {REWRITE_HINT}")
     if size > want:
         raise LeanfmError(f"{bad} ({size} bytes, its header describes {want}); {REWRITE_HINT}")
+
+
+def read_exact(fd: int, view: memoryview, offset: int) -> int:
+    """Read ``len(view)`` bytes of the file ``fd`` from ``offset`` into ``view``, looping (one read
+    returns at most ~2 GiB on Linux); the bytes read, fewer only where the file ends."""
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
 
 
 @dataclass(frozen=True)
@@ -143,15 +156,8 @@ class TensorIndex:
             raise LeanfmError(f"{e.file}: tensor {name} has {e.nbytes} bytes for shape {list(e.shape)} {e.dtype} ({want} expected); "
                               f"the file is corrupt: {REWRITE_HINT}")
         if want:
-            view = memoryview(t.view(-1).view(torch.uint8).numpy())
-            got = 0
             with open(e.file, "rb", buffering=0) as f:
-                f.seek(e.start)
-                while got < want:  # one read returns at most ~2 GiB on Linux
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
+                got = read_exact(f.fileno(), memoryview(t.view(-1).view(torch.uint8).numpy()), e.start)
             if got != want:
                 raise LeanfmError(f"{e.file}: tensor {name} is cut short ({got} of {want} bytes); the file is truncated: {REWRITE_HINT}")
         return t if dtype is None or t.dtype == dtype else t.to(dtype)

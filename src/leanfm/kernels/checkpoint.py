@@ -37,22 +37,6 @@ def check_tensor_files(path: str | Path) -> None:
         check_safetensors(f)
 
 
-def load_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
-    """``safetensors.torch.load_file`` with a missing, truncated or corrupt file reported as a
-    one-line :class:`LeanfmError` naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    file = Path(file)
-    if not file.is_file():
-        raise LeanfmError(f"checkpoint {file.parent} has no {file.name}; the checkpoint is incomplete: {REWRITE_HINT}")
-    check_safetensors(file)
-    try:
-        return load_file(str(file))
-    except SafetensorError as e:
-        raise LeanfmError(f"{file} is truncated or corrupt ({e}); {REWRITE_HINT}") from None
-
-
 _INT = "a whole number"
 _TYPES = {int: _INT, bool: "true or false", str: "a string", dict: "an object", type(None): "null"}
 

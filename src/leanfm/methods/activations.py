@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..formats.tensorfiles import read_exact
+
 
 class DiskActivations:
     """``[n, seqlen, hidden]`` fp32 samples in a file; ``x[s:s+1]`` reads one, ``x[s:s+1] = t`` writes one."""
@@ -44,13 +46,8 @@ class DiskActivations:
     def __getitem__(self, key) -> torch.Tensor:
         s = self._index(key)
         out = torch.empty((1, *self.shape[1:]), dtype=self.dtype)
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
-        got = 0
-        while got < self.sample_bytes:
-            n = os.preadv(self._fd, [view[got:]], s * self.sample_bytes + got)
-            if n <= 0:
-                raise OSError(f"short read from {self.path}")
-            got += n
+        if read_exact(self._fd, memoryview(out.view(-1).view(torch.uint8).numpy()), s * self.sample_bytes) != self.sample_bytes:
+            raise OSError(f"short read from {self.path}")
         return out
 
     def __setitem__(self, key, value: torch.Tensor) -> None:

@@ -58,17 +58,22 @@ class Onloaded:
         src = prefix if source_prefix is None else source_prefix
         base = f"{src}." if src else ""
         for mname, mod in module.named_modules():
-            for pname, p in list(mod._parameters.items()):
-                if p is None or not p.is_meta:
-                    continue
-                full = f"{base}{mname + '.' if mname else ''}{pname}"
-                t = self.index.read(self._stored_name(full), self.compute_dtype if p.is_floating_point() else None)
-                if tuple(t.shape) != tuple(p.shape):
-                    raise LeanfmError(f"{self.index.entries[self._stored_name(full)].file}: tensor {full} has shape {list(t.shape)}, "
-                                      f"config.json needs {list(p.shape)}; the checkpoint does not match its config")
-                mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+            for pname in list(mod._parameters):
+                self._fill(mod, pname, f"{base}{mname + '.' if mname else ''}{pname}")
         self._retie()
         return module
+
+    def _fill(self, mod: nn.Module, pname: str, stored: str) -> None:
+        """Give ``mod``'s meta parameter ``pname`` the tensor stored as ``stored`` (fp32 for floats)."""
+        p = mod._parameters[pname]
+        if p is None or not p.is_meta:
+            return
+        name = self._stored_name(stored)
+        t = self.index.read(name, self.compute_dtype if p.is_floating_point() else None)
+        if tuple(t.shape) != tuple(p.shape):
+            raise LeanfmError(f"{self.index.entries[name].file}: tensor {stored} has shape {list(t.shape)}, "
+                              f"config.json needs {list(p.shape)}; the checkpoint does not match its config")
+        mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
 
     def _retie(self) -> None:
         """A tied head shares the embedding's parameter object once that is loaded."""
@@ -84,13 +89,10 @@ class Onloaded:
         for owner_name, mod in self.model.named_modules():
             if owner_name == prefix or owner_name.startswith(prefix + "."):
                 continue
-            for pname, p in list(mod._parameters.items()):
-                if p is not None and p.is_meta:
-                    full = f"{owner_name}.{pname}" if owner_name else pname
-                    if full in self.tied:
-                        continue  # filled by _retie
-                    t = self.index.read(self._stored_name(full), self.compute_dtype if p.is_floating_point() else None)
-                    mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+            for pname in list(mod._parameters):
+                full = f"{owner_name}.{pname}" if owner_name else pname
+                if full not in self.tied:  # a tied head is filled by _retie
+                    self._fill(mod, pname, full)
         self._retie()
 
     @staticmethod
@@ -107,7 +109,6 @@ class Stream:
         self.source = source
         self.activation_budget = activation_budget  # bytes calibration activations may hold in memory (None: no limit)
         self.scratch = scratch  # where spilled activations go (default: the system's temporary folder)
-        self.spilled = False
         self.writer = ShardWriter(out)
         self.layers_prefix = layers_prefix  # e.g. "model.layers"
         self.manifest: dict[str, dict] = {}
@@ -118,7 +119,6 @@ class Stream:
         """Where to keep ``nbytes`` of calibration activations on disk, or None to keep them in memory."""
         if self.activation_budget is None or nbytes <= self.activation_budget:
             return None
-        self.spilled = True
         return self.scratch or tempfile.gettempdir()
 
     def load_layer(self, i: int) -> nn.Module:

@@ -115,20 +115,11 @@ def parse_size(text: str, flag: str = "--max-memory") -> int:
     return int(value)
 
 
-def _proc_kb(path: str, key: str) -> int | None:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def current_rss() -> int:
     """Resident set of this process now (bytes; 0 where /proc is missing)."""
-    return _proc_kb("/proc/self/status", "VmRSS") or 0
+    from ..measure.memory import proc_bytes
+
+    return proc_bytes("/proc/self/status", "VmRSS") or 0
 
 
 def available_bytes() -> int:
@@ -136,7 +127,9 @@ def available_bytes() -> int:
     total physical memory."""
     import os
 
-    avail = _proc_kb("/proc/meminfo", "MemAvailable")
+    from ..measure.memory import proc_bytes
+
+    avail = proc_bytes("/proc/meminfo", "MemAvailable")
     if avail is None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return avail + current_rss()

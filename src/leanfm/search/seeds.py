@@ -11,31 +11,31 @@ built-in each one reproduces. At most half the trials are seeds, so the search s
 from __future__ import annotations
 
 from ..errors import LeanfmError
-from ..recipe import builtin_names, compose, load_recipe
+from ..recipe import Recipe, builtin_names, compose, load_recipe
 from .space import SearchSpace
 
 
-def candidates(space: SearchSpace, widths: dict | None) -> list[tuple[str, dict]]:
-    """``(recipe name, sampler parameters)`` of every built-in and every ``a+b`` composition of two
-    built-ins the space draws exactly: singles first, then pairs, each in name order."""
+def candidates(space: SearchSpace, widths: dict | None) -> list[tuple[str, Recipe, dict]]:
+    """``(recipe name, recipe, sampler parameters)`` of every built-in and every ``a+b``
+    composition of two built-ins the space draws exactly: singles first, then pairs, each in name
+    order."""
     singles = []
     for n in builtin_names():
         r = load_recipe(n)
         p = space.params_of(r, widths) if r.steps else None  # the baseline is measured anyway
         if p is not None:
-            singles.append((n, p))
+            singles.append((n, r, p))
     pairs = []
-    names = [n for n, _ in singles]
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
+    for i, (_, a, _) in enumerate(singles):
+        for _, b, _ in singles[i + 1:]:
             for x, y in ((a, b), (b, a)):
                 try:
-                    r = compose([x, y])
+                    r = compose([x, y])  # parsed once above: compose takes Recipe objects as they are
                 except LeanfmError:
                     continue
                 p = space.params_of(r, widths)
                 if p is not None:
-                    pairs.append((r.name, p))
+                    pairs.append((r.name, r, p))
     return singles + pairs
 
 
@@ -52,12 +52,12 @@ def pick(space: SearchSpace, widths: dict | None, price, budget, base_pred: dict
     from .screen import screen
 
     ok = []
-    for name, params in candidates(space, widths):
+    for name, recipe, params in candidates(space, widths):
         try:
-            pred = price(load_recipe(name))
+            pred = price(recipe)
         except LeanfmError:
             continue
         if screen(budget, pred, base_pred, {}) is None:
-            steps = load_recipe(name).steps
+            steps = recipe.steps
             ok.append(((len(steps), sum(s.produces in _REMOVING for s in steps), -pred.get("weight_bytes", 0.0), name), name, params))
     return [(n, p) for _, n, p in sorted(ok, key=lambda x: x[0])[:limit]]
