@@ -73,9 +73,12 @@ def main() -> None:
                 kept.append(r["recipe"]["name"])
     front = sorted(Path(a.search_dir, "front").glob("*.yaml"))
     recipes = [str(f) for f in front] + kept
+    flags = {"--dataset": proto.get("dataset"), "--split": proto.get("split"), "--seqlen": proto.get("seqlen"),
+             "--max-eval-tokens": proto.get("max_eval_tokens"), "--max-fidelity-tokens": proto.get("max_fidelity_tokens"),
+             "--batch": proto.get("batch"), "--prompt": proto.get("prompt"), "--gen": proto.get("gen"),
+             "--repeats": proto.get("repeats"), "--warmup": proto.get("warmup"), "--dtype": proto.get("dtype")}
     cmd = [leanfm, "bench", "--model", model, "--out", str(out / "full"), "--overwrite", "--threads", str(a.threads),
-           "--max-eval-tokens", str(proto["max_eval_tokens"]), "--seqlen", str(proto["seqlen"]), "--repeats", str(proto["repeats"]),
-           "--gen", str(proto["gen"]), "--prompt", str(proto["prompt"]), *sum((["--recipe", r] for r in recipes), [])]
+           *sum(([k, str(v)] for k, v in flags.items() if v is not None), []), *sum((["--recipe", r] for r in recipes), [])]
     print("$ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
     runs = json.loads((out / "full" / "results.json").read_text())["runs"]

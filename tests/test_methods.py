@@ -53,6 +53,13 @@ MATRIX: list[dict] = [  # one step per row; hidden 64, GQA 4/2, 2 layers: small 
     {"method": "speculative", "draft": "prompt_lookup", "k": 2},
     {"method": "speculative", "draft": "self", "skip_layers": [1], "k": 2},
     {"method": "early_exit", "threshold": 0.5, "min_layer": 0},
+    # fine-tuning: a few steps on a small text (test_method_matrix loads the model with its tokenizer)
+    {"method": "full", "steps": 2, "batch": 1, "seqlen": 16},
+    {"method": "lora", "steps": 2, "batch": 1, "seqlen": 16, "rank": 2},
+    {"method": "dora", "steps": 2, "batch": 1, "seqlen": 16, "rank": 2, "targets": ["q_proj", "v_proj"]},
+    {"method": "qlora", "steps": 2, "batch": 1, "seqlen": 16, "rank": 2, "checkpointing": True},
+    {"method": "kd", "steps": 2, "batch": 1, "seqlen": 16, "adapter": "lora", "rank": 2, "hidden_weight": 0.1},
+    {"method": "mezo", "steps": 2, "batch": 1, "seqlen": 16},
 ]
 
 
@@ -70,7 +77,7 @@ def test_every_method_has_a_matrix_row_a_docs_entry_and_a_cost_effect():
         assert d["description"], f"{m} has no docstring"
         eff = Effects(recipe="x")
         config_from_dict(dict(next(r for r in MATRIX if r["method"] == m))).effect(eff)
-        priced = bool(eff.rules or eff.drop or eff.width or eff.kv or eff.speculative)
+        priced = bool(eff.rules or eff.drop or eff.width or eff.kv or eff.speculative or eff.neutral)
         assert priced or eff.unmodelled, f"{m}'s effect records nothing and gives no reason"
 
 
@@ -90,11 +97,27 @@ def test_listing_methods_imports_no_torch():
     assert out.returncode == 0, out.stderr[-1500:]
 
 
+def _loaded_with_tokenizer(model, tmp_path: Path):
+    """``model`` saved with a tokenizer and loaded by leanfm (what a tuning step needs: its
+    tokenizer for the training text, its source as the default teacher)."""
+    from tests.conftest import SAMPLE_TEXT, tiny_tokenizer
+
+    d = tmp_path / "model"
+    model.save_pretrained(str(d))
+    tiny_tokenizer().save_pretrained(str(d))
+    (tmp_path / "train.txt").write_text(SAMPLE_TEXT)
+    return leanfm.load(str(d))[0]
+
+
 @pytest.mark.parametrize("row", MATRIX, ids=_id)
-def test_method_matrix(row):
+def test_method_matrix(row, tmp_path):
     cfg = config_from_dict(dict(row))
     torch.manual_seed(0)
     model = tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2, inter=128)
+    if cfg.produces == "tuned-weights":
+        model = _loaded_with_tokenizer(model, tmp_path)
+        cfg = config_from_dict({**row, "data": str(tmp_path / "train.txt"),
+                                **({"teacher": str(tmp_path / "model")} if row["method"] == "kd" else {})})
     calib = torch.randint(3, 300, (4, 96)) if cfg.needs_calibration or row["method"] in ("wanda", "sparsegpt", "asvd", "layerdrop", "width") else None
     leanfm.apply_(model, cfg, calib=calib)
     step = model.leanfm_info["steps"][-1]

@@ -117,6 +117,14 @@ def test_a_recipe_that_needs_the_whole_model_is_refused_onloaded(sources, tmp_pa
     assert code == 2 and "needs the whole model in memory" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_onloading_to_another_format_is_refused_before_calibration(sources, tmp_path, capsys):
+    # a calibration file that does not exist: the refusal must come before anything reads it
+    code = cli.main(["compress", "--model", str(sources["fp32"]), "--recipe", "rtn-q4_0", "--out", str(tmp_path / "o.gguf"),
+                     "--format", "gguf", "--onload", "always", "--calib-dataset", str(tmp_path / "missing.txt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--format gguf is written from a model in memory" in err and len(err.strip().splitlines()) == 1, err
+
+
 def _damaged(sources, tmp_path, how: str) -> Path:
     import shutil
 

@@ -235,7 +235,7 @@ def test_effects_of_builtin_recipes_equal_the_snapshot_of_the_predictor_before_d
     """Each method's ``effect`` reproduces what the predictor's old per-method chain recorded
     (snapshot taken from that code at commit f4f0fbd, for every built-in recipe and four compositions)."""
     snap = json.loads((Path(__file__).parent / "data" / "effects_snapshot.json").read_text())
-    later = (", row_local=False", ", per_layer=False", ", embed=None")  # fields added since (embed_quant), at their defaults: no effect
+    later = (", row_local=False", ", per_layer=False", ", embed=None", ", neutral=[]")  # fields added since (embed_quant, tuning), at their defaults: no effect
     for name, want in snap.items():
         got = repr(recipe_effects(name))
         for field in later:

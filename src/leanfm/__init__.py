@@ -20,6 +20,7 @@ _EXPORTS = {
     "Protocol": "measure.protocol",
     "Recipe": "recipe", "load_recipe": "recipe",
     "predict": "predict",
+    "tune": "training.run",
 }
 
 __version__ = "0.1.0"

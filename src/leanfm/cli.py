@@ -262,6 +262,8 @@ def cmd_compress(a) -> int:
     recipe = load_recipe(a.recipe)
     out = Path(a.out)
     check_checkpoint_target(out, a.overwrite)  # before any work: nothing is lost to a refused --out
+    if a.onload == "always" and a.format != "leanfm":
+        raise LeanfmError(_onload_format(a.format))
     from .measure.protocol import check_threads
 
     check_threads(a.threads)  # at least 1: argparse's _positive
@@ -277,9 +279,6 @@ def cmd_compress(a) -> int:
     onload, mem = _memory_plan(a, recipe, calib, path, source)
     extra = {"recipe.yaml": recipe.to_yaml()}
     if onload:
-        if a.format != "leanfm":
-            raise LeanfmError(f"--format {a.format} is written from a model in memory; an onloaded compress writes leanfm's "
-                              "format (then leanfm export it, or drop --onload)")
         from .onload_compress import compress_onloaded
 
         model = compress_onloaded(path, recipe, ids, out, tok, a.overwrite, extra, activation_budget=mem["activation_budget"])
@@ -287,7 +286,7 @@ def cmd_compress(a) -> int:
         from .api import apply_, load
         from .models.checkpoint import save_checkpoint
 
-        model, tok = load(a.model)
+        model, tok = load(a.model, tokenizer=tok)
         for step in recipe.steps:
             step.check_model(model)
         apply_(model, recipe, calib=ids)
@@ -321,7 +320,7 @@ def _memory_plan(a, recipe, calib, path: str, source: str) -> tuple[bool, dict]:
 
     base = current_rss()
     whole = plan(arch, recipe.steps, n, seqlen, base, onload=False)
-    why = unsupported(recipe)
+    why = unsupported(recipe) or (_onload_format(a.format) if a.format != "leanfm" else None)
     if a.onload == "never" or (a.onload == "auto" and whole.total <= budget):
         p, onload = whole, False
     else:
@@ -343,6 +342,11 @@ def _memory_plan(a, recipe, calib, path: str, source: str) -> tuple[bool, dict]:
     check(p, budget, budget_name, n, seqlen, arch, can_onload=not why)
     act_room = room if onload else None
     return onload, {"path": path, "planned": p.total, "activation_budget": act_room}
+
+
+def _onload_format(fmt: str) -> str:
+    return (f"--format {fmt} is written from a model in memory; an onloaded compress writes leanfm's format "
+            "(compress with --format leanfm, then leanfm export it)")
 
 
 def _source_bytes(path: str) -> int:
@@ -526,6 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protocol(s)
     _add_calib(s)
     s.set_defaults(fn=cmd_search)
+
+    s = sub.add_parser("tune", help="fine-tune (LoRA, DoRA, QLoRA, full, distillation, MeZO), optionally after a compression "
+                       "recipe, and measure quality before and after and what training cost")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local HF directory or hub id (default {DEFAULT_MODEL})")
+    from .training.cli_tune import add_arguments as add_tune_arguments, run as run_tune
+
+    add_tune_arguments(s)
+    s.set_defaults(fn=run_tune)
 
     s = sub.add_parser("report", help="(re)build report.html from a results directory (leanfm bench/eval or leanfm search)")
     s.add_argument("dir", help="directory holding results.json, or search.json")

@@ -106,6 +106,7 @@ PRODUCES = {
     "low-rank": "each linear replaced by two low-rank factors",
     "kv-policy": "a KV-cache policy attached to the model (weights untouched)",
     "decoding-policy": "a generation policy attached to the model (weights untouched)",
+    "tuned-weights": "float weights updated by training (adapters merged in), same shapes and cost",
 }
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 
 class Metric(NamedTuple):
-    group: str  # quality, speed, memory, energy
+    group: str  # quality, speed, memory, energy, training, network
     unit: str  # as written in docs/results-schema.md ("–" for a dimensionless number)
     better: str | None  # "max", "min" or None
 
@@ -54,6 +54,15 @@ METRICS: dict[str, Metric] = {
     "predicted_decode_tokens_per_s": Metric("speed", "tokens/s", "max"),
     "prefill_prediction_error_pct": Metric("speed", "%", None),
     "decode_prediction_error_pct": Metric("speed", "%", None),
+    # fine-tuning (leanfm tune) and its network cost
+    "ppl_gap_recovered": Metric("quality", "fraction", "max"),
+    "trainable_params": Metric("training", "params", None),
+    "peak_train_rss_bytes": Metric("training", "bytes", "min"),
+    "train_seconds": Metric("training", "s", "min"),
+    "train_tokens_per_s": Metric("training", "tokens/s", "max"),
+    "train_energy_j": Metric("training", "J", "min"),
+    "network_bytes_per_step": Metric("network", "bytes", "min"),
+    "network_bytes_per_round": Metric("network", "bytes", "min"),
 }
 
 # Metrics whose value is text, not a number: no budget or objective can use them.

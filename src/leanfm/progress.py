@@ -35,32 +35,42 @@ def _plain(description: str, total: float | None):
     of = f"/{total:g}" if total else ""
     print(f"{description}: started ({total:g} steps)" if total else f"{description}: started", file=sys.stderr, flush=True)
 
-    def advance(n: float = 1) -> None:
-        nonlocal done, last
+    shown = ""
+
+    def advance(n: float = 1, status: str | None = None) -> None:
+        nonlocal done, last, shown
         done += n
+        shown = status if status is not None else shown
         now = time.monotonic()
         if now - last >= _plain_every() and (not total or done < total):
             last = now
-            print(f"{description}: {done:g}{of} after {now - start:.0f} s", file=sys.stderr, flush=True)
+            print(f"{description}: {done:g}{of} after {now - start:.0f} s{', ' + shown if shown else ''}", file=sys.stderr, flush=True)
 
     yield advance
-    print(f"{description}: done {done:g}{of} in {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)
+    print(f"{description}: done {done:g}{of} in {time.monotonic() - start:.1f} s{', ' + shown if shown else ''}",
+          file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
 def bar(description: str, total: float | None):
-    """Yield an ``advance(n=1)`` callable driving one progress bar (plain lines off a terminal)."""
+    """Yield an ``advance(n=1, status=None)`` callable driving one progress bar (plain lines off a
+    terminal); ``status`` is a short text shown beside the bar until the next one (e.g. the loss)."""
     if not enabled():
-        yield lambda n=1: None
+        yield lambda n=1, status=None: None
         return
     if not console.is_terminal:
         with _plain(description, total) as adv:
             yield adv
         return
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}")]
     with Progress(*cols, console=console, transient=False) as p:
-        task = p.add_task(description, total=total)
-        yield lambda n=1: p.advance(task, n)
+        task = p.add_task(description, total=total, status="")
+
+        def advance(n: float = 1, status: str | None = None) -> None:
+            p.update(task, advance=n, **({"status": status} if status is not None else {}))
+
+        yield advance
 
 
 def info(msg: str) -> None:

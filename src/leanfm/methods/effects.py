@@ -10,7 +10,8 @@ them (``BaseConfig.effect``), the predictor (``leanfm.predict``) prices them.
 - structure: fewer layers, fewer KV groups / MLP channels;
 - KV cache: eviction budgets, KV quantization (one policy per model: a later one replaces an
   earlier one); decoding: speculative (draft, k); a method that cannot be priced says why in
-  ``unmodelled``.
+  ``unmodelled``; one that leaves inference cost unchanged (fine-tuning with merged adapters)
+  says so in ``neutral``.
 
 Which linears a per-linear rule touches follows ``methods/selection.py`` (the rule
 ``targets.iter_linears`` applies). Rules apply in order: a packed layer (real quantization, CSR)
@@ -134,6 +135,7 @@ class Effects:
     speculative: SpecDecode | None = None
     embed: QuantSpec | None = None  # embed_quant: the token embedding table's grid
     unmodelled: list[str] = field(default_factory=list)
+    neutral: list[str] = field(default_factory=list)  # steps that leave inference cost as it was, with why
 
     def structure(self, arch):
         """``arch`` (a ``predict.arch.Arch``) after width pruning and layer dropping (same rounding as the methods)."""

@@ -50,7 +50,7 @@ def _check_config(d: Path) -> None:
         raise LeanfmError(f"{f} holds a JSON {type(cfg).__name__}, not a model config object; the model directory is damaged: {fix}")
 
 
-def _from_dir(path: str, dtype: torch.dtype):
+def _from_dir(path: str, dtype: torch.dtype, tok=None):
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -58,7 +58,9 @@ def _from_dir(path: str, dtype: torch.dtype):
 
     from .checkpoint import load_checkpoint
 
-    if os.path.isdir(path):
+    if tok is not None:  # the caller has it already (compress loads it for calibration first)
+        pass
+    elif os.path.isdir(path):
         d = Path(path)
         _check_config(d)
         if not _has_tokenizer(d):
@@ -140,18 +142,19 @@ def _looks_local(name: str) -> bool:
     return not _HUB_ID.fullmatch(name) or os.path.exists(name.split("/", 1)[0])
 
 
-def load(name_or_path: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+def load(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer=None) -> tuple[nn.Module, object]:
     """Load a causal LM and its tokenizer in eval mode.
 
     ``name_or_path``: an alias from ``leanfm models`` (packaged weights, converted to an fp32
     cache on first use), a local directory with ``config.json``, or a Hugging Face hub id
     (needs network access to the hub, or the model in the local Hugging Face cache).
+    ``tokenizer``: one already loaded for this model (from :func:`load_tokenizer`), used as is.
     """
     t0 = time.perf_counter()
     name = str(name_or_path)
     path, source = resolve(name)
     try:
-        model, tok = _from_dir(path, dtype)
+        model, tok = _from_dir(path, dtype, tokenizer)
     except LeanfmError:
         raise
     except (OSError, ValueError) as e:

@@ -11,7 +11,7 @@ def print_table(results: dict, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 200))
     env = results.get("environment") or {}
     runs = results.get("runs") or []
-    title = (f"leanfm bench · {results.get('model', '')} · {(results.get('protocol') or {}).get('dataset', '')} · "
+    title = (f"leanfm {results.get('kind', 'bench')} · {results.get('model', '')} · {(results.get('protocol') or {}).get('dataset', '')} · "
              f"{env.get('threads')} threads")
     t = Table(title=title, show_lines=False)
     t.add_column("recipe", style="bold")
