@@ -267,7 +267,7 @@ def test_a_missing_package_names_the_install_command(monkeypatch):
     from leanfm.methods.tune import adapters
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now raises ImportError
-    with pytest.raises(LeanfmError, match=r"pip install bitsandbytes==0\.50\.2"):
+    with pytest.raises(LeanfmError, match=r"pip install 'leanfm\[tune\]'"):
         adapters.require("bitsandbytes")
 
 

@@ -61,6 +61,8 @@ METRICS: dict[str, Metric] = {
     "train_seconds": Metric("training", "s", "min"),
     "train_tokens_per_s": Metric("training", "tokens/s", "max"),
     "train_energy_j": Metric("training", "J", "min"),
+    "predicted_peak_train_rss_bytes": Metric("training", "bytes", None),
+    "train_memory_prediction_error_pct": Metric("training", "%", None),
     "network_bytes_per_step": Metric("network", "bytes", "min"),
     "network_bytes_per_round": Metric("network", "bytes", "min"),
 }

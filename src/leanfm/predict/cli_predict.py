@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="local: first run this machine's micro-benchmarks (~10 s; on an idle machine) and cache them")
     p.add_argument("--per-layer", action="store_true", help="print the per-op table of prefill and decode")
     p.add_argument("--json", default=None, metavar="FILE", help="write the full prediction as JSON")
+    p.add_argument("--tune", default=None, metavar="STEP",
+                   help="training what-if instead of inference: a tuning step as METHOD[,field=value...], e.g. "
+                        "lora,rank=8,batch=4,seqlen=512,checkpointing=true (leanfm methods lora lists the fields)")
 
 
 def _bytes(n: float) -> str:
@@ -178,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         if args.model is None:
             return 0
     hw = load_hardware(args.hardware, threads=args.threads)
+    if getattr(args, "tune", None):
+        return _tune_whatif(args, hw)
     r = predict(args.model, args.recipe, hw, batch=args.batch, prompt=args.prompt, gen=args.gen,
                 acceptance_rate=args.acceptance_rate, dtype=args.dtype)
     if out is not None:  # written before printing: an error then never follows a printed prediction
@@ -219,3 +224,47 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def parse_step(text: str) -> dict:
+    """``lora,rank=8,checkpointing=true`` -> ``{"method": "lora", "rank": 8, "checkpointing": True}``."""
+    import yaml
+
+    from ..errors import LeanfmError
+
+    method, *pairs = [x.strip() for x in text.split(",") if x.strip()] or [""]
+    step: dict = {"method": method}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise LeanfmError(f"--tune {text!r}: {pair!r} is not field=value; write e.g. lora,rank=8,batch=4")
+        step[key.strip()] = yaml.safe_load(value)
+    return step
+
+
+def _tune_whatif(args, hw: dict) -> int:
+    from ..config import config_from_dict
+    from ..errors import LeanfmError
+    from .arch import load_arch
+    from .training import plan_training
+
+    cfg = config_from_dict(parse_step(args.tune))
+    if cfg.produces != "tuned-weights":
+        raise LeanfmError(f"--tune {cfg.method}: not a fine-tuning method; use lora, dora, qlora, full, kd or mezo")
+    cfg.validate()
+    arch = load_arch(args.model)
+    half = args.dtype in ("bf16", "fp16")
+    plan = plan_training(arch, cfg, hardware=hw, dtype=args.dtype if half else "fp32")
+    print(plan.describe().replace("training plan", f"{arch.name} on {hw.get('name')}: training plan", 1))
+    tokens = cfg.batch * cfg.seqlen
+    print(f"trainable parameters {plan.trainable_params:,}; {plan.flops_per_step / 1e12:.2f} TFLOP per step of "
+          f"{tokens} tokens" + (f", {tokens / plan.step_seconds:,.0f} training tokens/s at {MFU_TEXT}" if plan.step_seconds else ""))
+    mem = hw.get("memory_gb")
+    if mem:
+        fits = plan.peak <= mem * 1e9
+        print(f"{'fits in' if fits else 'does not fit in'} the {mem:g} GB of {hw.get('name')}"
+              + ("" if fits else ": try checkpointing=true, optimizer=adamw8bit, a LoRA method, or a smaller batch/seqlen"))
+    return 0
+
+
+MFU_TEXT = "the nominal utilization of leanfm.predict.training.MFU"

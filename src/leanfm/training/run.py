@@ -122,11 +122,19 @@ def tune(model: str, step: BaseConfig | dict, recipe: str | Recipe | None = None
 
 
 _TRAIN_METRICS = ("trainable_params", "peak_train_rss_bytes", "train_seconds", "train_tokens_per_s", "train_energy_j",
-                  "energy_source")
+                  "energy_source", "predicted_peak_train_rss_bytes", "train_memory_prediction_error_pct")
 
 
 def _train(model, cfg: BaseConfig, profile: dict) -> dict:
     """Apply the tuning step with its memory, time and energy measured around it alone."""
+    from ..predict.arch import arch_from_config
+    from ..predict.memory_plan import current_rss
+    from ..predict.training import plan_training
+
+    gc.collect()
+    plan = plan_training(arch_from_config(model.config.to_dict(), "model", "loaded"), cfg,
+                         base=current_rss() - mem.weight_bytes(model))
+    progress.info(plan.describe())
     meter = EnergyMeter(profile["power_w"])
     with mem.PeakRSS() as peak:
         meter.begin()
@@ -136,6 +144,8 @@ def _train(model, cfg: BaseConfig, profile: dict) -> dict:
         rec = model.leanfm_info["steps"][-1]["training"]
         meter.add(seconds, rec["train_tokens"])
     return {**rec, "peak_train_rss_bytes": peak.bytes, "peak_train_rss_scope": peak.scope,
+            "predicted_peak_train_rss_bytes": plan.peak, "train_memory_prediction_error_pct": (plan.peak / peak.bytes - 1) * 100,
+            "plan": {k: int(v) for k, v in plan.parts.items()},
             "train_seconds": round(seconds, 3), "train_energy_j": round(meter.joules, 3), "energy_source": meter.source}
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from ...errors import LeanfmError
 
-INSTALL = {"peft": "pip install peft==0.21.2", "bitsandbytes": "pip install bitsandbytes==0.50.2"}
+INSTALL = "pip install 'leanfm[tune]'"  # peft and bitsandbytes at the versions leanfm pins
 
 
 def require(package: str):
@@ -25,7 +25,7 @@ def require(package: str):
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise LeanfmError(f"this tuning method needs {package}, which is not installed; install it with: {INSTALL[package]}") from None
+        raise LeanfmError(f"this tuning method needs {package}, which is not installed; install it with: {INSTALL}") from None
 
 
 def linear_names(model: nn.Module) -> list[str]:

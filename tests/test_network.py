@@ -1,0 +1,115 @@
+"""Network cost of distributed fine-tuning: bytes counted at the collective equal the count from
+the trainable parameters' shapes (data parallel on gloo, 2 processes; federated rounds)."""
+from __future__ import annotations
+
+import pytest
+
+from leanfm.errors import LeanfmError
+from leanfm.training.ddp import analytic_bytes, run_ddp
+
+from .conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("net")
+    tok = tiny_tokenizer()
+    tiny_llama(vocab=len(tok)).save_pretrained(str(d / "model"))
+    tok.save_pretrained(str(d / "model"))
+    (d / "train.txt").write_text(SAMPLE_TEXT * 4)
+    return d
+
+
+def test_analytic_counts_by_hand():
+    # full: every element once; PowerSGD rank 2: a 64x128 matrix as (64 + 128) x 2, a 64-vector and
+    # a 4x4 matrix (not worth compressing: (4 + 4) x 2 x 2 > 16) raw
+    shapes = [(64, 128), (64,), (4, 4)]
+    assert analytic_bytes(shapes, "full") == (64 * 128 + 64 + 16) * 4
+    assert analytic_bytes(shapes, "powersgd", rank=2) == ((64 + 128) * 2 + 64 + 16) * 4
+
+
+@pytest.mark.parametrize("mode", ["full", "lora", "powersgd"])
+def test_data_parallel_bytes_equal_the_analytic_count(tiny, mode):
+    r = run_ddp(str(tiny / "model"), mode, steps=3, batch=2, seqlen=16, data=str(tiny / "train.txt"), lora_rank=4,
+                psgd_rank=2, psgd_start=2)
+    assert r["network_bytes_per_step"] == pytest.approx(r["analytic_bytes_per_step"], rel=0.05)
+    n = r["trainable_params"]
+    if mode == "lora":
+        assert n == 8192 and r["network_bytes_per_step"] == n * 4 * 2
+    if mode == "powersgd":  # vanilla all-reduce before start_powerSGD_iter, compressed after
+        assert r["network_bytes_per_step_each"][0] == n * 4 * 2 > 3 * r["network_bytes_per_step"]
+    assert all(len(l) == 3 for l in r["loss"])
+
+
+def test_data_parallel_bad_mode_is_one_line():
+    with pytest.raises(LeanfmError, match="not one of full, lora, powersgd"):
+        run_ddp("x", "allgather")
+
+
+# --- federated (Flower simulation) --------------------------------------------------------------
+
+def test_int8_rows_round_trip_within_half_a_step():
+    import numpy as np
+
+    from leanfm.training.federated import dequantize_rows, quantize_rows
+
+    x = np.random.default_rng(0).normal(size=(6, 10)).astype(np.float32)
+    codes, scale = quantize_rows(x)
+    assert codes.dtype == np.int8 and scale.shape == (6,)
+    assert np.all(np.abs(dequantize_rows(codes, scale, x.shape) - x) <= scale[:, None] / 2 + 1e-7)
+    z = np.zeros(4, np.float32)  # a zero row keeps a finite scale
+    assert np.all(dequantize_rows(*quantize_rows(z), z.shape) == 0)
+
+
+def test_payload_counts_by_hand():
+    from leanfm.training.federated import payload_bytes
+
+    shapes = [(8, 16), (16,)]
+    assert payload_bytes(shapes, "lora", clients=4) == (8 * 16 + 16) * 4 * 2 * 4
+    assert payload_bytes(shapes, "lora8", clients=4) == ((8 * 16 + 4 * 8) + (16 + 4)) * 2 * 4
+
+
+def test_the_counting_grid_counts_serialized_messages():
+    pytest.importorskip("flwr")
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+    from flwr.common.serde import message_to_proto
+
+    from leanfm.training.federated import CountingGrid
+
+    class Echo:
+        def send_and_receive(self, messages, timeout=None):
+            return [Message(content=m.content, reply_to=m) for m in messages]
+
+    rec = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones((32, 8), np.float32))})})
+    msgs = [Message(content=rec, dst_node_id=i, message_type="train") for i in (1, 2)]
+    g = CountingGrid(Echo())
+    replies = g.send_and_receive(msgs)
+    assert g.rounds == [{"down_bytes": sum(message_to_proto(m).ByteSize() for m in msgs),
+                         "up_bytes": sum(message_to_proto(m).ByteSize() for m in replies), "messages": 2, "replies": 2}]
+    assert g.rounds[0]["down_bytes"] > 2 * 32 * 8 * 4  # the payload and the message around it
+
+
+def test_federated_lora8_round_counts_and_averages(tiny):
+    pytest.importorskip("flwr")
+    from leanfm.training.federated import run_federated
+
+    r = run_federated(str(tiny / "model"), "lora8", clients=2, rounds=1, local_steps=1, batch=1, seqlen=16,
+                      data=str(tiny / "train.txt"), lora_rank=4)
+    assert r["trainable_params"] == 8192 and len(r["rounds_bytes"]) == 1
+    payload, measured = r["payload_bytes_per_round"], r["network_bytes_per_round"]
+    rows = sum(v.shape[0] for v in r["final_state"].values())  # one fp32 scale per row
+    assert payload == (8192 + 4 * rows) * 2 * 2  # codes and scales, both directions, 2 clients
+    arrays = 2 * len(r["final_state"])  # codes and scales per tensor, per message
+    assert payload < measured < payload + 4 * 2 * arrays * 400  # at most ~400 bytes of framing per array
+    assert set(r["train_metrics"][1]) >= {"train_loss"}
+
+
+def test_flower_missing_names_the_install_command(monkeypatch):
+    import sys
+
+    from leanfm.training.federated import run_federated
+
+    monkeypatch.setitem(sys.modules, "flwr", None)
+    with pytest.raises(LeanfmError, match=r"pip install 'leanfm\[federated\]'"):
+        run_federated("x")
