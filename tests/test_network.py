@@ -69,9 +69,13 @@ def test_payload_counts_by_hand():
     assert payload_bytes(shapes, "lora8", clients=4) == ((8 * 16 + 4 * 8) + (16 + 4)) * 2 * 4
 
 
-def test_the_counting_grid_counts_serialized_messages():
+def test_the_counting_grid_counts_serialized_messages(monkeypatch):
     pytest.importorskip("flwr")
     import numpy as np
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # what a ServerApp's process has set
+        monkeypatch.setattr(TaskIdentity, attr, 1)
     from flwr.app import Array, ArrayRecord, Message, RecordDict
     from flwr.common.serde import message_to_proto
 

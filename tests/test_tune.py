@@ -78,6 +78,16 @@ def test_mezo_update_equals_its_closed_form():
         torch.testing.assert_close(p.detach(), t - lr * out["projected_grad"] * zz, rtol=0, atol=1e-6)
 
 
+def test_chunked_loss_equals_the_plain_one():
+    from leanfm.methods.tune.kd import chunked_next_token_loss
+
+    model = tiny_llama(vocab=300)
+    ids = _batch(model, n=2, seqlen=37)
+    with torch.no_grad():
+        plain = next_token_loss(model(ids).logits, ids)
+    torch.testing.assert_close(chunked_next_token_loss(model, ids, chunk=8), plain, rtol=1e-5, atol=1e-6)
+
+
 def test_perturbation_is_undone_by_its_negative():
     torch.manual_seed(0)
     ps = [torch.randn(5, 7), torch.randn(3)]

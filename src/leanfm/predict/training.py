@@ -21,11 +21,11 @@ Memory (bytes; fp32 training as leanfm runs it, ``dtype_bytes=2`` for a bf16 wha
 
 Peak = base + weights + teacher + optimizer + max(activations + logits, gradients + step
 temporaries): activations die during the backward pass, while gradients and the optimizer's
-temporaries peak at the step. MeZO holds inference activations (one layer's transients) and one
-parameter-sized perturbation. Time per step: training FLOPs (forward 2 per weight per token,
-backward 4 with weight gradients, 2 for input gradients only, a recomputed forward with
-checkpointing, a teacher forward, two forwards for MeZO) over the profile's fp32 peak times
-:data:`MFU`, a nominal utilization.
+temporaries peak at the step. MeZO holds inference activations (one layer's transients), the LM
+head's logits for 128 positions at a time, and one parameter-sized perturbation. Time per step:
+training FLOPs (forward 2 per weight per token, backward 4 with weight gradients, 2 for input
+gradients only, a recomputed forward with checkpointing, a teacher forward, two forwards for
+MeZO) over the profile's peak for the dtype times :data:`MFU`, a nominal utilization.
 """
 from __future__ import annotations
 
@@ -127,8 +127,10 @@ def plan_training(arch, cfg, batch: int | None = None, seqlen: int | None = None
     else:  # zeroth order: a forward's transients of one layer, and one parameter-sized perturbation
         p.parts["activations"] = int(tokens * (3 * arch.intermediate + 4 * arch.hidden) * dtype_bytes)
         p.parts["step temporaries"] = max(arch.vocab * arch.hidden, max(i * o for _, i, o, _ in arch.linears())) * 4
-    p.parts["logits"] = LOGIT_COPIES["kd" if st["teacher"] else "ce"] * tokens * arch.vocab * 4 if st["grads"] else \
-        2 * tokens * arch.vocab * 4
+    if st["grads"]:
+        p.parts["logits"] = LOGIT_COPIES["kd" if st["teacher"] else "ce"] * tokens * arch.vocab * 4
+    else:  # MeZO's loss runs the head over 128 positions at a time (methods.tune.kd.chunked_next_token_loss)
+        p.parts["logits"] = 2 * b * min(128, s) * arch.vocab * 4
     # FLOPs: 2 per weight per token forward; backward 4 (weight and input gradients) or 2 (input only)
     head = arch.vocab * arch.hidden
     fwd = 2 * (lin + head) * tokens

@@ -41,3 +41,23 @@ def hidden_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor) -> t
 def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each position predicting the next token (the last position scores nothing)."""
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def chunked_next_token_loss(model, ids: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """:func:`next_token_loss` without materializing the whole ``[batch, seq, vocab]`` logits: the
+    decoder's last hidden states go through the LM head ``chunk`` positions at a time (forward
+    only: what keeps MeZO at inference memory). Models whose head does more than one linear
+    (Gemma's logit soft-capping) take the plain path."""
+    cfg = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(cfg, "final_logit_softcapping", None) is not None:
+        return next_token_loss(model(ids, use_cache=False).logits, ids)
+    hidden = model.base_model(ids, use_cache=False).last_hidden_state
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for i in range(0, ids.shape[1] - 1, chunk):
+        j = min(i + chunk, ids.shape[1] - 1)
+        logits = head(hidden[:, i:j]).float()
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, i + 1 : j + 1].reshape(-1), reduction="sum").double()
+        count += logits.shape[0] * logits.shape[1]
+    return (total / count).float()

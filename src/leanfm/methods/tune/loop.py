@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ...errors import LeanfmError
-from .kd import hidden_loss, kd_loss, next_token_loss
+from .kd import chunked_next_token_loss, hidden_loss, kd_loss, next_token_loss
 
 
 def training_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -54,6 +54,8 @@ def make_optimizer(cfg, params: list[nn.Parameter]) -> torch.optim.Optimizer:
 
 def loss_fn(cfg, teacher: nn.Module | None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     """The training loss of ``cfg``'s method on a batch of token ids."""
+    if teacher is None and not cfg.backward:  # zeroth order: forward only, logits a chunk at a time
+        return lambda model, ids: chunked_next_token_loss(model, ids)
     if teacher is None:
         return lambda model, ids: next_token_loss(model(ids, use_cache=False).logits, ids)
     want_hidden = cfg.hidden_weight > 0
