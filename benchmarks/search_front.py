@@ -11,7 +11,10 @@
 3. One ``leanfm bench`` run under the search's full protocol holds the Pareto set's recipes and
    every built-in candidate left, so their speed repeats are interleaved round by round.
 4. Prints, per recipe, the objectives and budgeted metrics, whether it meets the budget, and for
-   each Pareto member whether a built-in that meets the budget dominates it.
+   each Pareto member which built-ins meeting the budget dominate it (by the medians; a built-in
+   with the member's very recipe is marked "same recipe": a difference between the two is
+   measurement noise). The decode repeat range (min-max) is printed beside each median.
+   ``--reprint`` prints the table again from the last run.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/search-front")
     ap.add_argument("--stop-margin", type=float, default=0.25)
+    ap.add_argument("--reprint", action="store_true", help="print the table again from <out>/full/results.json (no runs)")
     a = ap.parse_args()
     from leanfm.predict.analyzer import predict
     from leanfm.search.budget import Objective, dominates, parse_budget, parse_objectives
@@ -61,6 +65,8 @@ def main() -> None:
     leanfm = str(Path(sys.executable).with_name("leanfm"))
     base = res["baseline"]
 
+    if a.reprint:
+        return _table(json.loads((out / "full" / "results.json").read_text())["runs"], budget, objectives)
     short = [b for b in builtins if b not in searched]
     kept = [b for b in builtins if b in searched and _quality_ok(searched[b]["metrics"], budget, base, a.stop_margin)]
     if short:
@@ -81,23 +87,40 @@ def main() -> None:
            *sum(([k, str(v)] for k, v in flags.items() if v is not None), []), *sum((["--recipe", r] for r in recipes), [])]
     print("$ " + " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True)
-    runs = json.loads((out / "full" / "results.json").read_text())["runs"]
+    _table(json.loads((out / "full" / "results.json").read_text())["runs"], budget, objectives)
+
+
+def _spread(run: dict, metric: str) -> tuple[float, float] | None:
+    d = run.get("details") or {}
+    lo, hi = d.get(f"{metric}_min"), d.get(f"{metric}_max")
+    return (lo, hi) if lo is not None and hi is not None else None
+
+
+def _table(runs: list[dict], budget, objectives) -> None:
+    from leanfm.search.budget import dominates
+
     base = runs[0]["metrics"]
     rows = []
     for r in runs[1:]:
         m = r.get("metrics") or {}
         ok = all(c.holds(m, base) for c in budget) if r.get("status") != "error" else False
-        rows.append({"name": r["recipe"]["name"], "front": r["recipe"]["name"].startswith("search-t"), "metrics": m, "meets": ok})
+        rows.append({"name": r["recipe"]["name"], "front": r["recipe"]["name"].startswith("search-t"), "metrics": m,
+                     "meets": ok, "run": r, "steps": [{k: v for k, v in st.items()} for st in r["recipe"]["steps"]]})
     cols = [o.metric for o in objectives] + [c.metric for c in budget if c.metric not in [o.metric for o in objectives]]
-    print(f"\nbaseline: " + ", ".join(f"{c} {base.get(c, float('nan')):.4g}" for c in cols))
-    print("| recipe | " + " | ".join(cols) + " | meets budget | dominated by a built-in meeting it |")
-    print("|---|" + "---|" * (len(cols) + 2))
+    print("\nbaseline: " + ", ".join(f"{c} {base.get(c, float('nan')):.4g}" for c in cols))
+    print("| recipe | " + " | ".join(cols) + " | decode tok/s range | meets budget | built-ins meeting the budget that dominate it |")
+    print("|---|" + "---|" * (len(cols) + 3))
     ok_builtins = [x for x in rows if not x["front"] and x["meets"]]
     for x in rows:
-        dom = [b["name"] for b in ok_builtins if dominates(b["metrics"], x["metrics"], objectives)] if x["front"] else []
         vals = " | ".join(f"{x['metrics'].get(c, float('nan')):.4g}" for c in cols)
-        print(f"| {'**' + x['name'] + '**' if x['front'] else x['name']} | {vals} | {'yes' if x['meets'] else 'no'} | "
-              f"{(', '.join(dom) or 'none') if x['front'] else '–'} |")
+        sp = _spread(x["run"], "decode_tokens_per_s")
+        rng = f"{sp[0]:.2f}-{sp[1]:.2f}" if sp else "?"
+        if x["front"]:
+            dom = ", ".join(b["name"] + (" (same recipe)" if b["steps"] == x["steps"] else "") for b in ok_builtins
+                            if dominates(b["metrics"], x["metrics"], objectives)) or "none"
+        else:
+            dom = "–"
+        print(f"| {'**' + x['name'] + '**' if x['front'] else x['name']} | {vals} | {rng} | {'yes' if x['meets'] else 'no'} | {dom} |")
 
 
 def _quality_ok(m: dict, budget, base: dict, margin: float) -> bool:
