@@ -16,6 +16,7 @@ count from the trainable parameters' shapes alone, for the check that the two ag
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -62,7 +63,7 @@ def _worker(rank: int, world: int, store: str, job: dict, out) -> None:
     dist.all_reduce = counting_all_reduce  # the hooks below call it through torch.distributed
     try:
         from ..data.calib import encode
-        from ..methods.tune.adapters import add_lora
+        from ..methods.tune.adapters import make_trainable
         from ..methods.tune.handler import training_text
         from ..methods.tune.kd import next_token_loss
         from ..methods.tune.loop import training_windows
@@ -70,14 +71,7 @@ def _worker(rank: int, world: int, store: str, job: dict, out) -> None:
 
         model, tok = load(job["model"])
         torch.manual_seed(job["seed"])
-        if job["mode"] == "lora":
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model = add_lora(model, {"rank": job["lora_rank"], "lora_alpha": 2.0 * job["lora_rank"], "dropout": 0.0,
-                                     "targets": ["all-linear"], "dora": False})
-        else:
-            for p in model.parameters():
-                p.requires_grad_(True)
+        model = make_trainable(model, "full" if job["mode"] == "powersgd" else job["mode"], job["lora_rank"])
         model.train()
         shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
         ddp = DDP(model)
@@ -106,20 +100,13 @@ def _worker(rank: int, world: int, store: str, job: dict, out) -> None:
             per_step.append(counted[0])
             losses.append(loss.item())
         out.put({"rank": rank, "bytes_per_step": per_step, "loss": losses, "shapes": shapes,
-                 "seconds": time.perf_counter() - t0, "trainable_params": sum(_numel(s) for s in shapes)})
+                 "seconds": time.perf_counter() - t0, "trainable_params": sum(math.prod(s) for s in shapes)})
     except BaseException as e:  # noqa: BLE001 - reported to the parent in one line
         out.put({"rank": rank, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
     finally:
         dist.all_reduce = real_all_reduce
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def run_ddp(model: str, mode: str = "full", steps: int = 4, batch: int = 1, seqlen: int = 128, world: int = 2,

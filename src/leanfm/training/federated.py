@@ -69,17 +69,10 @@ def payload_bytes(shapes: list[tuple[int, ...]], mode: str, clients: int) -> int
 # --- the model side (runs in each client's process) -------------------------------------------
 
 def prepare(model, mode: str, lora_rank: int):
-    """``model`` made trainable for ``mode``: every weight (full), or LoRA adapters on a frozen base."""
-    if mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    from ..methods.tune.adapters import add_lora
+    """``model`` made trainable for ``mode`` (``lora8`` trains LoRA like ``lora``)."""
+    from ..methods.tune.adapters import make_trainable
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return add_lora(model, {"rank": lora_rank, "lora_alpha": 2.0 * lora_rank, "dropout": 0.0,
-                            "targets": ["all-linear"], "dora": False})
+    return make_trainable(model, "lora" if mode == "lora8" else mode, lora_rank)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -105,7 +98,7 @@ def _client_model(cfg: dict):
     base, ids = _BASE[key]
     model = copy.deepcopy(base)
     torch.manual_seed(cfg["seed"])
-    model = prepare(model, "lora" if cfg["mode"] == "lora8" else cfg["mode"], cfg["lora_rank"])
+    model = prepare(model, cfg["mode"], cfg["lora_rank"])
     return model, ids
 
 
@@ -161,7 +154,7 @@ def _from_record(rec, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[
 def client_train(msg, context):
     """The ClientApp's train handler: load the global state, train locally, reply with the state
     (or, 8-bit, the quantized update)."""
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.app import Message, MetricRecord, RecordDict
 
     cfg = dict(msg.content["config"])
     model, ids = _client_model(cfg)
@@ -205,7 +198,6 @@ class CountingGrid:
 
 
 def _strategy(job: dict, fp32_state: dict[str, np.ndarray]):
-    from flwr.app import ArrayRecord
     from flwr.serverapp.strategy import FedAvg
 
     n = job["clients"]

@@ -89,6 +89,19 @@ def add_lora(model: nn.Module, spec: dict):
         raise LeanfmError(f"peft could not add the adapters: {' '.join(str(e).split())[:300]}") from None
 
 
+def make_trainable(model: nn.Module, mode: str, lora_rank: int = 16):
+    """``model`` ready to train for a distributed run: every weight (``full``), or LoRA adapters of
+    ``lora_rank`` (alpha 2r) on every linear over a frozen base (any other mode)."""
+    if mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return add_lora(model, {"rank": lora_rank, "lora_alpha": 2.0 * lora_rank, "dropout": 0.0,
+                            "targets": ["all-linear"], "dora": False})
+
+
 def _dequantized(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     if type(base).__name__ == "Linear4bit":
         import bitsandbytes as bnb
