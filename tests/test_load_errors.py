@@ -276,7 +276,7 @@ def test_reachable_hub_downloads_by_id(monkeypatch):
     monkeypatch.setattr(load_mod, "hub_reachable", lambda timeout=3.0: True)
     seen = []
 
-    def fake(path, dtype):
+    def fake(path, dtype, tokenizer=None):
         seen.append(path)
         raise OSError("org/name is not a valid model identifier listed on 'https://huggingface.co/models'\nmore details")
 
