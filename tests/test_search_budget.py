@@ -241,6 +241,24 @@ def test_pareto_front():
     assert pareto_front([], MIN_PPL_MAX_TPS) == []
 
 
+def test_speed_within_the_measured_spread_is_a_tie():
+    # The figures of benchmarks/search_ray.py's first run: hqq-w4g64 has the lower perplexity;
+    # rtn-w4g64 decoded faster in the median, but inside hqq's min..max over the repeats.
+    hqq, rtn = {"ppl_increase": 0.162, "decode_tokens_per_s": 12.16}, {"ppl_increase": 0.2299, "decode_tokens_per_s": 13.10}
+    obj = [Objective("decode_tokens_per_s", "max"), Objective("ppl_increase", "min")]
+    s_hqq, s_rtn = {"decode_tokens_per_s": [11.36, 14.44]}, {"decode_tokens_per_s": [11.58, 13.90]}
+    assert not dominates(hqq, rtn, obj)  # medians alone: a trade-off, both on the front
+    assert pareto_front([hqq, rtn], obj) == [0, 1]
+    assert dominates(hqq, rtn, obj, s_hqq, s_rtn) and not dominates(rtn, hqq, obj, s_rtn, s_hqq)
+    assert pareto_front([hqq, rtn], obj, [s_hqq, s_rtn]) == [0]
+    # ranges apart: the speed lead is real, and both stay on the front
+    assert pareto_front([hqq, rtn], obj, [{"decode_tokens_per_s": [11.0, 12.5]}, {"decode_tokens_per_s": [12.6, 14.0]}]) == [0, 1]
+    # a spread on one side only: compared by value
+    assert pareto_front([hqq, rtn], obj, [s_hqq, {}]) == [0, 1]
+    # overlapping ranges on every objective: a tie everywhere, neither dominates
+    assert not dominates(hqq, rtn, obj, {**s_hqq, "ppl_increase": [0.1, 0.3]}, {**s_rtn, "ppl_increase": [0.2, 0.25]})
+
+
 def test_pareto_front_with_parsed_objectives():
     points = [{"weight_bytes": 100, "perplexity": 12}, {"weight_bytes": 200, "perplexity": 11},
               {"weight_bytes": 200, "perplexity": 13}]

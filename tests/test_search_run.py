@@ -48,6 +48,9 @@ def test_search_finds_a_feasible_front_and_resumes_from_the_store(tiny_model_dir
             assert "predicted" in t["reason"] and t["metrics"] == {}
     front = [t for t in res["trials"] if t["trial"] in res["front"]]
     assert front and all(t["feasible"] for t in front)
+    for t in measured:  # speed's min..max over the repeats, kept for ties within the noise on the front
+        lo, hi = t["spread"]["decode_tokens_per_s"]
+        assert lo <= t["metrics"]["decode_tokens_per_s"] <= hi and "ppl_increase" not in t["spread"]
     for t in front:  # every member meets the budget it was searched under, and its recipe is saved
         assert t["metrics"]["ppl_increase"] <= 3.0 and t["metrics"]["weight_bytes"] <= 0.8 * res["baseline"]["weight_bytes"]
         assert (out / "front" / f"search-t{t['trial']:03d}.yaml").is_file()
@@ -66,6 +69,7 @@ def test_search_finds_a_feasible_front_and_resumes_from_the_store(tiny_model_dir
     again = json.loads((out / "search.json").read_text())
     assert again["measured_now"] == 0 and again["front"] == res["front"]
     assert {t["trial"]: (t["params"], t["status"], t["metrics"]) for t in again["trials"]} == first
+    assert [t["spread"] for t in again["trials"]] == [t["spread"] for t in res["trials"]]
     assert "Pareto set" in capsys.readouterr().out
 
 

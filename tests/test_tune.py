@@ -333,14 +333,20 @@ def test_tune_lora_measures_before_and_after_and_saves_a_merged_checkpoint(tiny_
     assert ppl != pytest.approx(base["metrics"]["perplexity"], rel=1e-6)  # training changed the weights
 
 
-def test_tune_after_a_recipe_reports_the_gap(tiny_dir, text_file, eval_file, mag50, tmp_path):
+def test_tune_after_a_recipe_reports_the_gap(tiny_dir, text_file, eval_file, mag50, tmp_path, monkeypatch):
     import json
 
+    from leanfm.api import apply_ as real_apply
+    from leanfm.training import run as run_mod
+
+    applied = []
+    monkeypatch.setattr(run_mod, "apply_", lambda m, s, **kw: (applied.append(s.method), real_apply(m, s, **kw))[1])
     assert _tune(tiny_dir, text_file, eval_file, tmp_path / "run", "--method", "full", "--recipe", str(mag50), "--no-save") == 0
     runs = json.loads((tmp_path / "run" / "results.json").read_text())["runs"]
     assert [r["role"] for r in runs] == ["baseline", "compressed", "tuned"]
     assert [s["method"] for s in runs[2]["recipe"]["steps"]] == ["magnitude", "full"]
     assert runs[2]["details"]["training"]["kept_sparse_linears"] == 14
+    assert applied == ["magnitude", "full"]  # the tuned run trains the compressed model; it does not compress again
     assert not (tmp_path / "run" / "checkpoint").exists()
     b, c, t = (r["metrics"]["perplexity"] for r in runs)
     if c > b:

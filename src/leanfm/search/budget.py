@@ -252,14 +252,24 @@ def parse_objectives(text: str, flag: str = "--objective") -> list[Objective]:
     return out
 
 
-def dominates(a: dict, b: dict, objectives: list[Objective]) -> bool:
+def dominates(a: dict, b: dict, objectives: list[Objective], spread_a: dict | None = None,
+              spread_b: dict | None = None) -> bool:
     """Whether metrics ``a`` are at least as good as ``b`` in every objective and better in one;
-    False when either lacks a value."""
+    False when either lacks a value.
+
+    ``spread_a``/``spread_b`` map a metric to the (min, max) of its repeats (speed is measured
+    several times; quality is deterministic). Where both points have a spread for a metric and
+    the two ranges overlap, the difference is within the measurement noise and counts as a tie:
+    neither is better on it. So a candidate is not kept on the front for a speed lead that the
+    next run could reverse, and none is pushed off by one."""
     strictly = False
     for o in objectives:
         x, y = _number(a.get(o.metric)), _number(b.get(o.metric))
         if x is None or y is None:
             return False
+        ra, rb = (spread_a or {}).get(o.metric), (spread_b or {}).get(o.metric)
+        if ra and rb and ra[0] <= rb[1] and rb[0] <= ra[1]:
+            continue  # ranges overlap: a tie within the noise
         if o.direction == "min":
             x, y = -x, -y
         if x < y:
@@ -268,9 +278,12 @@ def dominates(a: dict, b: dict, objectives: list[Objective]) -> bool:
     return strictly
 
 
-def pareto_front(points: list[dict], objectives: list[Objective]) -> list[int]:
+def pareto_front(points: list[dict], objectives: list[Objective], spreads: list[dict] | None = None) -> list[int]:
     """Indices (ascending) of the points no other point dominates. A point lacking a value of some
-    objective is never in the front and does not push others out; equal points are all kept."""
+    objective is never in the front and does not push others out; equal points are all kept.
+    ``spreads[i]``: point i's measured (min, max) per metric, for ties within the noise (see
+    :func:`dominates`)."""
+    sp = spreads or [None] * len(points)
     complete = [i for i, p in enumerate(points) if all(_number(p.get(o.metric)) is not None for o in objectives)]
     return [i for i in complete
-            if not any(dominates(points[j], points[i], objectives) for j in complete if j != i)]
+            if not any(dominates(points[j], points[i], objectives, sp[j], sp[i]) for j in complete if j != i)]

@@ -106,11 +106,12 @@ class Trial:
     cached: bool = False
     feasible: bool = False
     builtin: str | None = None  # the built-in recipe (or a+b) this warm-start trial reproduces
+    spread: dict = field(default_factory=dict)  # metric -> [min, max] over the repeats (stage 2)
 
     def to_dict(self) -> dict:
         return {"trial": self.number, "params": self.params, "recipe": self.recipe.to_dict() if self.recipe else None,
                 "builtin": self.builtin, "status": self.status, "reason": self.reason, "predicted": self.predicted, "metrics": self.metrics,
-                "stage": self.stage, "cached": self.cached, "feasible": self.feasible}
+                "stage": self.stage, "cached": self.cached, "feasible": self.feasible, "spread": self.spread}
 
 
 def _model_path(model: str) -> str | None:
@@ -418,7 +419,7 @@ def _measure(s: Search, t: Trial, store: Store, runner: _Runner, sid: str, worke
         t.status = res.get("status") or ("rejected" if prev.get("state") == "rejected" else "failed")
         t.reason = res.get("reason") or prev.get("reason") or ""
         t.metrics, t.stage, t.predicted = res.get("metrics", {}), res.get("stage", 0), res.get("predicted", {})
-        t.feasible, t.cached = res.get("feasible", False), True
+        t.feasible, t.cached, t.spread = res.get("feasible", False), True, res.get("spread", {})
         return
     try:
         out = s.out / "trials" / f"t{t.number:03d}"
@@ -432,6 +433,7 @@ def _measure(s: Search, t: Trial, store: Store, runner: _Runner, sid: str, worke
             return
         r2 = runner.bench_one(t.recipe, 2, out / "stage2", t.number)
         t.stage, t.metrics, t.cached = 2, r2["metrics"], t.cached and r2["_cached"]
+        t.spread = _spread(r2.get("details", {}), s.objectives)
         t.status = "measured"
         t.feasible = all(c.holds(t.metrics, base_metrics) for c in s.budget)
         if r2["_cached"]:  # measured before (another trial drew the same recipe): nothing new to store or log
@@ -471,13 +473,23 @@ def _plain_run(run: dict) -> dict:
 
 def _result(t: Trial) -> dict:
     return {"status": t.status, "reason": t.reason, "metrics": t.metrics, "stage": t.stage, "predicted": t.predicted,
-            "feasible": t.feasible}
+            "feasible": t.feasible, "spread": t.spread}
+
+
+def _spread(details: dict, objectives: list[Objective]) -> dict:
+    """[min, max] over the repeats of each objective the run measured more than once."""
+    out = {}
+    for o in objectives:
+        lo, hi = details.get(f"{o.metric}_min"), details.get(f"{o.metric}_max")
+        if isinstance(lo, (int, float)) and isinstance(hi, (int, float)):
+            out[o.metric] = [lo, hi]
+    return out
 
 
 def _finish(s: Search, trials: list[Trial], runner: _Runner, sid: str, base_metrics: dict, store: Store) -> dict:
     trials = sorted(trials, key=lambda t: t.number)
     feasible = [t for t in trials if t.status == "measured" and t.feasible]
-    front = [feasible[i] for i in pareto_front([t.metrics for t in feasible], s.objectives)]
+    front = [feasible[i] for i in pareto_front([t.metrics for t in feasible], s.objectives, [t.spread for t in feasible])]
     (s.out / "front").mkdir(exist_ok=True)
     for t in front:
         t.recipe.name = f"search-t{t.number:03d}"

@@ -3,7 +3,8 @@
 Runs, in one results.json under the standard protocol (docs/results-schema.md):
 0. ``baseline``: the model as loaded;
 1. the compression recipe (``--recipe``), when given: the model the tuning starts from;
-2. the recipe plus the tuning step: quality and inference memory after training, plus the
+2. the recipe plus the tuning step, trained on the compressed model of run 1 (not compressed
+   again): quality and inference memory after training, plus the
    training metrics measured around the tuning step alone (``peak_train_rss_bytes``,
    ``train_seconds``, ``train_tokens_per_s``, ``train_energy_j``, ``trainable_params``) and
    ``ppl_gap_recovered`` when a recipe opened a gap.
@@ -73,21 +74,27 @@ def tune(model: str, step: BaseConfig | dict, recipe: str | Recipe | None = None
             r.save(out / "recipes" / f"{r.name}.yaml")
         plan = [("baseline", Recipe(name="baseline"))] + ([("compressed", before)] if before else []) + [("tuned", after)]
         tok, ids = None, None
+        kept = None  # the compressed model, tuned next instead of compressed a second time
         for i, (role, r) in enumerate(plan):
             run = {"id": i, "model": model, "recipe": r.to_dict(), "role": role, "status": "running"}
             results["runs"].append(run)
             progress.info(f"[{i + 1}/{len(plan)}] {r.name}")
             try:
-                m, tok = load(model)
-                for s in r.steps:
-                    s.check_model(m)
-                ids = eval_ids(tok, protocol) if ids is None else ids
-                compress_steps = [s for s in r.steps if s is not cfg]
-                if compress_steps:
-                    cal_ids, run["calibration"] = Recipe(r.name, r.seed, compress_steps).calibration(calib, tok)
-                    torch.manual_seed(r.seed)
-                    for s in compress_steps:
-                        apply_(m, s, calib=cal_ids)
+                if kept is not None:
+                    m, run["calibration"] = kept
+                    kept = None
+                else:
+                    m, tok = load(model)
+                    for s in r.steps:
+                        s.check_model(m)
+                    ids = eval_ids(tok, protocol) if ids is None else ids
+                    compress_steps = [s for s in r.steps if s is not cfg]
+                    if compress_steps:
+                        cal_ids, run["calibration"] = Recipe(r.name, r.seed, compress_steps).calibration(calib, tok)
+                        torch.manual_seed(r.seed)
+                        for s in compress_steps:
+                            apply_(m, s, calib=cal_ids)
+                    cfg.check_model(m)
                 if role == "tuned":
                     run["training"] = _train(m, cfg, profile)
                 gc.collect()
@@ -105,6 +112,8 @@ def tune(model: str, step: BaseConfig | dict, recipe: str | Recipe | None = None
                     if save:
                         run["checkpoint"] = str(_save(m, tok, out, after))
                 run.update(metrics=res["metrics"], details=res["details"], flags=q["flags"], status="ok")
+                if role == "compressed":
+                    kept = (m, run.get("calibration"))
             except (LeanfmError, RuntimeError, MemoryError) as e:
                 run.update(status="error", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
                 write(results, out)
