@@ -164,6 +164,9 @@ def network(a, out: Path) -> dict:
         print(f"| {m} | {r['trainable_params']:,} | {r['network_bytes_per_round']:,.0f} | {r['payload_bytes_per_round']:,} | "
               f"{r['network_bytes_per_round'] / r['payload_bytes_per_round']:.4f} | {full / r['network_bytes_per_round']:.1f}x less | "
               f"{r['wall_seconds']:.0f} |")
+    fl = rows["fl"]
+    print(f"LoRA vs full: {fl['full']['network_bytes_per_round'] / fl['lora']['network_bytes_per_round']:.1f}x fewer bytes per round; "
+          f"8-bit LoRA updates vs fp32: {fl['lora']['network_bytes_per_round'] / fl['lora8']['network_bytes_per_round']:.2f}x fewer")
     rows["fl_quality"] = _fl_quality(states, a)
     return rows
 
