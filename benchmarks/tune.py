@@ -79,13 +79,17 @@ def memory(a, out: Path) -> dict:
             cmd += ["--lr", str(a.mezo_lr)]
         print("$ " + " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        run = json.loads((d / "results.json").read_text())["runs"][-1]
+        runs = json.loads((d / "results.json").read_text())["runs"]
+        run, base = runs[-1], runs[0]
         m, t = run["metrics"], run["details"]["training"]
         rows[name] = {"trainable": m["trainable_params"], "trainable_peft": t.get("trainable_params_peft"),
                       "peak_train": m["peak_train_rss_bytes"], "predicted": m["predicted_peak_train_rss_bytes"],
-                      "error_pct": m["train_memory_prediction_error_pct"], "inference_peak": m["peak_rss_bytes"],
+                      "error_pct": m["train_memory_prediction_error_pct"], "inference_peak": base["metrics"]["peak_rss_bytes"],
+                      "malloc_mmap_threshold": t.get("malloc_mmap_threshold"),
                       "tokens_per_s": m["train_tokens_per_s"], "loss": t["loss_curve"], "plan": t["plan"]}
-    print(f"\n{a.memory_steps} steps (MeZO {a.mezo_steps}) of {a.batch}x{a.seqlen} tokens, {a.threads} threads, each in a fresh process")
+    print(f"\n{a.memory_steps} steps (MeZO {a.mezo_steps}) of {a.batch}x{a.seqlen} tokens, {a.threads} threads, each in a fresh process; "
+          f"inference peak: the untuned model's under the standard protocol, before training in the same process; "
+          f"glibc mmap threshold during training: {rows['full']['malloc_mmap_threshold']}")
     print("| run | trainable (peft) | peak train RSS GB | predicted GB | error | inference peak GB | train / inference | tokens/s |")
     print("|---|---|---|---|---|---|---|---|")
     for n, r in rows.items():

@@ -141,6 +141,7 @@ def _train(model, cfg: BaseConfig, profile: dict) -> dict:
     from ..predict.training import plan_training
 
     gc.collect()
+    _page_in(model)
     plan = plan_training(arch_from_config(model.config.to_dict(), "model", "loaded"), cfg,
                          base=current_rss() - mem.weight_bytes(model))
     progress.info(plan.describe())
@@ -156,6 +157,16 @@ def _train(model, cfg: BaseConfig, profile: dict) -> dict:
             "predicted_peak_train_rss_bytes": plan.peak, "train_memory_prediction_error_pct": (plan.peak / peak.bytes - 1) * 100,
             "plan": {k: int(v) for k, v in plan.parts.items()},
             "train_seconds": round(seconds, 3), "train_energy_j": round(meter.joules, 3), "energy_source": meter.source}
+
+
+def _page_in(model) -> None:
+    """Touch one value per page of every weight. A freshly loaded checkpoint is memory-mapped and
+    reaches the resident set only as it is read, so the process's size before training would
+    otherwise leave out weights the first step brings in."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.numel() and t.device.type == "cpu":
+                t.reshape(-1)[:: max(1, 4096 // t.element_size())].sum()
 
 
 def _gap(runs: list[dict]) -> None:

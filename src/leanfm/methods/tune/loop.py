@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...allocator import fix_mmap_threshold
 from ...errors import LeanfmError
 from .kd import chunked_next_token_loss, hidden_loss, kd_loss, next_token_loss
 
@@ -87,6 +88,7 @@ def train(model: nn.Module, cfg, windows: torch.Tensor, teacher: nn.Module | Non
     masked = [(mods[n].weight, m) for n, m in (masks or {}).items() if mods[n].weight.requires_grad]
     curve: list[float] = []
     tokens = 0
+    threshold = fix_mmap_threshold()  # freed transients go back to the OS (leanfm.allocator)
     t0 = time.perf_counter()
     if cfg.backward:
         hooks = [w.register_hook(lambda g, m=m: g * m) for w, m in masked]
@@ -135,4 +137,4 @@ def train(model: nn.Module, cfg, windows: torch.Tensor, teacher: nn.Module | Non
                 on_step(step, curve[-1])
     seconds = time.perf_counter() - t0
     return {"loss_curve": [round(x, 5) for x in curve], "train_tokens": tokens, "train_seconds": seconds,
-            "train_tokens_per_s": tokens / seconds if seconds > 0 else None}
+            "train_tokens_per_s": tokens / seconds if seconds > 0 else None, "malloc_mmap_threshold": threshold}
