@@ -117,3 +117,22 @@ def test_flower_missing_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "flwr", None)
     with pytest.raises(LeanfmError, match=r"pip install 'leanfm\[federated\]'"):
         run_federated("x")
+
+
+def test_a_worker_that_dies_without_reporting_ends_the_wait_at_once():
+    import queue
+    import time
+    from types import SimpleNamespace
+
+    from leanfm.training.ddp import _collect
+
+    q = queue.Queue()
+    q.put({"rank": 0, "bytes_per_step": [1]})
+    procs = [SimpleNamespace(exitcode=0), SimpleNamespace(exitcode=-6)]  # rank 1 aborted (SIGABRT), as gloo does
+    t0 = time.perf_counter()
+    with pytest.raises(LeanfmError, match=r"worker 1 died \(signal 6\) before reporting"):
+        _collect(q, procs, time.perf_counter() + 600)
+    assert time.perf_counter() - t0 < 10
+    alive = [SimpleNamespace(exitcode=None)]
+    with pytest.raises(LeanfmError, match="did not report within the timeout"):
+        _collect(queue.Queue(), alive, time.perf_counter() + 1.5)

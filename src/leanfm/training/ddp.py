@@ -109,6 +109,29 @@ def _worker(rank: int, world: int, store: str, job: dict, out) -> None:
             dist.destroy_process_group()
 
 
+def _collect(q, procs: list, deadline: float) -> list[dict]:
+    """Each worker's report; a worker that dies without one (gloo aborts the process on some
+    errors) ends the wait at once instead of at the deadline."""
+    import queue
+
+    got: list[dict] = []
+    while len(got) < len(procs):
+        try:
+            got.append(q.get(timeout=1.0))
+            continue
+        except queue.Empty:
+            pass
+        reported = {g["rank"] for g in got}
+        dead = [(r, p.exitcode) for r, p in enumerate(procs) if r not in reported and p.exitcode not in (None, 0)]
+        if dead:
+            r, code = dead[0]
+            how = f"signal {-code}" if code < 0 else f"exit code {code}"
+            raise LeanfmError(f"data-parallel worker {r} died ({how}) before reporting; its stderr above says why")
+        if time.perf_counter() > deadline:
+            raise LeanfmError(f"data-parallel workers did not report within the timeout ({len(got)} of {len(procs)} did)")
+    return got
+
+
 def run_ddp(model: str, mode: str = "full", steps: int = 4, batch: int = 1, seqlen: int = 128, world: int = 2,
             threads: int = 1, lr: float = 1e-5, lora_rank: int = 16, psgd_rank: int = 4, psgd_start: int = 2,
             data: str = "gensim-wiki", seed: int = 0, timeout_s: float = 1800) -> dict:
@@ -134,8 +157,7 @@ def run_ddp(model: str, mode: str = "full", steps: int = 4, batch: int = 1, seql
             p.start()
         got = []
         try:
-            for _ in procs:
-                got.append(q.get(timeout=timeout_s))
+            got = _collect(q, procs, t0 + timeout_s)
         finally:
             for p in procs:
                 p.join(timeout=30)
