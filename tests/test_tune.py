@@ -101,6 +101,21 @@ def test_perturbation_is_undone_by_its_negative():
         torch.testing.assert_close(p, r, rtol=0, atol=1e-7)
 
 
+def test_a_large_parameter_is_perturbed_block_by_block_with_a_standard_normal():
+    from leanfm.methods.tune.mezo import BLOCK
+
+    p = torch.zeros(BLOCK + 4096)  # two blocks: one full, one of 4096
+    perturb_([p], 1.0, 3)
+    first, second = p[:BLOCK], p[BLOCK:]
+    assert abs(float(first.mean())) < 0.01 and abs(float(first.std()) - 1) < 0.01
+    assert not torch.equal(second, first[:4096])  # the second block draws on, it does not repeat
+    again = torch.zeros_like(p)
+    perturb_([again], 1.0, 3)
+    assert torch.equal(again, p)  # the same seed, the same z
+    perturb_([p], -1.0, 3)
+    assert float(p.abs().max()) == 0.0
+
+
 def test_windows_and_schedule():
     ids = torch.arange(100)
     w = training_windows(ids, 25, 10, seed=0)

@@ -22,7 +22,7 @@ Memory (bytes; fp32 training as leanfm runs it, ``dtype_bytes=2`` for a bf16 wha
 Peak = base + weights + teacher + optimizer + max(activations + logits, gradients + step
 temporaries): activations die during the backward pass, while gradients and the optimizer's
 temporaries peak at the step. MeZO holds inference activations (one layer's transients), the LM
-head's logits for 128 positions at a time, and one parameter-sized perturbation. Time per step:
+head's logits for 32 positions at a time, and a block of its perturbation (4 MB, and its copy). Time per step:
 training FLOPs (forward 2 per weight per token, backward 4 with weight gradients, 2 for input
 gradients only, a recomputed forward with checkpointing, a teacher forward, two forwards for
 MeZO) over the profile's peak for the dtype times :data:`MFU`, a nominal utilization.
@@ -30,6 +30,9 @@ MeZO) over the profile's peak for the dtype times :data:`MFU`, a nominal utiliza
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from ..methods.tune.kd import HEAD_CHUNK
+from ..methods.tune.mezo import BLOCK as MEZO_BLOCK
 
 GB = 1e9
 RUNTIME_BYTES = int(0.45e9)  # Python + torch + transformers + a tokenizer, measured here (leanfm tune, smollm2)
@@ -124,13 +127,13 @@ def plan_training(arch, cfg, batch: int | None = None, seqlen: int | None = None
         else:
             act = _act_floats(arch, coeff, arch.layers, spec)
         p.parts["activations"] = int(act * tokens * dtype_bytes)
-    else:  # zeroth order: a forward's transients of one layer, and one parameter-sized perturbation
+    else:  # zeroth order: a forward's transients of one layer, and a block of the perturbation
         p.parts["activations"] = int(tokens * (3 * arch.intermediate + 4 * arch.hidden) * dtype_bytes)
-        p.parts["step temporaries"] = max(arch.vocab * arch.hidden, max(i * o for _, i, o, _ in arch.linears())) * 4
+        p.parts["step temporaries"] = 2 * min(MEZO_BLOCK, max(arch.vocab * arch.hidden, max(i * o for _, i, o, _ in arch.linears()))) * 4
     if st["grads"]:
         p.parts["logits"] = LOGIT_COPIES["kd" if st["teacher"] else "ce"] * tokens * arch.vocab * 4
-    else:  # MeZO's loss runs the head over 128 positions at a time (methods.tune.kd.chunked_next_token_loss)
-        p.parts["logits"] = 2 * b * min(128, s) * arch.vocab * 4
+    else:  # MeZO's loss runs the head over HEAD_CHUNK positions at a time (methods.tune.kd.chunked_next_token_loss)
+        p.parts["logits"] = 2 * b * min(HEAD_CHUNK, s) * arch.vocab * 4
     # FLOPs: 2 per weight per token forward; backward 4 (weight and input gradients) or 2 (input only)
     head = arch.vocab * arch.hidden
     fwd = 2 * (lin + head) * tokens

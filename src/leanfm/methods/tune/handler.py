@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ... import progress
+from ...allocator import fix_mmap_threshold
 from ...errors import LeanfmError
 from .adapters import add_lora, apply_masks, merge, quantize_base_4bit, sparsity_masks
 from .loop import train, training_windows
@@ -86,6 +87,7 @@ def tune_step(model: nn.Module, cfg, calib=None) -> dict:
     from ...data.calib import encode
 
     check_trainable(model, cfg.method)
+    fix_mmap_threshold()  # before the teacher, the text and QLoRA's quantization (leanfm.allocator)
     info = getattr(model, "leanfm_info", {})
     tok = info.get("tokenizer")
     if tok is None:

@@ -43,8 +43,11 @@ def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
+HEAD_CHUNK = 32  # positions per LM-head call in chunked_next_token_loss (MeZO's loss)
+
+
 @torch.no_grad()
-def chunked_next_token_loss(model, ids: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+def chunked_next_token_loss(model, ids: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
     """:func:`next_token_loss` without materializing the whole ``[batch, seq, vocab]`` logits: the
     decoder's last hidden states go through the LM head ``chunk`` positions at a time (forward
     only: what keeps MeZO at inference memory). Models whose head does more than one linear
