@@ -1,6 +1,6 @@
 """Layers point one way: a module imports only from its own layer or the layers below it.
 
-    base (errors, progress, sysinfo, _callable)
+    base (errors, progress, sysinfo, _callable, allocator)
       <- formats (quantized weight, packed layouts, checkpoint files)
       <- kernels
       <- models, data
@@ -19,7 +19,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "leanfm"
 
 LEVEL = {
-    "errors": 0, "progress": 0, "sysinfo": 0, "_callable": 0,
+    "errors": 0, "progress": 0, "sysinfo": 0, "_callable": 0, "allocator": 0,
     "formats": 1,
     "kernels": 2,
     "models": 3, "data": 3, "runtimes": 3,
