@@ -155,7 +155,6 @@ def run_ddp(model: str, mode: str = "full", steps: int = 4, batch: int = 1, seql
         procs = [ctx.Process(target=_worker, args=(r, world, store, job, q)) for r in range(world)]
         for p in procs:
             p.start()
-        got = []
         try:
             got = _collect(q, procs, t0 + timeout_s)
         finally:
