@@ -10,7 +10,12 @@ elsewhere nothing is copied.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 from torch import nn
+
+_MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 
 
 def _file_mappings(suffix: str = ".safetensors") -> list[tuple[int, int]]:
@@ -27,9 +32,27 @@ def _file_mappings(suffix: str = ".safetensors") -> list[tuple[int, int]]:
     return spans
 
 
+def _release(ptr: int, nbytes: int) -> None:
+    """Drop the resident pages lying wholly inside ``[ptr, ptr + nbytes)`` of a private file
+    mapping. Pages shared with a neighbouring tensor are kept (it may not be copied yet, or may
+    hold changes); a dropped page that is read again comes back from the file."""
+    page = mmap.PAGESIZE
+    lo, hi = -(-ptr // page) * page, (ptr + nbytes) // page * page
+    if hi > lo:
+        try:
+            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+
+
 def copy_out_of_mapped_files(model: nn.Module) -> int:
     """Give every parameter and buffer that points into a mapped checkpoint file its own memory
-    (tied tensors stay tied); return the bytes copied."""
+    (tied tensors stay tied); return the bytes copied.
+
+    Each tensor's mapped pages are released as soon as it is copied, so the resident set grows by
+    at most one tensor, not by the whole model. This matters when the weights were changed in
+    place (training): their pages are then private copies that stay resident as long as the
+    mapping lives."""
     spans = _file_mappings()
     if not spans:
         return 0
@@ -44,7 +67,11 @@ def copy_out_of_mapped_files(model: nn.Module) -> int:
                     t.data = done[ptr]
                     continue
                 if any(lo <= ptr < hi for lo, hi in spans):
-                    done[ptr] = t.data.clone()
+                    old = t.data
+                    done[ptr] = old.clone()
                     copied += t.nbytes
                     t.data = done[ptr]
+                    if old.is_contiguous():
+                        _release(old.data_ptr(), old.nbytes)
+                    del old
     return copied

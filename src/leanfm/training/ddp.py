@@ -8,6 +8,10 @@ the gradients through a communication hook every step. Three modes:
 - ``powersgd``: full fine-tuning with PowerSGD (Vogels et al., 2019): each gradient matrix is
   sent as two rank-r factors P (n x r) and Q (m x r), with error feedback (torch's ``powerSGD_hook``);
   matrices too small to gain at least ``min_compression_rate`` (and 1-D tensors) go uncompressed.
+  Each bucket's chain of all-reduces (raw tensors, then P, then Q, each issued when the previous
+  completes) finishes before the next bucket's starts: gloo matches collectives by the order
+  they are issued, and with several buckets in flight the two workers could issue them in
+  different orders (seen on SmolLM2-135M: gloo aborted on 39,936 vs 2,304 bytes).
 
 Bytes are counted where they enter the collective: ``torch.distributed.all_reduce`` is wrapped in
 each worker, so every tensor a hook hands to gloo is counted (elements x element size), per step
@@ -47,6 +51,18 @@ def analytic_bytes(shapes: list[tuple[int, ...]], mode: str, rank: int = 4, min_
     return total * elem
 
 
+def _one_bucket_at_a_time(hook):
+    """``hook`` with its future waited on before the hook returns, so that one bucket's collectives
+    are all issued and done before the next bucket's hook runs (same order on every worker)."""
+
+    def serial(state, bucket):
+        fut = hook(state, bucket)
+        fut.wait()
+        return fut
+
+    return serial
+
+
 def _worker(rank: int, world: int, store: str, job: dict, out) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -74,13 +90,13 @@ def _worker(rank: int, world: int, store: str, job: dict, out) -> None:
         model = make_trainable(model, "full" if job["mode"] == "powersgd" else job["mode"], job["lora_rank"])
         model.train()
         shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
-        ddp = DDP(model)
+        ddp = DDP(model, bucket_cap_mb=job["bucket_mb"])
         if job["mode"] == "powersgd":
             from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
             state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=job["psgd_rank"],
                                        start_powerSGD_iter=job["psgd_start"], min_compression_rate=2)
-            ddp.register_comm_hook(state, psgd.powerSGD_hook)
+            ddp.register_comm_hook(state, _one_bucket_at_a_time(psgd.powerSGD_hook))
         else:
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
@@ -134,9 +150,10 @@ def _collect(q, procs: list, deadline: float) -> list[dict]:
 
 def run_ddp(model: str, mode: str = "full", steps: int = 4, batch: int = 1, seqlen: int = 128, world: int = 2,
             threads: int = 1, lr: float = 1e-5, lora_rank: int = 16, psgd_rank: int = 4, psgd_start: int = 2,
-            data: str = "gensim-wiki", seed: int = 0, timeout_s: float = 1800) -> dict:
+            data: str = "gensim-wiki", seed: int = 0, bucket_mb: float = 25.0, timeout_s: float = 1800) -> dict:
     """Train ``world`` data-parallel replicas of ``model`` for ``steps`` steps; returns the bytes
-    each worker handed to all-reduce per step, the analytic count, the losses and the wall time."""
+    each worker handed to all-reduce per step, the analytic count, the losses and the wall time.
+    ``bucket_mb`` is DDP's gradient bucket size (its default, 25 MB)."""
     import multiprocessing as mp
 
     if mode not in MODES:
@@ -146,7 +163,7 @@ def run_ddp(model: str, mode: str = "full", steps: int = 4, batch: int = 1, seql
     if world < 2:
         raise LeanfmError(f"data parallel needs at least 2 workers, got world={world}")
     job = dict(model=model, mode=mode, steps=steps, batch=batch, seqlen=seqlen, threads=threads, lr=lr, lora_rank=lora_rank,
-               psgd_rank=psgd_rank, psgd_start=psgd_start, data=data, seed=seed)
+               psgd_rank=psgd_rank, psgd_start=psgd_start, data=data, seed=seed, bucket_mb=bucket_mb)
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     with tempfile.TemporaryDirectory(prefix="leanfm-ddp-") as tmp:

@@ -9,6 +9,7 @@ from torch import nn
 from ... import progress
 from ...allocator import fix_mmap_threshold
 from ...errors import LeanfmError
+from ...models.mapped import copy_out_of_mapped_files
 from .adapters import add_lora, apply_masks, merge, quantize_base_4bit, sparsity_masks
 from .loop import train, training_windows
 
@@ -106,6 +107,10 @@ def tune_step(model: nn.Module, cfg, calib=None) -> dict:
         on_step = lambda step, loss: adv(1, status=f"loss {loss:.4f}")  # noqa: E731
         try:
             if spec is None:
+                # every weight changes in place: in a memory-mapped checkpoint each changed page
+                # would become a private copy beside the file's, and apply_'s copy out of the
+                # mapping after the step would duplicate them all (MeZO: 1.7x its inference peak)
+                copy_out_of_mapped_files(model)
                 record["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
                 record.update(train(model, cfg, windows, teacher, masks, on_step))
             else:
