@@ -47,13 +47,14 @@ def recovery(a, out: Path) -> dict:
         lr = a.lr
         step = {"method": method, "steps": a.steps, "batch": a.batch, "seqlen": a.seqlen, "lr": lr, "warmup": a.steps // 10}
         t0 = time.perf_counter()
-        res = leanfm.tune(MODEL, step, a.recipe, out / f"recovery-{method}", proto, overwrite=True, save=False)
+        calib = leanfm.Calibration(n=a.calib_samples, seqlen=a.calib_seqlen)
+        res = leanfm.tune(MODEL, step, a.recipe, out / f"recovery-{method}", proto, calib=calib, overwrite=True, save=False)
         runs = {r["role"]: r["metrics"] for r in res["runs"]}
         rows[method] = {"baseline": runs["baseline"]["perplexity"], "compressed": runs["compressed"]["perplexity"],
                         "tuned": runs["tuned"]["perplexity"], "gap_recovered": runs["tuned"].get("ppl_gap_recovered"),
                         "train_seconds": runs["tuned"]["train_seconds"], "wall_seconds": time.perf_counter() - t0,
                         "eval_tokens": runs["tuned"]["eval_tokens"], "step": step}
-    print(f"\nrecipe {a.recipe}, {a.steps} steps of {a.batch}x{a.seqlen} tokens of gensim-wiki, {a.threads} threads; "
+    print(f"\nrecipe {a.recipe} (calibration {a.calib_samples} x {a.calib_seqlen} tokens of gensim-wiki), {a.steps} steps of {a.batch}x{a.seqlen} tokens of gensim-wiki, {a.threads} threads; "
           f"WikiText-2 test, {next(iter(rows.values()))['eval_tokens']} tokens")
     print("| method | ppl baseline | ppl compressed | ppl tuned | gap recovered | training s | wall s |")
     print("|---|---|---|---|---|---|---|")
@@ -219,6 +220,8 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=65536)
     ap.add_argument("--fidelity-tokens", type=int, default=4096,
                     help="recovery: tokens for top-1 agreement / KL to the baseline (a second forward of the reference)")
+    ap.add_argument("--calib-samples", type=int, default=32, help="recovery: calibration windows for --recipe")
+    ap.add_argument("--calib-seqlen", type=int, default=512, help="recovery: tokens per calibration window")
     ap.add_argument("--recovery-methods", default="kd,full",
                     help="recovery: the tuning methods to run, each after --recipe (kd: distillation; full: plain next-token)")
     ap.add_argument("--memory-steps", type=int, default=3)
