@@ -152,16 +152,19 @@ def network(a, out: Path) -> dict:
     from leanfm.training.federated import run_federated
 
     rows: dict = {"ddp": {}, "fl": {}}
-    for mode in ("full", "lora", "powersgd"):
+    for mode in ("full", "lora", "powersgd") if a.network in ("all", "ddp") else ():
         r = run_ddp(MODEL, mode, steps=4, batch=1, seqlen=128, world=2, threads=1, lora_rank=16, psgd_rank=4, psgd_start=2)
         rows["ddp"][mode] = {k: v for k, v in r.items() if k != "loss"}
-    print("\ndata parallel, gloo, 2 processes x 1 thread, 4 steps of 1x128 tokens each")
-    print("| mode | trainable | measured bytes/step | analytic | measured / analytic | vs full |")
-    print("|---|---|---|---|---|---|")
-    full = rows["ddp"]["full"]["network_bytes_per_step"]
-    for m, r in rows["ddp"].items():
-        print(f"| {m} | {r['trainable_params']:,} | {r['network_bytes_per_step']:,.0f} | {r['analytic_bytes_per_step']:,} | "
-              f"{r['network_bytes_per_step'] / r['analytic_bytes_per_step']:.4f} | {full / r['network_bytes_per_step']:.1f}x less |")
+    if rows["ddp"]:
+        print("\ndata parallel, gloo, 2 processes x 1 thread, 4 steps of 1x128 tokens each")
+        print("| mode | trainable | measured bytes/step | analytic | measured / analytic | vs full |")
+        print("|---|---|---|---|---|---|")
+        full = rows["ddp"]["full"]["network_bytes_per_step"]
+        for m, r in rows["ddp"].items():
+            print(f"| {m} | {r['trainable_params']:,} | {r['network_bytes_per_step']:,.0f} | {r['analytic_bytes_per_step']:,} | "
+                  f"{r['network_bytes_per_step'] / r['analytic_bytes_per_step']:.4f} | {full / r['network_bytes_per_step']:.1f}x less |")
+    if a.network == "ddp":
+        return rows
     states = {}
     for mode in ("full", "lora", "lora8"):
         r = run_federated(MODEL, mode, clients=4, rounds=a.fl_rounds, local_steps=2, batch=1, seqlen=128, lr=1e-4 if mode != "full" else 1e-5)
@@ -230,6 +233,7 @@ def main() -> None:
     ap.add_argument("--mezo-lr", type=float, default=1e-6)
     ap.add_argument("--merge-tokens", type=int, default=16384)
     ap.add_argument("--fl-rounds", type=int, default=2)
+    ap.add_argument("--network", default="all", choices=["all", "ddp", "fl"], help="network part: data parallel, federated or both")
     a = ap.parse_args()
     os.environ.setdefault("LEANFM_PROGRESS_EVERY", "60")
     out = Path(a.out)
