@@ -166,20 +166,20 @@ def network(a, out: Path) -> dict:
     if a.network == "ddp":
         return rows
     states = {}
-    for mode in ("full", "lora", "lora8"):
+    for mode in a.fl_modes.split(","):
         r = run_federated(MODEL, mode, clients=4, rounds=a.fl_rounds, local_steps=2, batch=1, seqlen=128, lr=1e-4 if mode != "full" else 1e-5)
         states[mode] = r.pop("final_state")
         rows["fl"][mode] = r
     print(f"\nfederated, Flower simulation on Ray, 4 clients, FedAvg, {a.fl_rounds} rounds of 2 local steps")
     print("| mode | trainable | measured bytes/round | tensors' bytes (analytic) | measured / analytic | vs full | wall s |")
     print("|---|---|---|---|---|---|---|")
-    full = rows["fl"]["full"]["network_bytes_per_round"]
+    full = rows["fl"].get("full", {}).get("network_bytes_per_round", float("nan"))
     for m, r in rows["fl"].items():
         print(f"| {m} | {r['trainable_params']:,} | {r['network_bytes_per_round']:,.0f} | {r['payload_bytes_per_round']:,} | "
               f"{r['network_bytes_per_round'] / r['payload_bytes_per_round']:.4f} | {full / r['network_bytes_per_round']:.1f}x less | "
               f"{r['wall_seconds']:.0f} |")
     fl = rows["fl"]
-    print(f"LoRA vs full: {fl['full']['network_bytes_per_round'] / fl['lora']['network_bytes_per_round']:.1f}x fewer bytes per round; "
+    print(f"LoRA vs full: {fl.get('full', {}).get('network_bytes_per_round', float('nan')) / fl['lora']['network_bytes_per_round']:.1f}x fewer bytes per round; "
           f"8-bit LoRA updates vs fp32: {fl['lora']['network_bytes_per_round'] / fl['lora8']['network_bytes_per_round']:.2f}x fewer")
     rows["fl_quality"] = _fl_quality(states, a)
     return rows
@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--mezo-lr", type=float, default=1e-6)
     ap.add_argument("--merge-tokens", type=int, default=16384)
     ap.add_argument("--fl-rounds", type=int, default=2)
+    ap.add_argument("--fl-modes", default="full,lora,lora8", help="network part: the federated modes to run (lora and lora8 are needed)")
     ap.add_argument("--network", default="all", choices=["all", "ddp", "fl"], help="network part: data parallel, federated or both")
     a = ap.parse_args()
     os.environ.setdefault("LEANFM_PROGRESS_EVERY", "60")

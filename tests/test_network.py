@@ -56,17 +56,19 @@ def test_data_parallel_bad_mode_is_one_line():
 
 # --- federated (Flower simulation) --------------------------------------------------------------
 
-def test_int8_rows_round_trip_within_half_a_step():
+def test_int8_groups_round_trip_within_half_a_step():
     import numpy as np
 
-    from leanfm.training.federated import dequantize_rows, quantize_rows
+    from leanfm.training.federated import dequantize_groups, quantize_groups
 
-    x = np.random.default_rng(0).normal(size=(6, 10)).astype(np.float32)
-    codes, scale = quantize_rows(x)
-    assert codes.dtype == np.int8 and scale.shape == (6,)
-    assert np.all(np.abs(dequantize_rows(codes, scale, x.shape) - x) <= scale[:, None] / 2 + 1e-7)
-    z = np.zeros(4, np.float32)  # a zero row keeps a finite scale
-    assert np.all(dequantize_rows(*quantize_rows(z), z.shape) == 0)
+    x = np.random.default_rng(0).normal(size=(6, 100)).astype(np.float32)  # 600 values: groups of 256, 256, 88
+    codes, scale = quantize_groups(x)
+    assert codes.dtype == np.int8 and codes.size == 600 and scale.shape == (3,)
+    each = np.repeat(scale, 256)[:600].reshape(x.shape)
+    assert np.all(np.abs(dequantize_groups(codes, scale, x.shape) - x) <= each / 2 + 1e-7)
+    assert scale[2] == np.abs(x.reshape(-1)[512:]).max() / 127  # the short last group has its own scale
+    z = np.zeros(4, np.float32)  # a zero group keeps a finite scale
+    assert np.all(dequantize_groups(*quantize_groups(z), z.shape) == 0)
 
 
 def test_payload_counts_by_hand():
@@ -74,7 +76,7 @@ def test_payload_counts_by_hand():
 
     shapes = [(8, 16), (16,)]
     assert payload_bytes(shapes, "lora", clients=4) == (8 * 16 + 16) * 4 * 2 * 4
-    assert payload_bytes(shapes, "lora8", clients=4) == ((8 * 16 + 4 * 8) + (16 + 4)) * 2 * 4
+    assert payload_bytes(shapes, "lora8", clients=4) == ((8 * 16 + 4) + (16 + 4)) * 2 * 4  # one scale per 256 values
 
 
 def test_the_counting_grid_counts_serialized_messages(monkeypatch):
@@ -103,6 +105,8 @@ def test_the_counting_grid_counts_serialized_messages(monkeypatch):
 
 
 def test_federated_lora8_round_counts_and_averages(tiny):
+    import numpy as np
+
     pytest.importorskip("flwr")
     from leanfm.training.federated import run_federated
 
@@ -110,8 +114,8 @@ def test_federated_lora8_round_counts_and_averages(tiny):
                       data=str(tiny / "train.txt"), lora_rank=4)
     assert r["trainable_params"] == 8192 and len(r["rounds_bytes"]) == 1
     payload, measured = r["payload_bytes_per_round"], r["network_bytes_per_round"]
-    rows = sum(v.shape[0] for v in r["final_state"].values())  # one fp32 scale per row
-    assert payload == (8192 + 4 * rows) * 2 * 2  # codes and scales, both directions, 2 clients
+    groups = sum(-(-int(np.prod(v.shape)) // 256) for v in r["final_state"].values())  # one fp32 scale per 256 values
+    assert payload == (8192 + 4 * groups) * 2 * 2  # codes and scales, both directions, 2 clients
     arrays = 2 * len(r["final_state"])  # codes and scales per tensor, per message
     assert payload < measured < payload + 4 * 2 * arrays * 400  # at most ~400 bytes of framing per array
     assert set(r["train_metrics"][1]) >= {"train_loss"}
