@@ -11,6 +11,7 @@ elsewhere nothing is copied.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 
 from torch import nn
@@ -38,11 +39,18 @@ def _release(ptr: int, nbytes: int) -> None:
     hold changes); a dropped page that is read again comes back from the file."""
     page = mmap.PAGESIZE
     lo, hi = -(-ptr // page) * page, (ptr + nbytes) // page * page
-    if hi > lo:
-        try:
-            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-        except (OSError, AttributeError):
-            pass
+    if hi > lo and _libc() is not None:
+        _libc().madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """The C library's handle with ``madvise`` (once per process), or None where there is none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc if hasattr(libc, "madvise") else None
+    except OSError:
+        return None
 
 
 def copy_out_of_mapped_files(model: nn.Module) -> int:
