@@ -313,3 +313,31 @@ def test_cli_eval_refuses_bad_data_before_loading(content, needle, tmp_path, cap
                      "--out", str(tmp_path / "ev")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"leanfm: error: dataset {f} ") and needle in err and len(err.splitlines()) == 1, err
+
+
+def test_encode_in_pieces_gives_the_ids_of_the_whole_text():
+    from leanfm.data.calib import encode
+    from tests.conftest import SAMPLE_TEXT, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    text = SAMPLE_TEXT.replace(". ", ".\n\n  ") * 3  # newlines and runs of spaces at the cuts
+    whole = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    for chunk in (37, 100, 1000, len(text) + 1):
+        assert torch.equal(encode(tok, text, chunk_chars=chunk), whole), chunk
+
+
+def test_encode_falls_back_to_the_whole_text_when_pieces_differ():
+    """A tokenizer that marks the start of every call (as sentencepiece's prefix space does)
+    would change the ids at each cut: encode must notice and tokenize the text at once."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from leanfm.data.calib import encode
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<unk>", "<", "a", "b", "c"])}, unk_token="<unk>"))
+    tk.normalizer = normalizers.Prepend("<")  # one "<" id at the start of every call
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+    text = "a b c " * 50
+    whole = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    assert torch.equal(encode(tok, text, chunk_chars=20), whole)
