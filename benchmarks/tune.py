@@ -16,7 +16,7 @@ Parts (each prints its table and writes <out>/<part>.json):
 - ``merge``: a LoRA trained for a few steps, perplexity unmerged (peft) vs merged vs the merged
   checkpoint reloaded in plain transformers.
 - ``network``: data parallel on gloo (2 processes x 1 thread: full, LoRA, PowerSGD) and federated
-  with Flower's simulation (4 clients, FedAvg: full, LoRA, LoRA with 8-bit updates): bytes counted
+  with Flower's simulation (4 clients, FedAvg: full, LoRA on q and v by default, LoRA with 8-bit updates): bytes counted
   at the collective / the serialized messages vs the count from the shapes, and the perplexity of
   the federated LoRA model with and without 8-bit updates.
 """
@@ -166,10 +166,12 @@ def network(a, out: Path) -> dict:
         return rows
     states = {}
     for mode in a.fl_modes.split(","):
-        r = run_federated(MODEL, mode, clients=4, rounds=a.fl_rounds, local_steps=2, batch=1, seqlen=128, lr=1e-4 if mode != "full" else 1e-5)
+        r = run_federated(MODEL, mode, clients=4, rounds=a.fl_rounds, local_steps=2, batch=1, seqlen=128, lr=1e-4 if mode != "full" else 1e-5,
+                          lora_targets=tuple(a.fl_lora_targets.split(",")))
         states[mode] = r.pop("final_state")
         rows["fl"][mode] = r
-    print(f"\nfederated, Flower simulation on Ray, 4 clients, FedAvg, {a.fl_rounds} rounds of 2 local steps")
+    print(f"\nfederated, Flower simulation on Ray, 4 clients, FedAvg, {a.fl_rounds} rounds of 2 local steps; "
+          f"LoRA rank 16 on {a.fl_lora_targets}")
     print("| mode | trainable | measured bytes/round | tensors' bytes (analytic) | measured / analytic | vs full | wall s |")
     print("|---|---|---|---|---|---|---|")
     full = rows["fl"].get("full", {}).get("network_bytes_per_round", float("nan"))
@@ -201,7 +203,7 @@ def _fl_quality(states: dict, a) -> dict:
         out["base"] = evaluate(model, windows)["perplexity"]
         for mode in ("lora", "lora8"):
             m, _ = leanfm.load(MODEL)
-            pm = prepare(m, "lora", 16)
+            pm = prepare(m, "lora", 16, tuple(a.fl_lora_targets.split(",")))
             pm.load_state_dict(states[mode], strict=False)
             out[mode] = evaluate(pm.eval(), windows)["perplexity"]
     print(f"federated LoRA, WikiText-2 test {int(windows.numel() - windows.shape[0])} tokens: base {out['base']:.4f}, "
@@ -233,6 +235,8 @@ def main() -> None:
     ap.add_argument("--merge-tokens", type=int, default=16384)
     ap.add_argument("--fl-rounds", type=int, default=2)
     ap.add_argument("--fl-modes", default="full,lora,lora8", help="network part: the federated modes to run (lora and lora8 are needed)")
+    ap.add_argument("--fl-lora-targets", default="q_proj,v_proj", help="network part: the linears federated LoRA adapts "
+                    "(all-linear: every linear but the head)")
     ap.add_argument("--network", default="all", choices=["all", "ddp", "fl"], help="network part: data parallel, federated or both")
     a = ap.parse_args()
     os.environ.setdefault("LEANFM_PROGRESS_EVERY", "60")

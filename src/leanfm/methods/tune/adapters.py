@@ -94,9 +94,10 @@ def add_lora(model: nn.Module, spec: dict):
         raise LeanfmError(f"peft could not add the adapters: {' '.join(str(e).split())[:300]}") from None
 
 
-def make_trainable(model: nn.Module, mode: str, lora_rank: int = 16):
+def make_trainable(model: nn.Module, mode: str, lora_rank: int = 16, targets: tuple[str, ...] = ("all-linear",)):
     """``model`` ready to train for a distributed run: every weight (``full``), or LoRA adapters of
-    ``lora_rank`` (alpha 2r) on every linear over a frozen base (any other mode)."""
+    ``lora_rank`` (alpha 2r) on the linears ``targets`` names (peft's ``target_modules``;
+    ``all-linear``: every linear but the head) over a frozen base (any other mode)."""
     if mode == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -104,7 +105,7 @@ def make_trainable(model: nn.Module, mode: str, lora_rank: int = 16):
     for p in model.parameters():
         p.requires_grad_(False)
     return add_lora(model, {"rank": lora_rank, "lora_alpha": 2.0 * lora_rank, "dropout": 0.0,
-                            "targets": ["all-linear"], "dora": False})
+                            "targets": list(targets), "dora": False})
 
 
 def _dequantized(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
