@@ -10,7 +10,8 @@ divide every width, else 64) under ``/usr/bin/time -v``, then ``leanfm eval`` of
 checkpoint (WikiText-2 test, a few windows: it must load and run a forward in the same budget).
 Prints per model: parameters, source size on disk, the memory plan's peak, the measured peak RSS
 of both commands (the kernel's maximum resident set), their ratio, wall times and perplexity.
-``--compare-in-memory`` also compresses the first model in memory (same calibration) and checks
+``--compare-in-memory`` also compresses the first model in memory (same calibration; GPTQ, and the
+``--compare-recipes``, RTN by default, both ways) and checks
 that every tensor of the two checkpoints is identical and that perplexity agrees.
 
 Each command runs alone (the machine must be otherwise idle for the wall times to mean much);
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--out", default="runs/scale")
     ap.add_argument("--compare-in-memory", action="store_true")
+    ap.add_argument("--compare-recipes", default="rtn-w4g64", help="with --compare-in-memory: recipes compared besides the GPTQ one")
     a = ap.parse_args()
     leanfm = str(Path(sys.executable).with_name("leanfm"))
     out = Path(a.out)
@@ -87,12 +89,16 @@ def main() -> None:
                      "out_gb": sum(f.stat().st_size for f in ck.glob("*.safetensors")) / 1e9})
         print(json.dumps(rows[-1]), flush=True)
         if a.compare_in_memory and i == 0:
+            for other in [r for r in a.compare_recipes.split(",") if r and r != recipe]:  # calibration-free ones, quick
+                flags = ["--recipe", other, *common[2:]]
+                on, mem = out / f"{src.name}-{other}", out / f"{src.name}-{other}-in-memory"
+                co = timed([leanfm, "compress", "--model", str(src), "--out", str(on), "--onload", "always", "--max-memory", a.max_memory, *flags])
+                cm = timed([leanfm, "compress", "--model", str(src), "--out", str(mem), "--onload", "never", *flags])
+                e_on, e_mem = _eval(leanfm, on, out / f"eval-{src.name}-{other}", a), _eval(leanfm, mem, out / f"eval-{src.name}-{other}-in-memory", a)
+                _compare(name, other, on, mem, co, cm, e_on, e_mem)
             mem = out / f"{src.name}-{recipe}-in-memory"
             cm = timed([leanfm, "compress", "--model", str(src), "--out", str(mem), "--onload", "never", *common])
-            same = _same(ck, mem)
-            ev_mem = _eval(leanfm, mem, out / f"eval-{src.name}-in-memory", a)
-            print(f"in-memory vs onloaded on {name}: {same}; perplexity {ev_mem['ppl']} vs {ev['ppl']}; peak RSS "
-                  f"{cm['peak'] / 1e9:.2f} GB in memory vs {c['peak'] / 1e9:.2f} GB onloaded; wall {cm['wall']:.0f} s vs {c['wall']:.0f} s")
+            _compare(name, recipe, ck, mem, c, cm, ev, _eval(leanfm, mem, out / f"eval-{src.name}-in-memory", a))
     print(f"\nthreads {a.threads}; calibration {a.calib_samples} x {a.calib_seqlen} tokens of gensim-wiki; --max-memory {a.max_memory}; "
           f"eval: WikiText-2 test, first {a.eval_tokens} tokens\n")
     print("| model | source | recipe | plan peak | compress peak RSS | measured / plan | compress wall | eval peak RSS | eval wall | ppl | output |")
@@ -100,6 +106,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['source_gb']:.2f} GB {r['dtype']} | {r['recipe']} | {r['planned_gb']:.2f} GB | {r['compress_peak_gb']:.2f} GB | "
               f"{r['ratio']:.2f} | {r['compress_s']:.0f} s | {r['eval_peak_gb']:.2f} GB | {r['eval_s']:.0f} s | {r['ppl']:.3f} | {r['out_gb']:.2f} GB |")
+
+
+def _compare(name: str, recipe: str, on: Path, mem: Path, c_on: dict, c_mem: dict, e_on: dict, e_mem: dict) -> None:
+    print(f"in-memory vs onloaded, {recipe} on {name}: {_same(on, mem)}; perplexity {e_mem['ppl']} vs {e_on['ppl']}; peak RSS "
+          f"{c_mem['peak'] / 1e9:.2f} GB in memory vs {c_on['peak'] / 1e9:.2f} GB onloaded; wall {c_mem['wall']:.0f} s vs {c_on['wall']:.0f} s",
+          flush=True)
 
 
 def _eval(leanfm: str, ck: Path, out: Path, a) -> dict:
