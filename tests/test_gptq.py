@@ -123,6 +123,25 @@ def test_layerwise_runner_reproduces_the_model(make):
     assert torch.allclose(final, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_linears_with_one_input_share_one_hessian():
+    """q/k/v and gate/up see the same input: GPTQ accumulates one Hessian per input, equal to what
+    each linear would have accumulated alone."""
+    model = tiny_llama()
+    ids = torch.randint(3, 250, (3, 24))
+    runner = LayerwiseRunner(model, ids)
+    layer = runner.layers[0]
+    mods = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    shared = runner.collect_inputs(0, mods, lambda m: HessianAccumulator(m.in_features), share_equal_inputs=True)
+    alone = runner.collect_inputs(0, mods, lambda m: HessianAccumulator(m.in_features))
+    a = layer.self_attn
+    assert shared["self_attn.q_proj"] is shared["self_attn.k_proj"] is shared["self_attn.v_proj"]
+    assert shared["mlp.gate_proj"] is shared["mlp.up_proj"]
+    assert len({id(h) for h in shared.values()}) == 4 and len({id(h) for h in alone.values()}) == 7
+    assert a.o_proj is mods["self_attn.o_proj"]
+    for n in mods:
+        assert shared[n].n == alone[n].n == 3 * 24 and torch.equal(shared[n].H, alone[n].H), n
+
+
 def test_gptq_on_tiny_model_packs_layers_and_stays_close():
     model = tiny_llama()
     ids = torch.randint(3, 250, (4, 64))

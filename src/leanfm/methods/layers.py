@@ -143,17 +143,42 @@ class LayerwiseRunner:
             for h in hs:
                 h.remove()
 
-    def collect_inputs(self, i: int, mods: dict[str, nn.Module], make_stat: Callable[[nn.Module], object]) -> dict:
+    def collect_inputs(self, i: int, mods: dict[str, nn.Module], make_stat: Callable[[nn.Module], object],
+                       share_equal_inputs: bool = False) -> dict:
         """Run layer ``i`` on all samples, feeding each module's 2-D input to ``stat.add``;
-        returns ``{name: stat}`` (a Hessian, input norms, activation statistics...)."""
-        stats = {n: make_stat(m) for n, m in mods.items()}
-        handles = capture_inputs(mods, lambda n, x: stats[n].add(x))
+        returns ``{name: stat}`` (a Hessian, input norms, activation statistics...).
+
+        ``share_equal_inputs``: modules whose input on the first sample equals an earlier
+        module's (q/k/v, gate/up) share that module's stat object, fed once per sample (GPTQ: one
+        Hessian for q, k and v; a 7B layer's seven 4096/11008-wide Hessians become four)."""
+        stats: dict = {}
+        leader: dict[str, str] = {}  # module -> the module whose stat it uses
+        first: dict[str, torch.Tensor] = {}  # first-sample inputs of the leaders, while grouping
+
+        def add(n: str, x: torch.Tensor) -> None:
+            if n not in leader:
+                same = [m for m, y in first.items() if y.shape == x.shape and torch.equal(y, x)] if share_equal_inputs else []
+                leader[n] = same[0] if same else n
+                if not same:
+                    stats[n] = make_stat(mods[n])
+                    if share_equal_inputs:
+                        first[n] = x.clone()
+            elif first:
+                first.clear()  # a second sample: the groups are known
+            if leader[n] == n:
+                stats[n].add(x)
+
+        handles = capture_inputs(mods, add)
         try:
             self.run_layer(i)
         finally:
             for h in handles:
                 h.remove()
-        return stats
+            first.clear()
+        for n in mods:  # a module the forward never called: an empty stat, as without sharing
+            if n not in leader:
+                leader[n], stats[n] = n, make_stat(mods[n])
+        return {n: stats[leader[n]] for n in mods}
 
     def input_observer(self, i: int, lin: nn.Module) -> Callable[[], torch.Tensor]:
         """A function that runs layer ``i`` on the first sample and returns ``lin``'s input ``[T, in]``."""

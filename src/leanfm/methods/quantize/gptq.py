@@ -43,7 +43,7 @@ def gptq_layerwise(model: nn.Module, targets: dict, calib: torch.Tensor, grid_of
     def process(i: int, layer: nn.Module) -> None:
         mods = targets_in(layer, targets)
         in_layers.update(mods)
-        hess = runner.collect_inputs(i, mods, lambda m: HessianAccumulator(m.in_features))
+        hess = runner.collect_inputs(i, mods, lambda m: HessianAccumulator(m.in_features), share_equal_inputs=True)
         for n, m in mods.items():
             bits, gs, sym, rounding = grid_of(n)
             pending[n] = gptq_quantize(m.weight.detach(), hess[n].H, bits, gs, sym, damp, block_size, act_order, rounding)

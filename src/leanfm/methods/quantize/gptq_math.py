@@ -76,14 +76,15 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order, roundi
     gs = resolve_group_size(cols, group_size)
     maxq = 2**bits - 1
     W = W.detach().float().clone()
-    H = H.detach().float().clone()
+    H = H.detach().float()  # the caller's (it may serve several linears with one input): copied below, never changed
     # Weights that are exactly zero (pruned by an earlier step) stay zero: their code is the
     # zero point (0 is on every integer grid), and the error of pinning them is compensated by
     # the free weights, as in SparseGPT's fixed-mask OBS update (Frantar & Alistarh, 2023).
     pruned = W == 0
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
+    diag = torch.diag(H).clone()
+    dead = diag == 0
+    diag[dead] = 1.0
     W[:, dead] = 0.0
 
     n_groups = cols // gs
@@ -94,16 +95,20 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order, roundi
         scale_g = torch.zeros(rows, n_groups)
         zero_g = torch.zeros(rows, n_groups)
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols)
     W = W[:, perm]
-    H = H[perm][:, perm]
+    # one working copy of H at a time (a 11008-wide Hessian is 0.48 GB): permuted, or cloned
+    H = H[perm][:, perm] if act_order else H.clone()
+    H.diagonal()[dead[perm]] = 1.0
     pruned = pruned[:, perm]
     any_pruned = bool(pruned.any())
 
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     try:
         L = torch.linalg.cholesky(H)
+        del H
         Hinv = torch.cholesky_inverse(L)
+        del L
         Hinv = torch.linalg.cholesky(Hinv, upper=True)
     except RuntimeError as e:  # not positive definite even after damping
         raise LeanfmError(f"GPTQ Hessian is not positive definite ({e}); raise damp or use more calibration data") from None
