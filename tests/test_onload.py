@@ -17,7 +17,7 @@ from leanfm import cli
 from leanfm.formats.tensorfiles import TensorIndex
 from leanfm.models.checkpoint import save_checkpoint
 from leanfm.onload_compress import compress_onloaded
-from leanfm.recipe import load_recipe
+from leanfm.recipe import load_recipe, parse_recipe
 from tests.conftest import SAMPLE_TEXT, tiny_llama, tiny_tokenizer
 
 
@@ -68,6 +68,31 @@ def test_onloaded_equals_in_memory(sources, tmp_path, source, recipe):
     m0, m1 = leanfm.load(str(tmp_path / "mem"))[0], leanfm.load(str(tmp_path / "onl"))[0]
     x = _ids(1, 16)
     assert torch.equal(m0(x).logits, m1(x).logits)
+
+
+@pytest.mark.parametrize("source,recipe,head", [("bf16", "gptq-w4g64", "lm_head"), ("bf16", "gptq-w4g64+emb8", None),
+                                                ("fp32", "gptq-w4g64", None)])
+def test_an_untied_head_no_step_touches_is_read_after_the_layers(sources, source, recipe, head):
+    """bf16 is saved untied, fp32 tied (the head is the embedding); emb8 changes the outside
+    modules, so the head stays in memory throughout. The plan then has a final phase."""
+    from leanfm.models.onload import Onloaded
+    from leanfm.onload_compress import deferred_head
+    from leanfm.predict.arch import load_arch
+    from leanfm.predict.memory_plan import plan
+
+    r = load_recipe(recipe)
+    assert deferred_head(Onloaded(sources[source]), r) == head
+    assert deferred_head(Onloaded(sources[source]), parse_recipe("name: all\nsteps:\n  - method: rtn\n    skip: []\n")) is None
+    arch = load_arch(str(sources[source]))
+    p = plan(arch, r.steps, 4, 64, 10**6, onload=True, defer_head=head is not None)
+    whole = plan(arch, r.steps, 4, 64, 10**6, onload=True)
+    emb = arch.vocab * arch.hidden * 4
+    if head:
+        assert p.parts["head, at the end"] == emb and p.parts["outside layers"] == whole.parts["outside layers"] - emb
+        steady = sum(v for k, v in p.parts.items() if k != "head, at the end")
+        assert p.total == max(steady, 10**6 + whole.parts["outside layers"]) and p.total <= whole.total
+    else:
+        assert "head, at the end" not in p.parts and p.total == whole.total
 
 
 def test_spilled_activations_give_the_same_codes(sources, tmp_path):

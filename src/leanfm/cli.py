@@ -336,10 +336,15 @@ def _memory_plan(a, recipe, calib, path: str, source: str) -> tuple[bool, dict]:
             check(whole, budget, budget_name, n, seqlen, arch, can_onload=False)  # refused with its own numbers
         if source == "hub":
             raise LeanfmError(f"onloading reads a local checkpoint folder; download {a.model} first (or pass its local folder)")
-        p, onload = plan(arch, recipe.steps, n, seqlen, base, onload=True, source_bytes_per_param=src_bytes), True
+        from .models.onload import Onloaded
+        from .onload_compress import deferred_head
+
+        defer = deferred_head(Onloaded(path), recipe) is not None
+        p, onload = plan(arch, recipe.steps, n, seqlen, base, onload=True, source_bytes_per_param=src_bytes, defer_head=defer), True
         room = budget - (p.total - p.parts.get("calibration activations", 0))  # what activations may hold in memory
         if p.total > budget:
-            least = plan(arch, recipe.steps, n, seqlen, base, onload=True, spill=True, source_bytes_per_param=src_bytes)
+            least = plan(arch, recipe.steps, n, seqlen, base, onload=True, spill=True, source_bytes_per_param=src_bytes,
+                         defer_head=defer)
             if least.total > budget and a.max_memory:
                 raise LeanfmError(f"--max-memory {a.max_memory} is below what one decoder layer needs: at least "
                                   f"{least.total / 1e9:.2f} GB ({least.describe().split(': ', 1)[1]}); raise --max-memory")

@@ -77,6 +77,21 @@ def _per_layer(model: nn.Module, cfg, stream, layers: nn.ModuleList, prefix: str
     return info
 
 
+def deferred_head(src, recipe: Recipe) -> str | None:
+    """The untied head's name when no step of ``recipe`` reads or changes it (it is then loaded
+    only to be written, after the layers), else None."""
+    head = src.untied_head()
+    if head is None:
+        return None
+    for step in recipe.steps:
+        if type(step).onload == "outside":
+            return None
+        targets = getattr(step, "targets", None)
+        if callable(targets) and head in targets(src.model):
+            return None
+    return head
+
+
 def compress_onloaded(path: str | Path, recipe: Recipe, calib: torch.Tensor | None, out: str | Path, tokenizer,
                       overwrite: bool = False, extra_files: dict[str, str] | None = None,
                       activation_budget: int | None = None) -> nn.Module:
@@ -93,7 +108,8 @@ def compress_onloaded(path: str | Path, recipe: Recipe, calib: torch.Tensor | No
     src = Onloaded(path)
     model = src.model
     prefix, layers = _stack_name(model)
-    src.load_outside(prefix)
+    head = deferred_head(src, recipe)
+    src.load_outside(prefix, defer=(head,) if head else ())
     model.leanfm_info = {"name": str(path), "path": str(path), "source": "onloaded", "tokenizer": tokenizer, "steps": [],
                          "source_dtypes": src.source_dtypes}
     for step in recipe.steps:
@@ -114,6 +130,8 @@ def compress_onloaded(path: str | Path, recipe: Recipe, calib: torch.Tensor | No
                 if i not in stream.stored:
                     stream.load_layer(i)
                     stream.store_layer(i, layer)
+            if head:
+                src.load(head)  # no layer is in memory now
             tensors, entries = module_tensors(model, exclude=prefix)
             stream.writer.write("rest", tensors)
             stream.writer.close()

@@ -12,7 +12,9 @@ A :class:`Stream` is what a layer-by-layer method sees while compressing an onlo
 (``model.leanfm_stream``): :class:`leanfm.methods.layers.LayerwiseRunner` asks it to load each
 decoder layer before processing it and, once the layer is final, to write it to the output
 (:class:`leanfm.formats.tensorfiles.ShardWriter`, one file per layer) and release it. Everything outside the layer
-stack (embeddings, final norm, head) is loaded at the start and written at the end.
+stack (embeddings, final norm) is loaded at the start and written at the end; an untied head that
+no step changes is read only at the end, when no layer is in memory (for a 7B-shaped model with a
+49k vocabulary that is 0.8 GB less at the peak).
 """
 from __future__ import annotations
 
@@ -83,11 +85,22 @@ class Onloaded:
             src = self.model.get_submodule(src_owner)._parameters[src_leaf]
             self.model.get_submodule(owner)._parameters[leaf] = src
 
-    def load_outside(self, prefix: str) -> None:
+    def untied_head(self) -> str | None:
+        """The module name of the output head when it has weights of its own (not tied to the
+        embedding), else None."""
+        head = self.model.get_output_embeddings()
+        if head is None:
+            return None
+        name = next((n for n, m in self.model.named_modules() if m is head), None)
+        return None if name is None or f"{name}.weight" in self.tied else name
+
+    def load_outside(self, prefix: str, defer: tuple[str, ...] = ()) -> None:
         """Fill every parameter outside the module at ``prefix`` (the decoder stack): embeddings,
-        final norm, head."""
+        final norm, head; modules named in ``defer`` stay meta (``load`` them when needed)."""
         for owner_name, mod in self.model.named_modules():
             if owner_name == prefix or owner_name.startswith(prefix + "."):
+                continue
+            if any(owner_name == d or owner_name.startswith(d + ".") for d in defer):
                 continue
             for pname in list(mod._parameters):
                 full = f"{owner_name}.{pname}" if owner_name else pname

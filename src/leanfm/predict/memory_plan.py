@@ -5,8 +5,8 @@ transformers, the tokenizer; measured, not predicted), the largest set of tensor
 
 - **in memory**: the whole model in fp32, plus the working set below for one layer;
 - **onloaded** (one decoder layer in RAM): the modules outside the decoder stack in fp32
-  (embeddings, final norm, an untied head), one decoder layer in fp32, and the largest tensor
-  read from the file in its stored dtype before the upcast;
+  (embeddings, final norm, an untied head unless it is read only at the end), one decoder layer
+  in fp32, and the largest tensor read from the file in its stored dtype before the upcast;
 - both: the calibration activations of one layer (its inputs and outputs for every sample,
   ``2 x samples x seqlen x hidden x 4`` bytes; or two samples when they are spilled to disk), the
   transients of one layer's forward on one sample (the MLP's intermediate activations, q/k/v and
@@ -32,14 +32,17 @@ class MemoryPlan:
     spilled: bool = False
 
     transient: tuple[str, ...] = ()  # parts alive only while loading, before any layer is processed
+    final: tuple[str, ...] = ()  # parts alive only at the end, once no layer is in memory
 
     @property
     def total(self) -> int:
-        """Peak: the larger of the loading phase (base, resident modules, the read buffer) and the
-        layer phase (everything but the read buffer)."""
-        steady = sum(v for k, v in self.parts.items() if k not in self.transient)
+        """Peak: the largest of the loading phase (base, resident modules, the read buffer), the
+        layer phase (everything but the read buffer and the final parts) and the final phase
+        (base, resident modules, the final parts and their read buffer)."""
+        steady = sum(v for k, v in self.parts.items() if k not in self.transient + self.final)
         loading = sum(v for k, v in self.parts.items() if k in ("base", "outside layers", *self.transient))
-        return max(steady, loading)
+        final = loading + sum(v for k, v in self.parts.items() if k in self.final)
+        return max(steady, loading, final if self.final else 0)
 
     def describe(self) -> str:
         shown = ", ".join(f"{k} {v / GB:.2f}" for k, v in self.parts.items() if v >= 0.005 * GB)
@@ -51,20 +54,25 @@ def _layer_bytes(arch) -> int:
     return (lin + arch.norms_per_layer * arch.hidden) * 4
 
 
-def _outside_bytes(arch) -> int:
+def _outside_bytes(arch, head: bool = True) -> int:
     emb = arch.vocab * arch.hidden * 4
-    return emb * (1 if arch.tie else 2) + arch.hidden * 4
+    return emb * (1 if arch.tie or not head else 2) + arch.hidden * 4
 
 
 def plan(arch, steps: list, samples: int, seqlen: int, base: int, onload: bool, spill: bool = False,
-         source_bytes_per_param: int = 4) -> MemoryPlan:
+         source_bytes_per_param: int = 4, defer_head: bool = False) -> MemoryPlan:
     """The plan of one compress run (``steps``: the recipe's configs; ``samples x seqlen``: the
-    calibration, ``samples=0`` when no step calibrates)."""
+    calibration, ``samples=0`` when no step calibrates; ``defer_head``: an onloaded run reads its
+    untied head only after the layers)."""
     linears = [(i, o) for _, i, o, _ in arch.linears()]
     p = MemoryPlan("onloaded" if onload else "in-memory", spilled=spill)
     p.parts["base"] = base
     if onload:
-        p.parts["outside layers"] = _outside_bytes(arch)
+        defer = defer_head and not arch.tie
+        p.parts["outside layers"] = _outside_bytes(arch, head=not defer)
+        if defer:
+            p.parts["head, at the end"] = arch.vocab * arch.hidden * 4
+            p.final = ("head, at the end",)
         p.parts["one layer"] = _layer_bytes(arch)
         if source_bytes_per_param != 4:  # a bf16/fp16 tensor is read, then upcast: both alive for a moment
             p.parts["read buffer"] = max(i * o for i, o in linears + [(arch.vocab, arch.hidden)]) * source_bytes_per_param
