@@ -228,3 +228,15 @@ def test_a_configuration_that_needs_every_layer_first_is_refused_onloaded(source
                      "--onload", "always", "--calib-dataset", str(sources["text"]), "--calib-samples", "2", "--calib-seqlen", "32"])
     err = capsys.readouterr().err
     assert code == 2 and "allocation: uniform to compress onloaded" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_plan_counts_one_gptq_hessian_per_distinct_input():
+    from leanfm.methods.quantize.decl import GPTQConfig
+    from leanfm.predict.arch import load_arch
+
+    arch = load_arch("llama-2-7b")
+    lin = [(i, o) for _, i, o, _ in arch.linears()]
+    assert arch.layer_inputs() == [4096, 4096, 4096, 11008]
+    cfg = GPTQConfig(bits=4, group_size=128)
+    # k and v share q's Hessian, up shares gate's: three 4096 x 4096 fp32 matrices fewer
+    assert cfg.layer_work_bytes(lin) - cfg.layer_work_bytes(lin, arch.layer_inputs()) == 3 * 4096 * 4096 * 4

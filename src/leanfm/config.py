@@ -66,9 +66,10 @@ class BaseConfig:
         """Why this configuration cannot run onloaded although its method can (None: it can)."""
         return None
 
-    def layer_work_bytes(self, linears: list[tuple[int, int]]) -> int:
+    def layer_work_bytes(self, linears: list[tuple[int, int]], inputs: list[int] | None = None) -> int:
         """Peak bytes the step's algorithm holds while it processes one decoder layer whose linears
-        are ``[(in_features, out_features), ...]``, beyond the layer's fp32 weights and the
+        are ``[(in_features, out_features), ...]`` and whose distinct inputs (q/k/v share one)
+        have the widths ``inputs`` (None: one per linear), beyond the layer's fp32 weights and the
         calibration activations (the memory plan of ``leanfm compress``). Default: none."""
         return 0
 

@@ -72,6 +72,11 @@ class Arch:
         out += [("up_proj", h, self.intermediate, self.mlp_bias), ("down_proj", self.intermediate, h, self.mlp_bias)]
         return out
 
+    def layer_inputs(self) -> list[int]:
+        """Widths of the distinct inputs of one decoder layer's linears: q/k/v share the normed
+        hidden state, gate/up the second one; o and down have their own."""
+        return [self.hidden, self.heads * self.head_dim, self.hidden, self.intermediate]
+
     @staticmethod
     def module_name(layer: int, short: str) -> str:
         """The Hugging Face (Llama-style) qualified name that recipe ``skip``/``only`` patterns see."""

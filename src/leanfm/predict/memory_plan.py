@@ -83,7 +83,7 @@ def plan(arch, steps: list, samples: int, seqlen: int, base: int, onload: bool, 
         act = seqlen * arch.hidden * 4
         p.parts["calibration activations"] = 2 * act * (1 if spill else samples)
         p.parts["layer forward"] = seqlen * (3 * arch.intermediate + 4 * arch.heads * arch.head_dim) * 4
-    p.parts["method"] = max((s.layer_work_bytes(linears) for s in steps), default=0)
+    p.parts["method"] = max((s.layer_work_bytes(linears, arch.layer_inputs()) for s in steps), default=0)
     return p
 
 

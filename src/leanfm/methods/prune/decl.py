@@ -191,7 +191,7 @@ class SparseGPTConfig(PruneConfig):
     group_size: int | None = None
     symmetric: bool = True
 
-    def layer_work_bytes(self, linears: list[tuple[int, int]]) -> int:
+    def layer_work_bytes(self, linears: list[tuple[int, int]], inputs: list[int] | None = None) -> int:
         # as GPTQ: one fp32 Hessian [in, in] per linear of the layer, then the solve of one
         return sum(i * i for i, _ in linears) * 4 + max(i * i * 4 * 2 + i * o * 4 * 3 for i, o in linears)
 

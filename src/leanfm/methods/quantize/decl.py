@@ -73,7 +73,7 @@ class WeightQuantConfig(BaseConfig):
 
         check_layers(self, model)
 
-    def layer_work_bytes(self, linears: list[tuple[int, int]]) -> int:
+    def layer_work_bytes(self, linears: list[tuple[int, int]], inputs: list[int] | None = None) -> int:
         # the layer's uint8 codes until packed, its packed copy, and one fp32 weight being rounded
         return sum(i * o for i, o in linears) * 2 + max(i * o for i, o in linears) * 4 * 2
 
@@ -171,13 +171,14 @@ class GPTQConfig(BlockGridConfig):
         super().validate()
         check_obs_params(self.damp, self.block_size)
 
-    def layer_work_bytes(self, linears: list[tuple[int, int]]) -> int:
-        # Frantar et al. (2023) Alg. 1: one fp32 Hessian [in, in] per linear of the layer, all
-        # collected before the first is solved; solving one adds its inverse's Cholesky factor,
-        # a working copy of W and the block errors (~2 x W)
-        hessians = sum(i * i for i, _ in linears) * 4
+    def layer_work_bytes(self, linears: list[tuple[int, int]], inputs: list[int] | None = None) -> int:
+        # Frantar et al. (2023) Alg. 1: one fp32 Hessian [in, in] per distinct input of the layer
+        # (linears fed the same input share it), all collected before the first is solved;
+        # solving one adds its inverse's Cholesky factor, a working copy of W and the block
+        # errors (~2 x W)
+        hessians = sum(i * i for i in (inputs if inputs is not None else [i for i, _ in linears])) * 4
         solve = max(i * i * 4 * 2 + i * o * 4 * 3 for i, o in linears)
-        return hessians + solve + super().layer_work_bytes(linears)
+        return hessians + solve + super().layer_work_bytes(linears, inputs)
 
 
 @dataclass
@@ -208,11 +209,11 @@ class AWQConfig(BlockGridConfig):
         if self.n_grid < 1 or self.scale_tokens < 1 or self.clip_tokens < 1:
             raise LeanfmError("awq needs n_grid, scale_tokens and clip_tokens >= 1")
 
-    def layer_work_bytes(self, linears: list[tuple[int, int]]) -> int:
+    def layer_work_bytes(self, linears: list[tuple[int, int]], inputs: list[int] | None = None) -> int:
         # sampled inputs of each linear (scale_tokens rows) and, per grid point of the scale
         # search, a scaled and a rounded copy of the largest group's weights
         x = sum(self.scale_tokens * i * 4 for i, _ in linears)
-        return x + max(i * o for i, o in linears) * 4 * 3 + super().layer_work_bytes(linears)
+        return x + max(i * o for i, o in linears) * 4 * 3 + super().layer_work_bytes(linears, inputs)
 
 
 @dataclass
