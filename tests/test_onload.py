@@ -236,7 +236,12 @@ def test_the_plan_counts_one_gptq_hessian_per_distinct_input():
 
     arch = load_arch("llama-2-7b")
     lin = [(i, o) for _, i, o, _ in arch.linears()]
-    assert arch.layer_inputs() == [4096, 4096, 4096, 11008]
+    assert arch.layer_inputs() == [0, 0, 0, 1, 2, 2, 3]
     cfg = GPTQConfig(bits=4, group_size=128)
-    # k and v share q's Hessian, up shares gate's: three 4096 x 4096 fp32 matrices fewer
-    assert cfg.layer_work_bytes(lin) - cfg.layer_work_bytes(lin, arch.layer_inputs()) == 3 * 4096 * 4096 * 4
+    h, f = 4096, 11008
+    # the peak is down_proj's solve: only its own Hessian is left, two f x f working matrices,
+    # 3 x its fp32 weight and the codes of the whole layer
+    codes = sum(i * o for i, o in lin)
+    assert cfg.layer_work_bytes(lin, arch.layer_inputs()) == f * f * 4 * 3 + f * h * 4 * 3 + codes
+    # without sharing: the first linear's solve would hold seven Hessians, q/k/v's among them
+    assert cfg.layer_work_bytes(lin) >= 6 * h * h * 4 + f * f * 4

@@ -68,9 +68,10 @@ class BaseConfig:
 
     def layer_work_bytes(self, linears: list[tuple[int, int]], inputs: list[int] | None = None) -> int:
         """Peak bytes the step's algorithm holds while it processes one decoder layer whose linears
-        are ``[(in_features, out_features), ...]`` and whose distinct inputs (q/k/v share one)
-        have the widths ``inputs`` (None: one per linear), beyond the layer's fp32 weights and the
-        calibration activations (the memory plan of ``leanfm compress``). Default: none."""
+        are ``[(in_features, out_features), ...]`` in the order they run, ``inputs[j]`` naming
+        the input linear ``j`` reads (equal for linears fed the same tensor, as q/k/v; None: one
+        input each), beyond the layer's fp32 weights and the calibration activations (the memory
+        plan of ``leanfm compress``). Default: none."""
         return 0
 
     def to_dict(self) -> dict[str, Any]:

@@ -73,9 +73,9 @@ class Arch:
         return out
 
     def layer_inputs(self) -> list[int]:
-        """Widths of the distinct inputs of one decoder layer's linears: q/k/v share the normed
+        """For each of :meth:`linears`, which distinct input it reads: q/k/v share the normed
         hidden state, gate/up the second one; o and down have their own."""
-        return [self.hidden, self.heads * self.head_dim, self.hidden, self.intermediate]
+        return [0, 0, 0, 1] + ([2, 2, 3] if self.gated_mlp else [2, 3])
 
     @staticmethod
     def module_name(layer: int, short: str) -> str:

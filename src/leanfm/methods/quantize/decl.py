@@ -173,12 +173,19 @@ class GPTQConfig(BlockGridConfig):
 
     def layer_work_bytes(self, linears: list[tuple[int, int]], inputs: list[int] | None = None) -> int:
         # Frantar et al. (2023) Alg. 1: one fp32 Hessian [in, in] per distinct input of the layer
-        # (linears fed the same input share it), all collected before the first is solved;
-        # solving one adds its inverse's Cholesky factor, a working copy of W and the block
-        # errors (~2 x W)
-        hessians = sum(i * i for i in (inputs if inputs is not None else [i for i, _ in linears])) * 4
-        solve = max(i * i * 4 * 2 + i * o * 4 * 3 for i, o in linears)
-        return hessians + solve + super().layer_work_bytes(linears, inputs)
+        # (linears fed the same input share it), all collected before the first is solved and
+        # each freed once its last linear is solved. Solving linear j holds the Hessians not yet
+        # freed, two [in, in] working matrices (H's copy, then its Cholesky factors), about 3 x W
+        # (its copy, the permuted copy, the block errors) and the uint8 codes of linears 0..j.
+        # Packing comes after, when the Hessians are gone (the base class's term).
+        groups = list(inputs) if inputs is not None else list(range(len(linears)))
+        width = {g: i for (i, _), g in zip(linears, groups)}
+        solve = 0
+        for j, (i, o) in enumerate(linears):
+            alive = sum(width[g] ** 2 for g in set(groups[j:])) * 4
+            codes = sum(a * b for a, b in linears[: j + 1])
+            solve = max(solve, alive + i * i * 4 * 2 + i * o * 4 * 3 + codes)
+        return max(solve, super().layer_work_bytes(linears, inputs))
 
 
 @dataclass
