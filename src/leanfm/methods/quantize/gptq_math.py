@@ -60,14 +60,13 @@ def gptq_quantize(
     """
     check_bits(bits)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of tiny per-column ops: thread wake-ups cost more than they save
     try:
-        return _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order, rounding)
+        return _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order, rounding, threads)
     finally:
         torch.set_num_threads(threads)
 
 
-def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order, rounding) -> QuantizedWeight:
+def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order, rounding, threads: int = 1) -> QuantizedWeight:
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
         raise LeanfmError(f"GPTQ needs W [out, in] and H [in, in]; got {tuple(W.shape)} and {tuple(H.shape)}")
     if not 0 <= damp < 1:
@@ -114,32 +113,39 @@ def _gptq(W, H, bits, group_size, symmetric, damp, block_size, act_order, roundi
         raise LeanfmError(f"GPTQ Hessian is not positive definite ({e}); raise damp or use more calibration data") from None
 
     fractional = rounding == "llama.cpp" and not symmetric
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
     group_of = perm // gs  # group of each (permuted) column in the original layout
+    codes_t = torch.zeros(cols, rows, dtype=torch.uint8)  # one row per column: written whole
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2].clone()
+        # the block transposed, so that column i of W is the contiguous row W1[i] and the OBS
+        # update of the remaining columns is a rank-1 update of contiguous rows (4x faster here
+        # than on the strided columns of W)
+        W1 = W[:, i1:i2].t().contiguous()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        # the columns: hundreds of tiny ops, where thread wake-ups cost more than they save; the
+        # factorizations above and the block update below are large and keep every thread
+        torch.set_num_threads(1)
         for i in range(i2 - i1):
             c = i1 + i
             g = int(group_of[c])
             if not static and c % gs == 0:
                 # grid for this group from the (already error-compensated) columns c..c+gs
-                block = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
+                block = torch.cat([W1[i:].t(), W[:, i2 : i2 + gs]], dim=1)[:, :gs]
                 s, z = grid_qparams(block, bits, gs, symmetric, rounding)
                 scale_g[:, g], zero_g[:, g] = s[:, 0], z[:, 0]
-            w = W1[:, i]
+            w = W1[i]
             d = Hinv1[i, i]
             q = _quant_col(w, scale_g[:, g], zero_g[:, g], maxq, fractional)
             if any_pruned:  # (with a fractional zero point: its nearest code)
                 q = torch.where(pruned[:, c], torch.round(zero_g[:, g]).clamp(0, maxq), q)
-            codes[:, c] = q.to(torch.uint8)
+            codes_t[c] = q.to(torch.uint8)
             dq = scale_g[:, g] * (q - zero_g[:, g])
             err = (w - dq) / d
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1.0)  # W[:, j] -= err * Hinv[i, j] for j >= i, in place
+            Err1[i] = err
+        torch.set_num_threads(threads)
+        W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
 
     inv = torch.argsort(perm)
-    return QuantizedWeight(codes[:, inv].contiguous(), scale_g, zero_g, bits, gs)
+    return QuantizedWeight(codes_t[inv].t().contiguous(), scale_g, zero_g, bits, gs)
