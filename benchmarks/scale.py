@@ -82,8 +82,7 @@ def main() -> None:
         planned = float(re.search(r"planned ([0-9.]+) GB", c["out"]).group(1)) * 1e9
         ev = _eval(leanfm, ck, out / f"eval-{src.name}", a)
         size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
-        cfg = json.loads((src / "config.json").read_text())
-        rows.append({"model": name, "source_gb": size / 1e9, "dtype": cfg.get("torch_dtype") or cfg.get("dtype"), "recipe": recipe,
+        rows.append({"model": name, "source_gb": size / 1e9, "dtype": _stored_dtypes(src), "recipe": recipe,
                      "planned_gb": planned / 1e9, "compress_peak_gb": c["peak"] / 1e9, "ratio": c["peak"] / planned,
                      "compress_s": c["wall"], "eval_peak_gb": ev["peak"] / 1e9, "eval_s": ev["wall"], "ppl": ev["ppl"],
                      "out_gb": sum(f.stat().st_size for f in ck.glob("*.safetensors")) / 1e9})
@@ -106,6 +105,14 @@ def main() -> None:
     for r in rows:
         print(f"| {r['model']} | {r['source_gb']:.2f} GB {r['dtype']} | {r['recipe']} | {r['planned_gb']:.2f} GB | {r['compress_peak_gb']:.2f} GB | "
               f"{r['ratio']:.2f} | {r['compress_s']:.0f} s | {r['eval_peak_gb']:.2f} GB | {r['eval_s']:.0f} s | {r['ppl']:.3f} | {r['out_gb']:.2f} GB |")
+
+
+def _stored_dtypes(path: Path) -> str:
+    """The dtypes of the stored tensors (config.json's ``dtype`` may say otherwise)."""
+    from leanfm.formats.tensorfiles import TensorIndex
+
+    idx = TensorIndex(path)
+    return "/".join(sorted({str(idx.dtype(n)).replace("torch.", "") for n in idx.names()}))
 
 
 def _compare(name: str, recipe: str, on: Path, mem: Path, c_on: dict, c_mem: dict, e_on: dict, e_mem: dict) -> None:
