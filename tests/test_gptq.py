@@ -133,11 +133,9 @@ def test_linears_with_one_input_share_one_hessian():
     mods = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     shared = runner.collect_inputs(0, mods, lambda m: HessianAccumulator(m.in_features), share_equal_inputs=True)
     alone = runner.collect_inputs(0, mods, lambda m: HessianAccumulator(m.in_features))
-    a = layer.self_attn
     assert shared["self_attn.q_proj"] is shared["self_attn.k_proj"] is shared["self_attn.v_proj"]
     assert shared["mlp.gate_proj"] is shared["mlp.up_proj"]
     assert len({id(h) for h in shared.values()}) == 4 and len({id(h) for h in alone.values()}) == 7
-    assert a.o_proj is mods["self_attn.o_proj"]
     for n in mods:
         assert shared[n].n == alone[n].n == 3 * 24 and torch.equal(shared[n].H, alone[n].H), n
 

@@ -287,7 +287,7 @@ def cmd_compress(a) -> int:
     if onload:
         from .onload_compress import compress_onloaded
 
-        model = compress_onloaded(path, recipe, ids, out, tok, a.overwrite, extra, activation_budget=mem["activation_budget"])
+        model = compress_onloaded(mem["onloaded"], recipe, ids, out, tok, a.overwrite, extra, activation_budget=mem["activation_budget"])
     else:
         from .api import apply_, load
         from .models.checkpoint import save_checkpoint
@@ -339,7 +339,8 @@ def _memory_plan(a, recipe, calib, path: str, source: str) -> tuple[bool, dict]:
         from .models.onload import Onloaded
         from .onload_compress import deferred_head
 
-        defer = deferred_head(Onloaded(path), recipe) is not None
+        src = Onloaded(path)  # the skeleton and file headers, read once for the plan and the run
+        defer = deferred_head(src, recipe) is not None
         p, onload = plan(arch, recipe.steps, n, seqlen, base, onload=True, source_bytes_per_param=src_bytes, defer_head=defer), True
         room = budget - (p.total - p.parts.get("calibration activations", 0))  # what activations may hold in memory
         if p.total > budget:
@@ -352,7 +353,7 @@ def _memory_plan(a, recipe, calib, path: str, source: str) -> tuple[bool, dict]:
     print(p.describe(), f"(budget {budget / 1e9:.2f} GB: {budget_name})")
     check(p, budget, budget_name, n, seqlen, arch, can_onload=not why)
     act_room = room if onload else None
-    return onload, {"path": path, "planned": p.total, "activation_budget": act_room}
+    return onload, {"path": path, "planned": p.total, "activation_budget": act_room, "onloaded": src if onload else None}
 
 
 def _onload_format(fmt: str) -> str:

@@ -92,11 +92,12 @@ def deferred_head(src, recipe: Recipe) -> str | None:
     return head
 
 
-def compress_onloaded(path: str | Path, recipe: Recipe, calib: torch.Tensor | None, out: str | Path, tokenizer,
+def compress_onloaded(path: "str | Path | Onloaded", recipe: Recipe, calib: torch.Tensor | None, out: str | Path, tokenizer,
                       overwrite: bool = False, extra_files: dict[str, str] | None = None,
                       activation_budget: int | None = None) -> nn.Module:
     """Apply ``recipe`` to the checkpoint folder ``path`` one layer at a time, writing to ``out``.
-    Returns the model skeleton (its steps recorded in ``leanfm_info``; the layers are on disk)."""
+    Returns the model skeleton (its steps recorded in ``leanfm_info``; the layers are on disk).
+    ``path`` may be an :class:`~leanfm.models.onload.Onloaded` already opened (e.g. for the plan)."""
     from .api import apply_
     from .kernels.checkpoint import module_tensors, write_manifest
     from .models.checkpoint import partial_folder
@@ -105,7 +106,8 @@ def compress_onloaded(path: str | Path, recipe: Recipe, calib: torch.Tensor | No
     why = unsupported(recipe)
     if why:
         raise LeanfmError(f"cannot compress onloaded: {why}")
-    src = Onloaded(path)
+    src = path if isinstance(path, Onloaded) else Onloaded(path)
+    path = src.path
     model = src.model
     prefix, layers = _stack_name(model)
     head = deferred_head(src, recipe)

@@ -157,7 +157,7 @@ class LayerwiseRunner:
 
         def add(n: str, x: torch.Tensor) -> None:
             if n not in leader:
-                same = [m for m, y in first.items() if y.shape == x.shape and torch.equal(y, x)] if share_equal_inputs else []
+                same = [m for m, y in first.items() if equal_inputs(y, x)] if share_equal_inputs else []
                 leader[n] = same[0] if same else n
                 if not same:
                     stats[n] = make_stat(mods[n])
@@ -223,12 +223,17 @@ def targets_in(layer: nn.Module, targets: dict[str, nn.Module]) -> dict[str, nn.
     return {n: m for n, m in targets.items() if id(m) in inside}
 
 
+def equal_inputs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two recorded inputs are the same input (q/k/v, gate/up read one tensor): same shape and values."""
+    return a.shape == b.shape and torch.equal(a, b)
+
+
 def group_by_input(seen: dict[str, torch.Tensor]) -> list[list[str]]:
     """Names whose recorded inputs are identical (e.g. q/k/v, gate/up), in first-seen order."""
     groups: list[list[str]] = []
     for n, x in seen.items():
         for g in groups:
-            if seen[g[0]].shape == x.shape and torch.equal(seen[g[0]], x):
+            if equal_inputs(seen[g[0]], x):
                 g.append(n)
                 break
         else:
