@@ -45,3 +45,25 @@ def fix_mmap_threshold(nbytes: int = DEFAULT_THRESHOLD) -> int | None:
 def mmap_threshold() -> int | None:
     """The threshold :func:`fix_mmap_threshold` pinned in this process, or None (glibc's dynamic default)."""
     return _set
+
+
+def trim_heap() -> bool:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim(0)``, which also releases
+    whole free pages inside the heap, not just at its top). A loader that unpacks each layer into
+    transients between the long-lived tensors it keeps calls this per layer, so the holes those
+    transients leave do not stay resident. Returns False where the C library is not glibc."""
+    global _trim
+    if _trim is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _trim = libc.malloc_trim
+            _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
+        except (OSError, AttributeError):
+            _trim = False
+    if not _trim:
+        return False
+    _trim(0)
+    return True
+
+
+_trim = None

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..allocator import trim_heap
 from ..errors import LeanfmError
 from ..formats.quantized import QuantizedWeight
 from ..formats.tensorfiles import REWRITE_HINT, check_safetensors  # noqa: F401 - re-exported for the loaders
@@ -282,6 +283,7 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
                 set_module(model, spec["tied_head"], layer)
         else:
             set_module(model, name, layer)
+        trim_heap()  # the unpacked codes were transients between kept buffers: give their pages back
     tensors = {n: index.read(n, torch.float32 if index.dtype(n).is_floating_point else None) for n in index.names() if n not in used}
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..allocator import trim_heap
 from ..formats.quantized import QuantizedWeight
 from . import backends as B
 from .qlinear import LayoutInfo, QuantLinear, is_symmetric
@@ -29,13 +30,9 @@ from .qlinear import LayoutInfo, QuantLinear, is_symmetric
 class FusedGroup(nn.Module):
     """Holds the concatenated packed weights of a group of linears (not saved in state dicts)."""
 
-    def __init__(self, members: list[QuantLinear], qws: list[QuantizedWeight], backend: str):
+    def __init__(self, members: list[QuantLinear], fused: QuantLinear):
         super().__init__()
-        fused = QuantizedWeight(
-            torch.cat([q.codes for q in qws]), torch.cat([q.scale for q in qws]), torch.cat([q.zero for q in qws]),
-            qws[0].bits, qws[0].group_size,
-        )
-        self.fused = QuantLinear(fused, None, backend, persistent=False)
+        self.fused = fused
         self.sizes = [m.out_features for m in members]
         self._x: torch.Tensor | None = None
         self._ver = None
@@ -115,6 +112,36 @@ def _shared_input_groups(model: nn.Module, candidates: dict[str, QuantLinear]) -
     return [g for g in groups if len(g) > 1]
 
 
+def _concat_packed(ms: list[QuantLinear]) -> QuantLinear | None:
+    """The members' buffers concatenated along the output rows, where their one backend keeps
+    every buffer row-first with the same dtypes: exact, and no unpacked codes in memory (unpacking
+    a 7B layer's gate/up to concatenate them took ~0.5 GB at once)."""
+    a = ms[0]
+    be, bufs = a.backend, [m._bufs() for m in ms]
+    if not be.rows_first or any(m.backend is not be or list(b) != list(bufs[0]) for m, b in zip(ms, bufs)):
+        return None
+    if any(m.layout.bits != a.layout.bits or m.layout.group_size != a.layout.group_size or m.in_features != a.in_features for m in ms):
+        return None
+    if any(b[k].dtype != bufs[0][k].dtype or b[k].shape[1:] != bufs[0][k].shape[1:] for b in bufs for k in b):
+        return None
+    lay = B.Layout(a.bits, a.group_size, a.in_features, sum(m.out_features for m in ms))
+    sym = all(bool((b["zero"] == 2 ** (a.bits - 1)).all()) for b in bufs)
+    if be.unsupported(lay, sym) is not None:
+        return None
+    return QuantLinear.from_packed({k: torch.cat([b[k] for b in bufs]) for k in bufs[0]}, lay, be, persistent=False)
+
+
+def _concat_unpacked(ms: list[QuantLinear]) -> QuantLinear | None:
+    """The members' codes unpacked, concatenated and packed again for the fused shape's backend."""
+    qws = [m.quantized_weight() for m in ms]  # unpacked once: symmetry check and concatenation
+    backend = _fused_backend(ms, qws)
+    if backend is None:
+        return None
+    fused = QuantizedWeight(torch.cat([q.codes for q in qws]), torch.cat([q.scale for q in qws]), torch.cat([q.zero for q in qws]),
+                            qws[0].bits, qws[0].group_size)
+    return QuantLinear(fused, None, backend, persistent=False)
+
+
 def _fused_backend(ms: list[QuantLinear], qws: list[QuantizedWeight]) -> str | None:
     """Backend for the concatenated weights, or None when the members cannot be fused.
 
@@ -147,19 +174,25 @@ def fuse_shared_inputs(model: nn.Module) -> int:
         return 0  # an onloaded model (layers on disk) cannot run the probe; its checkpoint is fused when loaded
     made = 0
     for names in _shared_input_groups(model, cands):
-        parents = {n.rpartition(".")[0] for n in names}
-        members = [cands[n] for n in names]
-        if len(parents) != 1:
-            continue
-        qws = [m.quantized_weight() for m in members]  # unpacked once: symmetry check and concatenation
-        backend = _fused_backend(members, qws)
-        if backend is None:
-            continue
-        parent = model.get_submodule(parents.pop())
-        children = [n.rpartition(".")[2] for n in names]
-        group = FusedGroup(members, qws, backend)
-        parent.add_module("fused_" + "_".join(children), group)
-        for i, (child, m) in enumerate(zip(children, members)):
-            setattr(parent, child, FusedSlice(group, i, m))
-        made += 1
+        # the members leave ``cands`` here and live only in the helper's frame: their own packed
+        # buffers are freed as soon as their group replaces them, not after the last group
+        made += _fuse_group(model, names, [cands.pop(n) for n in names])
+        trim_heap()  # the unpacked codes were transients between kept buffers
     return made
+
+
+def _fuse_group(model: nn.Module, names: list[str], members: list[QuantLinear]) -> bool:
+    """Replace ``members`` (siblings under one parent) by one :class:`FusedGroup`; False when they cannot be fused."""
+    parents = {n.rpartition(".")[0] for n in names}
+    if len(parents) != 1:
+        return False
+    fused = _concat_packed(members) or _concat_unpacked(members)
+    if fused is None:
+        return False
+    parent = model.get_submodule(parents.pop())
+    children = [n.rpartition(".")[2] for n in names]
+    group = FusedGroup(members, fused)
+    parent.add_module("fused_" + "_".join(children), group)
+    for i, (child, m) in enumerate(zip(children, members)):
+        setattr(parent, child, FusedSlice(group, i, m))
+    return True

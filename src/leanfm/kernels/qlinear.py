@@ -50,6 +50,19 @@ class QuantLinear(LayoutInfo, nn.Module):
             self._names.append(k)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
 
+    @classmethod
+    def from_packed(cls, bufs: dict[str, torch.Tensor], layout: "B.Layout", backend: "B.Backend",
+                    bias: torch.Tensor | None = None, persistent: bool = True) -> "QuantLinear":
+        """A layer over buffers already in ``backend``'s storage layout (no unpacking, no copy)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.layout, self.in_features, self.out_features = layout, layout.in_features, layout.out_features
+        self.backend, self._names = backend, list(bufs)
+        for k, v in bufs.items():
+            self.register_buffer(k, v, persistent=persistent)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        return self
+
     def _bufs(self) -> dict[str, torch.Tensor]:
         return {k: getattr(self, k) for k in self._names}
 
