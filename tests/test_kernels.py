@@ -111,9 +111,12 @@ def _need(backend):
             pytest.skip(f"cpp-int4 unavailable on this machine: {op}")
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("backend,bits,group,sym", CASES)
-def test_backend_unpacks_exactly_and_matches_reference(backend, bits, group, sym):
+def test_backend_unpacks_exactly_and_matches_reference(backend, bits, group, sym, chunked, monkeypatch):
     _need(backend)
+    if chunked:  # the dense path in pieces of 40 output rows (40, 40, 16) where the layout allows
+        monkeypatch.setattr(backends, "DENSE_CHUNK", 40 * 576)
     torch.manual_seed(0)
     w = torch.randn(96, 576)
     qw = rtn_quantize(w, bits, group, sym)

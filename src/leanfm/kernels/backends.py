@@ -27,12 +27,14 @@ from ..formats.quantized import QuantizedWeight, dequantize
 from . import cpp_int4, packing
 
 DECODE_MAX_TOKENS = 16
+DENSE_CHUNK = 1 << 23  # weights dequantized at once on the dense path (32 MiB of fp32)
 
 
 class Backend:
     name = ""
     kernel = ""
     act_dtype = torch.bfloat16  # what the decode kernel reads
+    rows_first = True  # every packed buffer has the output rows in dim 0 (slicing rows is a view)
 
     def unsupported(self, lay: Layout, symmetric: bool) -> str | None:
         """Why this backend cannot run the layout (None when it can): the shape rules of
@@ -52,7 +54,18 @@ class Backend:
         return dequantize(self.codes(bufs, lay), bufs["scale"], bufs["zero"].float(), lay.group_size)
 
     def forward(self, x: torch.Tensor, bufs: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
-        return F.linear(x, self.dequantize(bufs, lay).to(x.dtype))
+        """Dequantize to fp32 and multiply densely. A backend whose buffers all keep output rows
+        in dim 0 (``rows_first``) does it ``DENSE_CHUNK`` weights at a time, so the transient is
+        bounded: whole, a 7B model's fused gate/up (22016 x 4096) took ~1.5 GB of dequantize
+        temporaries at once, more than its packed layers' share of a 6 GB budget."""
+        step = max(1, DENSE_CHUNK // lay.in_features)
+        if not self.rows_first or lay.out_features <= step:
+            return F.linear(x, self.dequantize(bufs, lay).to(x.dtype))
+        out = x.new_empty(*x.shape[:-1], lay.out_features)
+        for start in range(0, lay.out_features, step):
+            rows = {k: v[start: start + step] for k, v in bufs.items()}  # views: no copy
+            out[..., start: start + step] = F.linear(x, self.dequantize(rows, lay).to(x.dtype))
+        return out
 
     def _decode_kernel(self, x2: torch.Tensor, bufs: dict[str, torch.Tensor], lay: Layout) -> torch.Tensor:
         raise NotImplementedError
@@ -93,6 +106,8 @@ class TinyGemmInt4(Backend):
     name = "tinygemm-int4"
     kernel = "aten._weight_int4pack_mm_for_cpu (tinygemm int4, bf16 activations) for decode; dequant + fp32 GEMM for prefill"
 
+
+    rows_first = False  # tiled: rows are interleaved in aten's int4 pack
 
     def pack(self, qw):
         lay = Layout(qw.bits, qw.group_size, qw.codes.shape[1], qw.codes.shape[0])
