@@ -38,6 +38,31 @@ def test_leanfm_checkpoint_roundtrip(cfg, tmp_path):
     assert back.lm_head.weight is back.model.embed_tokens.weight  # tie restored
 
 
+@pytest.mark.parametrize("bf16_values", [True, False], ids=["bf16-exact", "fp32-values"])
+def test_an_untied_bf16_exact_embedding_is_held_in_bf16_with_the_same_logits(bf16_values, tmp_path):
+    model = tiny_llama(tie=False)
+    emb = model.model.embed_tokens.weight
+    if bf16_values:  # as a model shipped in bf16 and upcast by leanfm
+        emb.data = emb.data.bfloat16().float()
+    model = leanfm.apply_(model, CFGS[0])
+    ids = torch.randint(3, 250, (1, 20))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    save_quantized(model, tmp_path)
+    back = load_quantized(tmp_path)
+    table = back.model.embed_tokens.weight
+    assert table.dtype == (torch.bfloat16 if bf16_values else torch.float32)
+    assert torch.equal(table.float(), emb.float())
+    assert back.lm_head.weight.dtype == torch.float32  # the head's GEMM stays fp32
+    with torch.no_grad():
+        out = back(input_ids=ids)
+    assert out.logits.dtype == torch.float32 and torch.equal(out.logits, ref)
+    again = tmp_path / "again"  # saved again (lossless either way) and loaded: the same numbers
+    save_quantized(back, again)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(again)(input_ids=ids).logits, ref)
+
+
 def test_compressed_tensors_export_matches_leanfm_logits(tmp_path):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM

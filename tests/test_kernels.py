@@ -207,3 +207,26 @@ def test_int8pack_is_not_used_where_aten_computes_garbage(in_features):
     assert ql.backend.name != "int8pack"
     x = torch.randn(3, in_features)
     assert torch.allclose(ql(x), F.linear(x, dequantize(qw.codes, qw.scale, qw.zero, in_features)), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp-int4", "int8pack"])
+def test_chunked_dense_path_reuses_one_workspace_and_keeps_gradients(backend, monkeypatch):
+    _need(backend)
+    monkeypatch.setattr(backends, "DENSE_CHUNK", 40 * 576)  # 96 rows in pieces of 40, 40, 16
+    torch.manual_seed(0)
+    qw = rtn_quantize(torch.randn(96, 576), 8 if backend == "int8pack" else 4, None if backend == "int8pack" else 64,
+                      backend == "int8pack")
+    ql = QuantLinear(qw, None, backend)
+    ref_w = dequantize(qw.codes, qw.scale, qw.zero, qw.group_size)
+    x = torch.randn(2, backends.DECODE_MAX_TOKENS + 4, 576)
+    with torch.no_grad():
+        first = ql(x)
+        buf = backends._ws.buf
+        assert buf.numel() == 40 * 576 and torch.equal(ql(x), first)  # reused, same result
+        assert backends._ws.buf is buf
+    torch.testing.assert_close(first, F.linear(x, ref_w), rtol=1e-6, atol=1e-5)
+    xg = x.clone().requires_grad_(True)  # autograd keeps every chunk's weight: no workspace reuse
+    ql(xg).square().sum().backward()
+    xr = x.clone().requires_grad_(True)
+    F.linear(xr, ref_w).square().sum().backward()
+    assert ((xg.grad - xr.grad).norm() / xr.grad.norm()).item() < 1e-5  # fp32 summation order only

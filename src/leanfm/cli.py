@@ -245,7 +245,16 @@ def cmd_eval(a) -> int:
             pass
     recipe = Recipe(name=label, description=f"{a.model} measured as stored (no recipe applied)")
     out = Path(a.out) if a.out else default_out("eval")
-    results = bench(a.model, [recipe], _protocol(a), out, profile_path=a.hardware_profile, overwrite=a.overwrite,
+    protocol = _protocol(a)
+    if not {"speed", "energy"} & set(protocol.groups):
+        from .allocator import fix_mmap_threshold
+
+        # nothing is timed: freed forward transients go straight back to the OS. With glibc's
+        # dynamic threshold the heap kept ~0.5 GB of them during an int4 7B's forward (peak over
+        # 6.15 GB, 5.82 GB pinned; docs/benchmarks.md, issue 16). Timed runs keep the default
+        # their figures were measured under (a pinned threshold costs page faults per mapping).
+        fix_mmap_threshold()
+    results = bench(a.model, [recipe], protocol, out, profile_path=a.hardware_profile, overwrite=a.overwrite,
                     baseline_is_reference=False, runtime=a.runtime, gguf_type=a.gguf_type)
     print_table(results)
     print(f"results: {out / 'results.json'}\nreport:  {write_report(results, out)}")
