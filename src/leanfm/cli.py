@@ -250,8 +250,8 @@ def cmd_eval(a) -> int:
         from .allocator import fix_mmap_threshold
 
         # nothing is timed: freed forward transients go straight back to the OS. With glibc's
-        # dynamic threshold the heap kept ~0.5 GB of them during an int4 7B's forward (peak over
-        # 6.15 GB, 5.82 GB pinned; docs/benchmarks.md, issue 16). Timed runs keep the default
+        # dynamic threshold the heap kept ~0.5 GB of them during an int4 7B's forward (over 6.15
+        # GB, 5.65 GB pinned; docs/benchmarks.md, issue 16). Timed runs keep the default
         # their figures were measured under (a pinned threshold costs page faults per mapping).
         fix_mmap_threshold()
     results = bench(a.model, [recipe], protocol, out, profile_path=a.hardware_profile, overwrite=a.overwrite,
