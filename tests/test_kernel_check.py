@@ -60,6 +60,9 @@ def _corrupt(monkeypatch, cls) -> None:
 
     monkeypatch.setattr(cls, "pack", bad_pack)
     monkeypatch.setattr(cls, "codes", undo)
+    # rows rolled across the whole matrix are no longer row-first: neither fusion nor the chunked
+    # dense path may slice or concatenate them as stored
+    monkeypatch.setattr(cls, "rows_first", False)
 
 
 def test_needs_decode_check():
