@@ -24,6 +24,11 @@ DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial threshold
 _set: int | None = None
 
 
+def _libc() -> ctypes.CDLL:
+    """The C library (raises OSError where it cannot be loaded)."""
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def fix_mmap_threshold(nbytes: int = DEFAULT_THRESHOLD) -> int | None:
     """Pin glibc's mmap threshold at ``nbytes``; returns the threshold in force, or None where
     the C library is not glibc (nothing changed)."""
@@ -31,8 +36,7 @@ def fix_mmap_threshold(nbytes: int = DEFAULT_THRESHOLD) -> int | None:
     if _set == nbytes:
         return _set
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
@@ -55,8 +59,7 @@ def trim_heap() -> bool:
     global _trim
     if _trim is None:
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _trim = libc.malloc_trim
+            _trim = _libc().malloc_trim
             _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
         except (OSError, AttributeError):
             _trim = False

@@ -112,6 +112,12 @@ def _shared_input_groups(model: nn.Module, candidates: dict[str, QuantLinear]) -
     return [g for g in groups if len(g) > 1]
 
 
+def _same_layout(ms: list[QuantLinear]) -> bool:
+    """One grid (bits, group size) and one input width: the members can share one fused kernel call."""
+    a = ms[0]
+    return all(m.layout.bits == a.layout.bits and m.layout.group_size == a.layout.group_size and m.in_features == a.in_features for m in ms)
+
+
 def _concat_packed(ms: list[QuantLinear]) -> QuantLinear | None:
     """The members' buffers concatenated along the output rows, where their one backend keeps
     every buffer row-first with the same dtypes: exact, and no unpacked codes in memory (unpacking
@@ -120,7 +126,7 @@ def _concat_packed(ms: list[QuantLinear]) -> QuantLinear | None:
     be, bufs = a.backend, [m._bufs() for m in ms]
     if not be.rows_first or any(m.backend is not be or list(b) != list(bufs[0]) for m, b in zip(ms, bufs)):
         return None
-    if any(m.layout.bits != a.layout.bits or m.layout.group_size != a.layout.group_size or m.in_features != a.in_features for m in ms):
+    if not _same_layout(ms):
         return None
     if any(b[k].dtype != bufs[0][k].dtype or b[k].shape[1:] != bufs[0][k].shape[1:] for b in bufs for k in b):
         return None
@@ -148,7 +154,7 @@ def _fused_backend(ms: list[QuantLinear], qws: list[QuantizedWeight]) -> str | N
     Members on one backend keep it; members on different backends that ``auto`` chose (e.g. a
     narrow k_proj the int4 kernel cannot run alone) get ``auto``'s pick for the fused shape."""
     a = ms[0]
-    if any(m.layout.bits != a.layout.bits or m.layout.group_size != a.layout.group_size or m.in_features != a.in_features for m in ms):
+    if not _same_layout(ms):
         return None
     syms = [is_symmetric(q) for q in qws]
     lay = B.Layout(a.bits, a.group_size, a.in_features, sum(m.out_features for m in ms))
