@@ -165,7 +165,7 @@ class _Timed:
     def __init__(self, run: dict, recipe: Recipe, model, prompt: torch.Tensor, protocol: Protocol, profile: dict, session=None):
         self.run, self.recipe, self.model, self.session = run, recipe, model, session
         self.meter = EnergyMeter(profile["power_w"])
-        self.timer = (DecodeTimer(model, prompt, protocol.gen, self.meter) if session is None
+        self.timer = (DecodeTimer(model, prompt, protocol.gen, self.meter, compile=protocol.compile) if session is None
                       else RuntimeTimer(session, prompt, protocol.gen, self.meter))
 
     def close(self) -> None:
@@ -229,6 +229,9 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
         if (protocol.device, protocol.dtype) != ("cpu", "fp32"):
             raise LeanfmError(f"--device/--dtype choose where the torch runtime runs; --runtime {runtime} runs its own file "
                               "(drop --device/--dtype, or use --runtime torch)")
+        if protocol.compile:
+            raise LeanfmError(f"--compile compiles leanfm's torch decode step; --runtime {runtime} decodes in its own loop "
+                              "(drop --compile, or use --runtime torch)")
     if (protocol.device, protocol.dtype) != ("cpu", "fp32"):  # before any work: packed layers are fp32-activation CPU kernels
         packing = [r.name for r in recipes for st in r.steps
                    if getattr(st, "produces", "") in ("int-weights", "int-embeddings") and getattr(st, "backend", "fake") != "fake"]

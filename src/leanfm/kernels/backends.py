@@ -45,6 +45,7 @@ class Backend:
     kernel = ""
     act_dtype = torch.bfloat16  # what the decode kernel reads
     rows_first = True  # every packed buffer has the output rows in dim 0 (slicing rows is a view)
+    decode_op = None  # the pure torch operator of the decode kernel (merged across a fused group in compiled graphs)
 
     def unsupported(self, lay: Layout, symmetric: bool) -> str | None:
         """Why this backend cannot run the layout (None when it can): the shape rules of
@@ -146,6 +147,7 @@ class TinyGemmInt4(Backend):
         return packing.unpack_int4_aten(bufs["qweight"])
 
     forward = Backend._split_forward
+    decode_op = torch.ops.aten._weight_int4pack_mm_for_cpu.default
 
     def _decode_kernel(self, x2, bufs, lay):
         kg = lay.in_features // bufs["scale_zero_bf16"].shape[0]
@@ -164,6 +166,7 @@ class Int8Pack(Backend):
         return packing.unpack_int8(bufs["qweight"])
 
     forward = Backend._split_forward
+    decode_op = torch.ops.aten._weight_int8pack_mm.default
 
     def _decode_kernel(self, x2, bufs, lay):
         return torch.ops.aten._weight_int8pack_mm(x2, bufs["qweight"], bufs["scale_bf16"])
@@ -188,12 +191,19 @@ class CppInt4(Backend):
         return cpp_int4.unpack(bufs["qweight"], lay.group_size)
 
     forward = Backend._split_forward
+    decode_op = torch.ops.leanfm.int4_gemv.default
 
     def _decode_kernel(self, x2, bufs, lay):
-        return cpp_int4.load()(x2, bufs["qweight"], bufs["scale"], bufs["minus_sz"], lay.group_size)
+        fn = cpp_int4.int4_gemv if torch.compiler.is_compiling() else cpp_int4.load()  # the operator only where a graph is traced
+        return fn(x2, bufs["qweight"], bufs["scale"], bufs["minus_sz"], lay.group_size)
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Reference(), CppInt4(), TinyGemmInt4(), Int8Pack())}
+
+
+def decode_ops() -> list:
+    """Every backend's decode operator (for :class:`.graph_cse.DedupePackedCalls`)."""
+    return [b.decode_op for b in BACKENDS.values() if b.decode_op is not None]
 
 
 def get(name: str) -> Backend:

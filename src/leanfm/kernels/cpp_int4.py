@@ -144,6 +144,22 @@ def load():
     return mod.int4_gemv
 
 
+@torch.library.custom_op("leanfm::int4_gemv", mutates_args=())
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, minus_sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The kernel as a torch operator, so ``torch.compile`` keeps it as one opaque call in its
+    graph (a pybind function would break the graph). Eager code calls :func:`load`'s function
+    directly and skips the operator's dispatch."""
+    fn = load()
+    if isinstance(fn, str):
+        raise RuntimeError(f"cpp-int4: {fn}")
+    return fn(x, qweight, scale, minus_sz, group_size)
+
+
+@int4_gemv.register_fake
+def _int4_gemv_shape(x, qweight, scale, minus_sz, group_size):
+    return x.new_empty((x.shape[0], qweight.shape[0]))
+
+
 def pack(codes: torch.Tensor, group_size: int) -> torch.Tensor:
     """``uint8 [N, K]`` codes (0..15) -> ``uint8 [N, K/2]`` in the kernel's half-group layout."""
     n, k = codes.shape

@@ -44,6 +44,10 @@ class FusedGroup(nn.Module):
         return None if x.is_inference() else x._version
 
     def output(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            # A traced graph holds no Python state: each member calls the fused kernel on the same
+            # input, and the graph's common-subexpression pass keeps one call (a pure operator).
+            return self.fused(x).split(self.sizes, dim=-1)[i]
         ys = self._ys
         if x is not self._x or not ys or ys[i] is None or self._version(x) != self._ver:
             ys = list(self.fused(x).split(self.sizes, dim=-1))

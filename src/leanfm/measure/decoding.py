@@ -31,15 +31,18 @@ def check_policy_batch(policy, batch: int) -> None:
 
 
 @torch.no_grad()
-def policy_repeat(model: nn.Module, policy, prompt_ids: torch.Tensor, gen: int, seed: int) -> tuple[float, float, int, dict]:
+def policy_repeat(model: nn.Module, policy, prompt_ids: torch.Tensor, gen: int, seed: int,
+                  generate=None) -> tuple[float, float, int, dict]:
     """One repeat under a decoding policy: the prefill forward timed alone (as for plain decoding),
-    then the policy's whole generation (its own prefill included) timed end to end.
+    then the policy's whole generation (its own prefill included) timed end to end; ``generate``:
+    the policy's compiled generation (``policy.compiled``) instead of its eager one.
 
     Returns ``(prefill_s, decode_s, new_tokens, stats)`` with ``decode_s`` = generation time minus
     this repeat's prefill time: the time after the prompt, as plain decoding's ``decode`` steps."""
     prefill, _ = _timed(lambda: model(input_ids=prompt_ids, use_cache=True, logits_to_keep=1))
     gen_rng = torch.Generator(model_device(model)).manual_seed(seed)
-    total, (out, stats) = _timed(lambda: policy.generate(model, prompt_ids, gen, generator=gen_rng))
+    run = generate if generate is not None else (lambda ids, n, generator: policy.generate(model, ids, n, generator=generator))
+    total, (out, stats) = _timed(lambda: run(prompt_ids, gen, generator=gen_rng))
     new = out.shape[1] - prompt_ids.shape[1]
     return prefill, max(total - prefill, 1e-9), new, stats
 

@@ -42,6 +42,7 @@ class Protocol:
     groups: tuple[str, ...] = GROUPS
     device: str = "cpu"  # torch runtime: cpu | cuda (leanfm.models.device)
     dtype: str = "fp32"  # torch runtime: fp32 | bf16 | fp16
+    compile: bool = False  # torch runtime: decode on a static KV cache with a compiled step (models/compiled.py)
 
     def validate(self) -> None:
         if isinstance(self.groups, str) or not all(isinstance(g, str) for g in self.groups):
@@ -52,6 +53,8 @@ class Protocol:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise LeanfmError(f"--{name} must be a whole number (got {v!r})")
+        if not isinstance(self.compile, bool):
+            raise LeanfmError(f"compile must be true or false (got {self.compile!r})")
         for name in ("max_eval_tokens", "max_fidelity_tokens"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):

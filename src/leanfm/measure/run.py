@@ -138,7 +138,7 @@ def measure(model, tok, protocol: Protocol | None = None, reference=None, profil
         meter = EnergyMeter(profile["power_w"])
         with mem.PeakRSS() as peak:  # memory alone needs one repeat: the peak and the cache are the same in each
             sp = decode_benchmark(model, speed_prompt(ids, protocol), protocol.gen, protocol.repeats if timed else 1,
-                                  protocol.warmup if timed else 0, meter=meter)
+                                  protocol.warmup if timed else 0, meter=meter, compile=protocol.compile and bool(timed))
         if "memory" in groups:
             metrics["kv_cache_bytes"] = mem.tensor_bytes(sp["cache"])
             metrics["peak_rss_bytes"] = peak.bytes

@@ -67,14 +67,36 @@ def _one_repeat(model, prompt_ids: torch.Tensor, gen: int):
     return prefill, steps, cache
 
 
+@torch.no_grad()
+def _static_repeat(dec, prompt_ids: torch.Tensor, gen: int):
+    """:func:`_one_repeat` on a :class:`..models.compiled.StaticDecoder`: eager prefill into the
+    static cache, then ``gen`` compiled single-token steps."""
+    dec.reset()
+    sync_device()
+    t0 = time.perf_counter()
+    nxt = dec.prefill(prompt_ids)[:, -1].argmax(-1, keepdim=True)
+    sync_device()
+    prefill = time.perf_counter() - t0
+    steps = []
+    for _ in range(gen):
+        t0 = time.perf_counter()
+        nxt = dec.step(nxt)[:, -1].argmax(-1, keepdim=True)
+        sync_device()
+        steps.append(time.perf_counter() - t0)
+    return prefill, steps, dec.cache
+
+
 class DecodeTimer:
     """Prefill + ``gen`` decode steps of one model, one repeat per :meth:`repeat` call.
 
     ``meter``: an energy meter (``begin()`` / ``add(seconds, tokens)``) charged with each recorded
     repeat. With a decoding policy attached (``model.leanfm_decoder``) the decode runs through it.
+    ``compile``: decode on a static KV cache with a compiled step (:mod:`..models.compiled`),
+    compiled here, before any repeat; a model the compiled path cannot run (a KV-cache or
+    decoding policy, a forward torch.compile cannot trace) decodes eagerly and the result says why.
     """
 
-    def __init__(self, model, prompt_ids: torch.Tensor, gen: int, meter=None):
+    def __init__(self, model, prompt_ids: torch.Tensor, gen: int, meter=None, compile: bool = False):
         self.model, self.gen, self.meter = model, gen, meter
         self.prompt_ids = prompt_ids.to(getattr(model, "device", prompt_ids.device))
         self.policy = getattr(model, "leanfm_decoder", None)
@@ -82,27 +104,72 @@ class DecodeTimer:
             from .decoding import check_policy_batch
 
             check_policy_batch(self.policy, prompt_ids.shape[0])
+        self.static, self.fallback, self.policy_generate, self.decoders = None, None, None, []
+        if compile:
+            self._compile()
         self.prefills, self.tps, self.tpots, self.decodes, self.stats, self.others, self.selfs = [], [], [], [], [], [], []
         self.all_steps: list[float] = []
         self.cache = None
         self.repeats_run = 0
 
+    def _compile(self) -> None:
+        from ..errors import LeanfmError
+        from ..models.compiled import StaticDecoder, compile_blocker
+
+        max_len = self.prompt_ids.shape[1] + self.gen
+        why = compile_blocker(self.model)
+        if why is None and self.policy is not None and not hasattr(self.policy, "compiled"):
+            why = f"the decoding policy {self.policy.name} has no compiled path"
+        if why is None:
+            try:
+                with progress.bar("compiling the decode step (torch.compile)", None):
+                    if self.policy is None:
+                        dec = StaticDecoder(self.model, max_len)
+                        dec.warm(self.prompt_ids)
+                        self.static, self.decoders = dec, [dec]
+                    else:  # one unrecorded generation compiles every step length it feeds
+                        from .decoding import policy_repeat
+
+                        self.policy_generate, steppers = self.policy.compiled(self.model, max_len)
+                        self.decoders = [s.dec for s in steppers]
+                        policy_repeat(self.model, self.policy, self.prompt_ids, self.gen, seed=0, generate=self.policy_generate)
+            except LeanfmError as e:
+                why, self.static, self.policy_generate, self.decoders = str(e), None, None, []
+        if why is not None:
+            self.fallback = why
+            progress.info(f"decoding eagerly: {why}")
+
+    def compile_seconds(self) -> float:
+        return sum(d.compile_seconds for d in self.decoders)
+
+    @property
+    def path(self) -> str:
+        return self.decoders[0].path if self.decoders else "eager (dynamic KV cache)"
+
     @property
     def label(self) -> str:
-        return "prefill + decode" + (f" through {self.policy.name}" if self.policy is not None else "")
+        return "prefill + decode" + (f" through {self.policy.name}" if self.policy is not None else "") + (
+            ", compiled" if self.decoders else "")
 
     def repeat(self, record: bool = True) -> None:
         """One repeat; kept in the statistics when ``record`` (else a warm-up)."""
         if record and self.meter is not None:
             self.meter.begin()
         with CpuLoad() as load:
-            if self.policy is None:
+            if self.static is not None:
+                prefill, steps, self.cache = _static_repeat(self.static, self.prompt_ids, self.gen)
+                decode_s, new = sum(steps), self.prompt_ids.shape[0] * self.gen
+            elif self.policy is None:
                 prefill, steps, self.cache = _one_repeat(self.model, self.prompt_ids, self.gen)
                 decode_s, new = sum(steps), self.prompt_ids.shape[0] * self.gen
             else:
                 from .decoding import policy_repeat
 
-                prefill, decode_s, new, st = policy_repeat(self.model, self.policy, self.prompt_ids, self.gen, seed=self.repeats_run)
+                before = self.compile_seconds()
+                prefill, decode_s, new, st = policy_repeat(self.model, self.policy, self.prompt_ids, self.gen, seed=self.repeats_run,
+                                                           generate=self.policy_generate)
+                if self.compile_seconds() > before:  # a step length the warm-up did not feed (sampling): say so
+                    st = {**st, "compiled_during_repeat_s": self.compile_seconds() - before}
         self.repeats_run += 1
         if not record:
             return
@@ -141,7 +208,12 @@ class DecodeTimer:
             "decode_tokens_total": (sum(s["new_tokens"] for s in self.stats) if self.policy is not None
                                     else self.prompt_ids.shape[0] * self.gen * len(self.tps)),
             "cpu_other_busy_cores_repeats": self.others, "cpu_self_busy_cores_repeats": self.selfs,
+            "decode_path": self.path,
         }
+        if self.decoders:
+            metrics["compile_seconds"] = self.compile_seconds()
+        if self.fallback is not None:
+            details["compile_fallback"] = self.fallback
         if self.policy is not None:
             metrics.update(self.policy.metrics(self.stats))
             details.update(decoding_policy=self.policy.name, decoding_policy_stats=self.stats,
@@ -149,11 +221,12 @@ class DecodeTimer:
         return {"metrics": metrics, "details": details, "cache": self.cache}
 
 
-def decode_benchmark(model, prompt_ids: torch.Tensor, gen: int, repeats: int, warmup: int, meter=None) -> dict:
+def decode_benchmark(model, prompt_ids: torch.Tensor, gen: int, repeats: int, warmup: int, meter=None,
+                     compile: bool = False) -> dict:
     """Time prefill + ``gen`` decode steps, ``warmup`` unrecorded then ``repeats`` recorded repeats
-    in a row (through the model's decoding policy when one is attached); ``meter`` (an energy
-    meter) is charged with each recorded repeat."""
-    timer = DecodeTimer(model, prompt_ids, gen, meter)
+    in a row (through the model's decoding policy when one is attached; on the compiled path with
+    ``compile``); ``meter`` (an energy meter) is charged with each recorded repeat."""
+    timer = DecodeTimer(model, prompt_ids, gen, meter, compile=compile)
     with progress.bar(f"speed ({timer.label})", warmup + repeats) as adv:
         for r in range(warmup + repeats):
             timer.repeat(record=r >= warmup)

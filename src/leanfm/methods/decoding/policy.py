@@ -16,7 +16,7 @@ from .decl import SPECIAL_DRAFTS, EarlyExitConfig, SpeculativeConfig  # noqa: F4
 from .drafts import ModelDraft, PromptLookupDraft, check_compatible, self_draft, skip_by_influence
 from .early_exit import default_min_layer, early_exit_generate
 from .speculative import plain_generate, speculative_generate
-from .steppers import ModelStepper, check_skip
+from .steppers import ModelStepper, StaticStepper, check_skip
 
 
 class SpeculativePolicy:
@@ -44,9 +44,31 @@ class SpeculativePolicy:
         return speculative_generate(model, self.drafter(model), input_ids, max_new_tokens, k=c.k, temperature=c.temperature,
                                     top_k=c.top_k, generator=generator, eos_token_id=eos_token_id)
 
+    def compiled(self, model, max_len: int):
+        """``(generate, steppers)``: this policy's generation over static-cache steppers with compiled
+        steps (target, and the draft model or layer-skip view), built once and reused by every call
+        of ``generate(input_ids, max_new_tokens, generator=None, eos_token_id=None)`` with a prompt
+        and output that fit ``max_len`` positions."""
+        c = self.cfg
+        target = StaticStepper(model, max_len + c.k + 1)
+        if c.draft == "self":
+            drafter = ModelDraft(StaticStepper(model, max_len + c.k + 1, self.skip), name=f"self (skip {len(self.skip)} layers)")
+        elif c.draft == "prompt_lookup":
+            drafter = PromptLookupDraft(c.ngram_max)
+        else:
+            drafter = ModelDraft(StaticStepper(self.draft_model, max_len + c.k + 1), name=c.draft)
+
+        def generate(input_ids, max_new_tokens, generator=None, eos_token_id=None):
+            return speculative_generate(target, drafter, input_ids, max_new_tokens, k=c.k, temperature=c.temperature,
+                                        top_k=c.top_k, generator=generator, eos_token_id=eos_token_id)
+
+        return generate, [s for s in (target, getattr(drafter, "stepper", None)) if s is not None]
+
 
 class EarlyExitPolicy:
     name = EarlyExitConfig.method
+    # no ``compiled``: the exit point is data-dependent control flow between layers, so a compiled
+    # early exit needs one graph per layer segment and per KV-copy tail; it decodes eagerly
 
     def __init__(self, cfg: EarlyExitConfig):
         self.cfg = cfg

@@ -207,6 +207,71 @@ class ModelStepper(Stepper):
         return out.logits[0, -last:].float()
 
 
+def skip_view(model: nn.Module, skip: list[int]) -> nn.Module:
+    """A shallow copy of ``model`` whose decoder runs only the layers not in ``skip``: the same
+    modules and weights, a config saying how many layers it runs (per-layer config lists cut to
+    match). Each attention keeps its ``layer_idx``, so the view writes the full model's cache
+    layout (a cache made from the full config; skipped layers stay empty). For the compiled draft
+    of self-speculative decoding, where patching forwards at run time cannot be traced."""
+    import copy
+
+    layers = decoder_layers(model)
+    path = next((n for n, m in model.named_modules() if m is layers), None)
+    if not path:
+        raise LeanfmError("could not locate the decoder layer stack to build a layer-skip view")
+    keep = [i for i in range(len(layers)) if i not in set(skip)]
+    cfg = copy.copy(model.config)
+    for key, value in list(vars(cfg).items()):
+        if not key.startswith("_") and isinstance(value, (list, tuple)) and len(value) == len(layers):
+            setattr(cfg, key, type(value)(value[i] for i in keep))
+    cfg.num_hidden_layers = len(keep)
+
+    def clone(mod: nn.Module) -> nn.Module:
+        c = copy.copy(mod)
+        c._modules = dict(mod._modules)  # own child table: replacing a child leaves the model alone
+        if getattr(mod, "config", None) is model.config:
+            c.config = cfg
+        return c
+
+    view = clone(model)
+    parent = view
+    *heads, last = path.split(".")
+    for name in heads:
+        child = clone(parent._modules[name])
+        parent._modules[name] = child
+        parent = child
+    parent._modules[last] = nn.ModuleList([layers[i] for i in keep])
+    return view
+
+
+class StaticStepper(Stepper):
+    """A causal LM (batch 1) on a static KV cache of ``max_len`` positions with a compiled step
+    (:class:`leanfm.models.compiled.StaticDecoder`); ``skip`` makes it a layer-skip draft view.
+    Feeding from position 0 (the prompt) runs eagerly; every later feed runs the graph compiled
+    for its length. Rollback moves the cache's write position back (stale positions are masked)."""
+
+    def __init__(self, model: nn.Module, max_len: int, skip=(), compile: bool = True) -> None:
+        from ...models.compiled import StaticDecoder
+
+        super().__init__()
+        self.skip = check_skip(len(decoder_layers(model)), skip) if skip else []
+        run = skip_view(model, self.skip) if self.skip else model
+        self.vocab_size = logits_width(model)
+        self.device = model_device(model)
+        self.dec = StaticDecoder(run, max_len, compile=compile, cache_config=model.config)
+
+    def _reset(self) -> None:
+        self.dec.reset()
+
+    def _crop(self, keep: int) -> None:
+        self.dec.crop(min(keep, self.dec.pos))
+
+    def _feed(self, new: list[int], start: int, last: int) -> torch.Tensor:
+        ids = torch.tensor([new], dtype=torch.long, device=self.device)
+        logits = self.dec.prefill(ids, last) if start == 0 else self.dec.step(ids)
+        return logits[0, -last:].float()
+
+
 def as_stepper(model_or_stepper) -> Stepper:
     """Wrap an ``nn.Module`` causal LM into a :class:`ModelStepper`; pass a :class:`Stepper` through."""
     if isinstance(model_or_stepper, Stepper):
