@@ -36,13 +36,14 @@ INSTALL_CHROMIUM = if ! command -v chromium >/dev/null 2>&1; then \
 	else echo "chromium is missing and this is not root (no sudo): run 'apt-get install -y chromium' as root," \
 	  "else the search report's browser test is skipped"; fi; fi
 
-# The tests also exercise the CPU runtimes leanfm measures in (llama.cpp, ONNX Runtime), Ray, peft and
+# The tests also exercise the CPU runtimes leanfm measures in (llama.cpp, ONNX Runtime) and serves on
+# (transformers serve, llama.cpp's server), Ray, peft and
 # bitsandbytes (fine-tuning) and Flower (federated): installed
 # here, not by `make run`, because llama-cpp-python compiles llama.cpp (8-15 min on 2 cores, once).
 TEST_STAMP := $(VENV)/.leanfm-test-extras
 $(TEST_STAMP): $(STAMP)
 	@echo "installing the test extras (llama-cpp-python compiles llama.cpp from source the first time: 8-15 minutes on 2 cores)"
-	$(PIP) install -q -e '.[dev,tune,llamacpp,onnx,ray,federated]'
+	$(PIP) install -q -e '.[dev,tune,llamacpp,onnx,ray,federated,serve]'
 	$(INSTALL_CHROMIUM)
 	touch $(TEST_STAMP)
 

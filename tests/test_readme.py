@@ -28,6 +28,7 @@ SMALLER = [  # (pattern, replacement): sizes only, never the command or its opti
     (r"leanfm\.Protocol\(max_eval_tokens=16384\)",
      "leanfm.Protocol(max_eval_tokens=1024, seqlen=256, repeats=2, warmup=0, gen=8, prompt=32)"),
     (r'dataset="wikitext2", groups=\("quality",\)', 'dataset="wikitext2", groups=("quality",), max_eval_tokens=512, seqlen=256'),
+    (r"--rate 0\.5,1,2", "--rate 0.5,1,2 --num-requests 3 --max-tokens 8 --drain 120"),
 ]
 # Commands that evaluate without a --max-eval-tokens of their own get the quick sizes too.
 NEEDS_QUICK = ("leanfm bench", "leanfm eval")
@@ -71,17 +72,29 @@ def test_readme_examples_run(tmp_path):
     used: set[str] = set()
     cmds = shell_commands()
     assert len(cmds) >= 10, cmds
-    for cmd in cmds:
-        cmd, u = smaller(cmd)
-        used |= u
-        if cmd.startswith(NEEDS_QUICK) and "--max-eval-tokens" not in cmd:
-            cmd += f" --max-eval-tokens 1024 {QUICK}"
-        args = shlex.split(cmd)
-        t0 = time.perf_counter()
-        p = run([str(cli), *args[1:]], tmp_path)
-        print(f"{time.perf_counter() - t0:6.1f} s  {cmd}")
-        if args[1] == "--version":
-            assert p.stdout.startswith("leanfm ")
+    background = []  # `cmd &` lines (a server): started, then stopped after the last command
+    try:
+        for cmd in cmds:
+            cmd, u = smaller(cmd)
+            used |= u
+            if cmd.startswith(NEEDS_QUICK) and "--max-eval-tokens" not in cmd:
+                cmd += f" --max-eval-tokens 1024 {QUICK}"
+            args = shlex.split(cmd)
+            if args[-1] == "&":
+                env = {**os.environ, "LEANFM_PROGRESS": "0"}
+                background.append(subprocess.Popen([str(cli), *args[1:-1]], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                                   stderr=subprocess.STDOUT, text=True))
+                continue
+            t0 = time.perf_counter()
+            p = run([str(cli), *args[1:]], tmp_path)
+            print(f"{time.perf_counter() - t0:6.1f} s  {cmd}")
+            if args[1] == "--version":
+                assert p.stdout.startswith("leanfm ")
+    finally:
+        for b in background:
+            b.terminate()
+            out = b.communicate(timeout=60)[0]
+            assert b.returncode == 0, out[-2000:]
     assert (tmp_path / "runs" / "demo" / "results.json").exists() and (tmp_path / "ckpt" / "leanfm-quant.json").exists()
     code, u = smaller(blocks("python")[0])
     used |= u

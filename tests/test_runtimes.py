@@ -132,6 +132,7 @@ def test_bench_in_bf16_records_the_dtype(tiny_model_dir, tiny_text, tmp_path, ca
     (["--dtype", "fp16"], "--dtype fp16: this CPU has no fp16 arithmetic"),
     (["--recipe", "rtn-w4", "--dtype", "bf16"], "recipe rtn-w4 packs int weights"),
     (["--recipe", "baseline", "--runtime", "llama.cpp", "--dtype", "bf16"], "--device/--dtype choose where the torch runtime runs"),
+    (["--recipe", "baseline", "--runtime", "onnxruntime", "--compile"], "--compile compiles leanfm's torch decode step"),
 ])
 def test_device_and_dtype_refusals_are_one_line(tiny_model_dir, tiny_text, tmp_path, capsys, args, needle):
     import torch
@@ -144,6 +145,8 @@ def test_device_and_dtype_refusals_are_one_line(tiny_model_dir, tiny_text, tmp_p
         pytest.skip("this CPU computes in fp16")
     if "llama.cpp" in args and not importlib_has("llama_cpp"):
         pytest.skip("llama.cpp not installed")
+    if "onnxruntime" in args and not importlib_has("onnxruntime"):
+        pytest.skip("onnxruntime not installed")
     code, _, err = run_cli(["bench", "--model", str(tiny_model_dir), "--dataset", str(tiny_text), "--out", str(tmp_path / "x"),
                             *FAST, *args], capsys)
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err

@@ -9,6 +9,7 @@ from importlib import import_module
 from pathlib import Path
 
 from .errors import LeanfmError
+from .runtimes import GGUF_TYPES  # torch-free
 
 DEFAULT_RECIPES = ["baseline", "rtn-w8", "rtn-w4g64"]
 
@@ -62,14 +63,15 @@ def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> Non
     g.add_argument("--repeats", type=int, default=10, help="recorded speed repeats (default 10)")
     g.add_argument("--warmup", type=int, default=1, help="unrecorded warm-up repeats (default 1)")
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, pinned (default: all cores)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch runtime: decode on a static KV cache with a torch.compile'd step (CUDA graphs on a GPU); compile "
+                        "time is recorded apart as compile_seconds, and a model the compiled path cannot run decodes eagerly "
+                        "with the reason in details.compile_fallback (default --no-compile)")
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="torch runtime: where the model is measured (methods and calibration run on the CPU in fp32; default cpu)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="torch runtime: the float dtype the model is measured in (default fp32); refused where the device lacks it")
     g.add_argument("--hardware-profile", default=None, help="hardware profile: a built-in name (see leanfm predict --hardware) or a YAML file with the same keys as the built-in ones (name, kind, memory_gb, memory_bandwidth_gbps, peak_tflops, power_w, usd_per_hour, grid_gco2_per_kwh; default: local)")
-
-
-GGUF_TYPES = ["auto", "f32", "f16", "q8_0", "q4_0", "q4_1"]
 
 
 def _add_runtime(p: argparse.ArgumentParser) -> None:
@@ -99,7 +101,8 @@ def _protocol(a):
     return Protocol(dataset=a.dataset, split=a.split, data_dir=a.data_dir, seqlen=a.seqlen, max_eval_tokens=a.max_eval_tokens,
                     max_fidelity_tokens=a.max_fidelity_tokens,
                     batch=a.batch, prompt=a.prompt, gen=a.gen, repeats=a.repeats, warmup=a.warmup, threads=a.threads,
-                    groups=tuple(a.metrics) if a.metrics else GROUPS, device=a.device, dtype=a.dtype)
+                    groups=tuple(a.metrics) if a.metrics else GROUPS, device=a.device, dtype=a.dtype,
+                    compile=getattr(a, "compile", False))
 
 
 def _calib(a, job_tokens: int | None, why: str):
@@ -500,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leanfm: packed layers + leanfm-quant.json (reload with leanfm); compressed-tensors: the "
                         "pack-quantized format vLLM and transformers (with compressed-tensors installed) read; "
                         "gguf: model.gguf for llama.cpp (Llama-family models; packed layers keep their codes)")
-    s.add_argument("--type", dest="gguf_type", choices=["auto", "f32", "f16", "q8_0", "q4_0", "q4_1"], default="auto",
+    s.add_argument("--type", dest="gguf_type", choices=GGUF_TYPES, default="auto",
                    help="with --format gguf: the GGUF tensor type (auto: the block type the recipe's grid fits, "
                         "f16 for a float model); packed layers must fit it (4-bit symmetric groups of 32: q4_0, "
                         "asymmetric: q4_1, 8-bit symmetric: q8_0)")
@@ -559,6 +562,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tune_arguments(s)
     s.set_defaults(fn=run_tune)
+
+    s = sub.add_parser("serve", help="run an existing OpenAI-compatible server (transformers serve, llama.cpp's, vLLM) on a "
+                       "model after a recipe, until Ctrl-C")
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"alias, local HF directory, hub id or a .gguf file (default {DEFAULT_MODEL})")
+    from .serving.cli_serve import add_arguments as add_serve_arguments, run as run_serve
+
+    add_serve_arguments(s)
+    s.set_defaults(fn=run_serve)
+
+    s = sub.add_parser("loadtest", help="drive an OpenAI-compatible server on this machine with Poisson arrivals (streaming): "
+                       "TTFT, TPOT, ITL, latency percentiles, throughput and goodput per rate")
+    from .serving.cli_loadtest import add_arguments as add_loadtest_arguments, run as run_loadtest
+
+    add_loadtest_arguments(s)
+    s.set_defaults(fn=run_loadtest)
 
     s = sub.add_parser("report", help="(re)build report.html from a results directory (leanfm bench/eval or leanfm search)")
     s.add_argument("dir", help="directory holding results.json, or search.json")

@@ -19,6 +19,7 @@ _INSTALL = {
     "vllm": ("vllm", "pip install 'leanfm[vllm]'  (needs a CUDA GPU)"),
 }
 EXTENSION = {"llama.cpp": ".gguf", "onnxruntime": ".onnx"}
+GGUF_TYPES = ("auto", "f32", "f16", "q8_0", "q4_0", "q4_1")  # --type: auto = the block type of the recipe's grid
 
 
 def check_runtime(name: str) -> None:
