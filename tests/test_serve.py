@@ -139,3 +139,19 @@ def test_the_server_dies_with_a_killed_leanfm(tiny_model_dir, tmp_path):
     while _alive(server_pid) and time.monotonic() - t0 < 15:
         time.sleep(0.2)
     assert not _alive(server_pid), "the server outlived a killed leanfm serve"
+
+
+def test_a_port_left_in_time_wait_by_a_stopped_server_is_free():
+    """A server stopped a moment ago leaves its accepted connections in TIME_WAIT; the next server
+    (which sets SO_REUSEADDR, as uvicorn does) can bind, so the check must not refuse."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    conn.close()  # the server side closes first: its end goes to TIME_WAIT
+    cli.close()
+    srv.close()
+    serve.check_port("127.0.0.1", port)

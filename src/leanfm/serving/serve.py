@@ -61,6 +61,9 @@ def check_port(host: str, port: int) -> None:
     if not 0 < port < 65536:
         raise LeanfmError(f"--port must be in 1..65535 (got {port})")
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # as servers do: connections of a server stopped a moment ago (TIME_WAIT) do not block the
+    # port, a live listener still does
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind((host, port))
     except OSError as e:
