@@ -5,6 +5,7 @@ not a leanfm server): ``/v1/completions`` streams ``max_tokens`` one-word chunks
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,3 +70,12 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound once, then released)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port

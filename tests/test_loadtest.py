@@ -103,13 +103,7 @@ def test_a_serial_server_queues_requests_and_ttft_grows():
 
 
 def test_an_unreachable_endpoint_fails_every_request_without_raising():
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    res = run_load(f"http://127.0.0.1:{port}", [("a", 2)], LoadSpec(rate=100.0, num_requests=2, drain=5))
+    res = run_load(f"http://127.0.0.1:{stub_openai.free_port()}", [("a", 2)], LoadSpec(rate=100.0, num_requests=2, drain=5))
     assert res["metrics"]["completed"] == 0 and res["metrics"]["failed"] == 2
     assert res["details"]["errors"] and "Connect" in res["details"]["errors"][0]
 
@@ -143,16 +137,6 @@ def test_cli_sweeps_rates_into_results_json(tmp_path, tiny_text, capsys):
         assert len(r["details"]["requests"]) == 4
 
 
-def _free_port() -> int:
-    import socket
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.mark.parametrize("args,needle", [
     (["--rate", "0"], "--rate must be positive"),
     (["--rate", "-2"], "--rate must be positive"),
@@ -174,7 +158,7 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, args, needle):
 def test_cli_unreachable_and_remote_endpoints_are_one_line(tmp_path, capsys):
     from .test_runtimes import run_cli
 
-    code, _, err = run_cli(["loadtest", f"http://127.0.0.1:{_free_port()}", "--out", str(tmp_path / "x")], capsys)
+    code, _, err = run_cli(["loadtest", f"http://127.0.0.1:{stub_openai.free_port()}", "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "cannot reach an OpenAI-compatible server" in err and len(err.strip().splitlines()) == 1, err
     code, _, err = run_cli(["loadtest", "http://192.0.2.1:8000", "--out", str(tmp_path / "y")], capsys)
     assert code == 2 and "not a loopback address" in err, err

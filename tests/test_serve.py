@@ -16,17 +16,10 @@ import pytest
 from leanfm.errors import LeanfmError
 from leanfm.serving import serve
 
+from .stub_openai import free_port
 from .test_runtimes import run_cli
 
 LEANFM = str(Path(sys.executable).with_name("leanfm"))
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def test_port_in_use_is_named(tmp_path, capsys):
@@ -95,7 +88,7 @@ def test_serve_then_loadtest_and_nothing_left_behind(runtime, tiny_model_dir, ti
         pytest.skip(f"the {runtime} server's packages are not installed (pip install 'leanfm[serve]')")
     from leanfm.measure.loadtest import LoadSpec, run_load
 
-    port = _free_port()
+    port = free_port()
     extra = ["--type", "f32"] if runtime == "llama.cpp" else []
     proc, url, server_pid = _start_serve(["--model", str(tiny_model_dir), "--runtime", runtime, "--port", str(port),
                                           "--threads", "1", *extra], tmp_path)
@@ -132,7 +125,7 @@ def test_the_server_dies_with_a_killed_leanfm(tiny_model_dir, tmp_path):
     if any(importlib.util.find_spec(m) is None for m in ("llama_cpp", "sse_starlette", "starlette_context")):
         pytest.skip("llama.cpp's server is not installed (pip install 'leanfm[serve]')")
     proc, url, server_pid = _start_serve(["--model", str(tiny_model_dir), "--runtime", "llama.cpp", "--type", "f32",
-                                          "--port", str(_free_port()), "--threads", "1"], tmp_path)
+                                          "--port", str(free_port()), "--threads", "1"], tmp_path)
     proc.kill()
     proc.wait(30)
     t0 = time.monotonic()

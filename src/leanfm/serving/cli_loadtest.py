@@ -89,12 +89,9 @@ def _served_model(base: str, timeout: float) -> str | None:
 
 
 def run(a) -> int:
-    from .. import progress
     from ..data.text import load_text
-    from ..measure.loadtest import LoadSpec, check_loopback, make_requests, parse_slo, run_load
-    from ..measure.environment import environment
+    from ..measure.loadtest import LoadSpec, check_loopback, make_requests, parse_slo
     from ..outdir import OutputDir, default_out
-    from ..results import new_results, write
 
     base = check_loopback(a.url)
     rates = _rates(a.rate)
