@@ -38,6 +38,7 @@ METRICS: dict[str, Metric] = {
     "achieved_gbps": Metric("speed", "GB/s", None),
     "roofline_fraction": Metric("speed", "–", None),
     "flops_per_token": Metric("speed", "FLOP", "min"),
+    "compile_seconds": Metric("speed", "s", None),
     # memory
     "weight_bytes": Metric("memory", "bytes", "min"),
     "compression_ratio": Metric("memory", "×", "max"),
