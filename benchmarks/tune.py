@@ -46,6 +46,9 @@ def recovery(a, out: Path) -> dict:
     rows = {}
     for method in a.recovery_methods.split(","):
         step = {"method": method, "steps": a.steps, "batch": a.batch, "seqlen": a.seqlen, "lr": a.lr, "warmup": a.steps // 10}
+        if method == "kd":  # only the flags given: the method's own defaults otherwise
+            step.update({k: v for k, v in (("temperature", a.kd_temperature), ("kd_weight", a.kd_weight),
+                                           ("hidden_weight", a.kd_hidden_weight)) if v is not None})
         t0 = time.perf_counter()
         res = leanfm.tune(MODEL, step, a.recipe, out / f"recovery-{method}", proto, calib=calib, overwrite=True, save=False)
         runs = {r["role"]: r["metrics"] for r in res["runs"]}
@@ -58,6 +61,8 @@ def recovery(a, out: Path) -> dict:
     print("| method | ppl baseline | ppl compressed | ppl tuned | gap recovered | training s | wall s |")
     print("|---|---|---|---|---|---|---|")
     for m, r in rows.items():
+        extra = {k: v for k, v in r["step"].items() if k in ("temperature", "kd_weight", "hidden_weight")}
+        m = m + (" (" + ", ".join(f"{k} {v:g}" for k, v in extra.items()) + ")" if extra else "")
         print(f"| {m} | {r['baseline']:.3f} | {r['compressed']:.3f} | {r['tuned']:.3f} | {r['gap_recovered']:.1%} | "
               f"{r['train_seconds']:.0f} | {r['wall_seconds']:.0f} |")
     return rows
@@ -228,6 +233,11 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512, help="recovery: tokens per calibration window")
     ap.add_argument("--recovery-methods", default="kd,full",
                     help="recovery: the tuning methods to run, each after --recipe (kd: distillation; full: plain next-token)")
+    ap.add_argument("--kd-temperature", type=float, default=None, help="recovery: kd's temperature (default: the method's, 2)")
+    ap.add_argument("--kd-weight", type=float, default=None, help="recovery: kd's share of the loss; the rest is next-token "
+                    "cross-entropy (default: the method's, 1)")
+    ap.add_argument("--kd-hidden-weight", type=float, default=None, help="recovery: weight of last-hidden-state matching "
+                    "(default: the method's, 0)")
     ap.add_argument("--memory-steps", type=int, default=3)
     ap.add_argument("--runs", default="", help="memory part: only these runs (comma-separated names of MEMORY_RUNS)")
     ap.add_argument("--mezo-steps", type=int, default=60)

@@ -135,6 +135,39 @@ def test_cli_sweeps_rates_into_results_json(tmp_path, tiny_text, capsys):
         m = r["metrics"]
         assert m["completed"] == 4 and m["goodput"] > 0 and m["ttft_ms_p99"] is not None
         assert len(r["details"]["requests"]) == 4
+    page = (tmp_path / "lt" / "report.html").read_text()
+    assert "data:image/png;base64," in page and "Capacity" in page
+    # leanfm report rebuilds it from results.json and prints the table with the capacity
+    (tmp_path / "lt" / "report.html").unlink()
+    code, out, err = run_cli(["report", str(tmp_path / "lt")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "lt" / "report.html").is_file() and "capacity of endpoint: 50 req/s" in out
+
+
+def _lt_run(name, rate, attainment, ttft=100.0):
+    return {"recipe": {"name": name}, "status": "ok", "rate": rate,
+            "metrics": {"arrival_rate": rate, "requests": 10, "completed": 10, "ttft_ms_p50": ttft, "ttft_ms_p99": 2 * ttft,
+                        "tpot_ms_p50": 20.0, "tpot_ms_p99": 30.0, "request_throughput": min(rate, 1.0),
+                        "output_token_throughput": 32 * min(rate, 1.0), "goodput": attainment * min(rate, 1.0),
+                        "slo_attainment": attainment}}
+
+
+def test_capacity_is_the_highest_rate_that_met_the_attainment():
+    from leanfm.report.serving import by_setup, capacity, render, rows
+
+    res = {"kind": "loadtest", "protocol": {"slo_ms": {"ttft": 2000.0}},
+           "runs": [_lt_run("cb", 1.0, 0.95), _lt_run("cb", 0.5, 1.0), _lt_run("cb", 2.0, 0.5), _lt_run("cb", float("inf"), 0.0),
+                    _lt_run("serial", 0.5, 0.8), _lt_run("serial", 0.25, 0.9)]}
+    setups = by_setup(res)
+    assert [r["rate"] for r in setups["cb"]] == [0.5, 1.0, 2.0, float("inf")]  # sorted, inf last
+    assert capacity(setups["cb"]) == 1.0 and capacity(setups["serial"]) == 0.25
+    assert capacity(setups["serial"], attainment=0.95) == 0.0  # none met it: nothing sustained
+    no_slo = [{"metrics": {"arrival_rate": 1.0}}]
+    assert capacity(no_slo) is None
+    table = rows(res)
+    assert table[3][:3] == ["cb", "inf", "10/10"] and table[0][3] == "100 / 200"
+    page = render(res)
+    assert "<b>cb</b>: 1 req/s" in page and "<b>serial</b>: 0.25 req/s" in page and "data:image/png;base64," in page
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -449,6 +449,12 @@ def cmd_report(a) -> int:
         print(f"report: {write_search_report(a.dir)}")
         return 0
     data = res.read(a.dir)
+    if data.get("kind") == "loadtest":
+        from .report.serving import print_loadtest_table, write_loadtest_report
+
+        print_loadtest_table(data)
+        print(f"report: {write_loadtest_report(data, a.dir)}")
+        return 0
     print_table(data)
     print(f"report: {write_report(data, a.dir)}")
     return 0

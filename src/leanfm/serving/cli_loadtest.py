@@ -119,6 +119,7 @@ def _sweep(a, base, specs, slo, reqs, model, tok, out: Path, rates) -> int:
     from .. import progress
     from ..measure.environment import environment
     from ..measure.loadtest import run_load
+    from ..report.serving import write_loadtest_report
     from ..results import new_results, write
 
     results = new_results(environment(1), {"kind": "loadtest", "url": base, "rates": rates, "slo_ms": slo,
@@ -132,10 +133,11 @@ def _sweep(a, base, specs, slo, reqs, model, tok, out: Path, rates) -> int:
         results["runs"].append({"recipe": {"name": a.label}, "status": "ok", "rate": sp.rate,
                                 "metrics": {"arrival_rate": sp.rate, **res["metrics"]}, "details": res["details"], "flags": {}})
         write(results, out)  # after every rate: a stopped sweep keeps what it measured
+        write_loadtest_report(results, out)
         m = res["metrics"]
         fmt = lambda v: "–" if v is None else f"{v:.0f}"  # noqa: E731
         progress.info(f"  {m['completed']}/{m['requests']} ok; TTFT p50 {fmt(m['ttft_ms_p50'])} p99 {fmt(m['ttft_ms_p99'])} ms; "
                       f"TPOT p50 {fmt(m['tpot_ms_p50'])} p99 {fmt(m['tpot_ms_p99'])} ms; {m['request_throughput']:.2f} req/s"
                       + (f"; goodput {m['goodput']:.2f} req/s" if "goodput" in m else ""))
-    print(f"results: {out / 'results.json'}")
+    print(f"results: {out / 'results.json'}\nreport:  {out / 'report.html'}")
     return 0
