@@ -2,6 +2,7 @@
 
     python benchmarks/compiled_decode.py [--recipes baseline,int4-fast,layerdrop25,self-spec,early-exit]
         [--threads 2] [--repeats 10] [--prompt 128] [--gen 32] [--int4-dir DIR] [--out runs/compiled-decode]
+        [--batches 1,4,16] [--batches-only]
 
 Each recipe's model gets two timers — eager (dynamic KV cache) and compiled (static KV cache,
 torch.compile'd step) — from ``leanfm.measure.speed.DecodeTimer``, the code ``leanfm bench
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--int4-dir", default=None, help="a saved int4-fast output (leanfm compress --recipe int4-fast)")
     ap.add_argument("--batches", default="1,4,16", help="also: the fp32 baseline's eager decode at these batch sizes vs the "
                     "predictor's decode tok/s on local (empty: skip)")
+    ap.add_argument("--batches-only", action="store_true", help="only the eager batch sizes vs the predictor (no compiled timers)")
     ap.add_argument("--out", default="runs/compiled-decode")
     a = ap.parse_args()
 
@@ -85,6 +87,10 @@ def main() -> None:
     if cache.exists():
         calibrated = json.loads(cache.read_text())["results"]["memory_bandwidth_gbps"]
 
+    if a.batches_only:
+        batch_rows = _batches(a, leanfm.load(MODEL)[0], ids)
+        (out / "predictor_batches.json").write_text(json.dumps({"args": vars(a), "batches": batch_rows}, indent=1, default=str))
+        return
     names = a.recipes.split(",")
     timers: dict[tuple[str, str], DecodeTimer] = {}
     models = {}

@@ -227,10 +227,12 @@ def test_calibration_tiny_runs_caches_and_is_finite(tmp_cache, monkeypatch):
     r = first["results"]
     values = [*r["peak_tflops"].values()] + [v for k, v in r.items() if isinstance(v, (int, float))]
     values += [v for row in r["gemv_grid"]["gbps"] for v in row] + [v for pt in r["gemm_fp32_curve"] for v in pt]
+    values += [v for pt in r["gemm_dram_slowdown"] for v in pt]
     assert len(r["gemv_grid"]["gbps"]) == len(calibrate.TINY.gemv_grid_in) and len(r["gemm_fp32_curve"]) == 2
+    assert r["gemm_dram_slowdown"][0] == [1.0, 1.0] and [pt[0] for pt in r["gemm_dram_slowdown"]] == [1.0, 4.0]
     assert {"fp32", "bf16"} <= set(r["peak_tflops"]) and all(math.isfinite(v) and v > 0 for v in values)
     for key in ("memory_bandwidth_gbps", "stream_read_gbps", "overhead_us_per_op", "overhead_us_per_layer",
-                "overhead_us_per_model_step"):
+                "overhead_us_per_model_step", "gemm_dram_slowdown"):
         assert key in r and key in first["method"]
     path = tmp_cache / "hardware" / "local-t1.json"
     assert path.exists() and json.loads(path.read_text())["key"]["threads"] == 1
@@ -244,7 +246,8 @@ def _fake_measure(threads, sizes):
     return {"results": {"peak_tflops": {"fp32": 0.1, "bf16": 0.001, "int8": 0.002}, "memory_bandwidth_gbps": 15.0,
                         "stream_read_gbps": 12.0, "overhead_us_per_op": 5.0, "overhead_us_per_layer": 400.0,
                         "overhead_us_per_model_step": 300.0,
-                        "gemv_grid": {"in_features": [512], "mib": [4], "gbps": [[14.0]]}, "gemm_fp32_curve": [[128, 1.2e11]]},
+                        "gemv_grid": {"in_features": [512], "mib": [4], "gbps": [[14.0]]}, "gemm_fp32_curve": [[128, 1.2e11]],
+                        "gemm_dram_slowdown": [[1, 1.0], [4, 2.0]]},
             "method": {"peak_tflops.fp32": "fake"}}
 
 

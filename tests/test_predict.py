@@ -610,6 +610,26 @@ def test_measured_curves_interpolate_and_clamp():
     assert r(32) == pytest.approx(20e9 + 80e9 * 0.5)  # halfway in log(rows)
 
 
+def test_batched_dense_matmuls_read_slower_by_the_measured_factor():
+    """With ``gemm_dram_slowdown`` a dense matmul of 4 rows costs the factor times its one-row
+    read; batch 1 is untouched. ``kv_append`` (eager's concatenating cache) appears only when
+    elementwise ops are unfused and grows with the cache."""
+    curves = {**CPU, "gemv_grid": {"in_features": [64], "mib": [1], "gbps": [[0.01]]}}  # slow reads: matmuls memory-bound
+    slowed = {**curves, "gemm_dram_slowdown": [[1, 1.0], [4, 3.0]]}
+
+    def matmul_ms(p, batch):
+        rows = predict(TINY, "baseline", p, batch=batch, prompt=64, gen=8)["per_layer"]["decode"]
+        return sum(r["time_ms"] * r["count"] for r in rows if r["op"].startswith(("q_proj", "up_proj")) and r["layers"] != "head")
+
+    assert matmul_ms(slowed, 1) == pytest.approx(matmul_ms(curves, 1))
+    assert matmul_ms(slowed, 4) == pytest.approx(3.0 * matmul_ms(curves, 4), rel=0.02)
+    ops = lambda p, prompt: {r["op"]: r for r in predict(TINY, "baseline", p, prompt=prompt, gen=8)["per_layer"]["decode"]}  # noqa: E731
+    assert "kv_append" not in ops(CPU, 64)
+    unfused = {**CPU, "elementwise": "unfused"}
+    short, long = ops(unfused, 64)["kv_append"], ops(unfused, 512)["kv_append"]
+    assert long["bytes"] > 4 * short["bytes"] > 0
+
+
 def test_calibrated_curves_replace_flat_roofline():
     """A profile with measured curves prices a one-row matmul at the bandwidth of its shape and
     prefill matmuls at the rate for their row count; without curves the flat roofline is used."""

@@ -68,6 +68,7 @@ def target(hardware="local", dtype: str | None = None) -> Target:
         per_op_us=float(prof.get("overhead_us_per_op") or 0.0),
         gemv_seconds=gemv_seconds(prof["gemv_grid"]) if prof.get("gemv_grid") else None,
         gemm_rate=rate_for_rows(prof["gemm_fp32_curve"]) if prof.get("gemm_fp32_curve") else None,
+        gemm_slowdown=rate_for_rows(prof["gemm_dram_slowdown"]) if prof.get("gemm_dram_slowdown") else None,
         elementwise=str(prof.get("elementwise", "fused")),
     )
 

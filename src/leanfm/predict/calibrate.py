@@ -9,7 +9,10 @@
 - ``overhead_us_per_op``: the fixed cost of one tiny ``F.linear``;
 - ``overhead_us_per_layer`` / ``overhead_us_per_model_step``: decode-step time of tiny random
   Llama models with 1 and 3 decoder layers (hidden 64, so the math is negligible):
-  per layer = (t3 - t1) / 2, per model step = t1 - per layer.
+  per layer = (t3 - t1) / 2, per model step = t1 - per layer;
+- ``gemm_dram_slowdown``: how much longer a matmul of a few rows takes than the one-row GEMV over
+  the same weights read from DRAM (a batched decode step): the GEMM path does not stream its
+  weights as well as the GEMV path (1.7-2.9x at 2-16 rows measured on AVX2 EPYC with MKL).
 
 The result lives in ``cache_root()/hardware/local-t{threads}.json`` and is reused until the
 torch version, CPU model, thread count or benchmark sizes change (or ``force=True``).
@@ -29,7 +32,7 @@ from pathlib import Path
 from ..models.cache import cache_root
 from ..sysinfo import cpu_model
 
-SCHEMA = 2  # 2: gemv_grid and gemm_fp32_curve
+SCHEMA = 3  # 2: gemv_grid and gemm_fp32_curve; 3: gemm_dram_slowdown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +54,14 @@ class Sizes:
     gemv_pool_mb: int = 256                               # distinct matrices cycled, so reads come from DRAM
     gemm_curve_rows: tuple[int, ...] = (2, 8, 32, 128, 512, 2048)  # M of [M x 1024] @ [1024 x 1024]
     gemm_curve_kn: int = 1024
+    dram_rows: tuple[int, ...] = (2, 4, 8, 16, 64)        # rows of the batched matmuls from DRAM
+    dram_shapes: tuple[tuple[int, int], ...] = ((512, 2048), (1024, 1024), (2048, 512))  # (in, out), 4 MiB each
 
 
 TINY = Sizes(gemm_fp32=(64, 256, 256), gemm_bf16=(16, 64, 64), gemm_int8=(32, 64, 64), gemv_mb=4, gemv_in=512,
              repeats=3, op_calls=50, decode_prompt=16, decode_steps=4, decode_rounds=2,
-             gemv_grid_in=(64, 128), gemv_grid_mb=(0.25, 1), gemv_pool_mb=4, gemm_curve_rows=(2, 16), gemm_curve_kn=128)
+             gemv_grid_in=(64, 128), gemv_grid_mb=(0.25, 1), gemv_pool_mb=4, gemm_curve_rows=(2, 16), gemm_curve_kn=128,
+             dram_rows=(4,), dram_shapes=((128, 256),))
 
 
 def cache_path(threads: int) -> Path:
@@ -89,7 +95,7 @@ def overlay_cached(profile: dict, threads: int = 2) -> dict:
     profile["peak_tflops"] = {**profile["peak_tflops"], **r["peak_tflops"]}
     profile["peak_gflops_fp32"] = r["peak_tflops"]["fp32"] * 1e3  # key read by roofline.measured_step
     for k in ("memory_bandwidth_gbps", "stream_read_gbps", "overhead_us_per_op", "overhead_us_per_layer",
-              "overhead_us_per_model_step", "gemv_grid", "gemm_fp32_curve"):
+              "overhead_us_per_model_step", "gemv_grid", "gemm_fp32_curve", "gemm_dram_slowdown"):
         profile[k] = r[k]
     profile["calibrated"] = True
     profile["calibration"] = {"path": str(cache_path(threads)), "date": data["date"], "threads": threads,
@@ -187,6 +193,31 @@ def _gemm_curve(sizes: Sizes) -> list[list[float]]:
     return out
 
 
+def _gemm_dram_slowdown(sizes: Sizes) -> list[list[float]]:
+    """``[[rows, factor], ...]`` from ``[1, 1.0]``: time of fp32 ``x[rows, in] @ W.T`` over the
+    one-row time, both cycling distinct matrices (``gemv_pool_mb`` in all) so weights come from
+    DRAM as in a decode step; the median over ``dram_shapes``. A batched decode step's matmuls
+    are priced as the GEMV of their shape times this factor (their FLOPs are far below the peak)."""
+    import torch
+
+    per_shape = []
+    for n_in, n_out in sizes.dram_shapes:
+        count = max(2, int(sizes.gemv_pool_mb * 2**20 // (4 * n_in * n_out)))
+        pool = [torch.empty(n_out, n_in).uniform_(-1, 1) for _ in range(count)]
+        times = {}
+        for rows in (1, *sizes.dram_rows):
+            x = torch.randn(rows, n_in)
+
+            def cycle():
+                for w in pool:
+                    torch.nn.functional.linear(x, w)
+
+            times[rows] = _median_s(cycle, max(3, sizes.repeats // 2))
+        per_shape.append({r: t / times[1] for r, t in times.items()})
+        del pool
+    return [[1.0, 1.0]] + [[float(r), statistics.median(f[r] for f in per_shape)] for r in sizes.dram_rows]
+
+
 def _op_overhead_us(calls: int, repeats: int) -> float:
     import torch
     import torch.nn.functional as F
@@ -262,6 +293,7 @@ def _measure(threads: int, sizes: Sizes) -> dict:
         "decode_step_us_3_layers": step[3],
         "gemv_grid": _gemv_grid(sizes),
         "gemm_fp32_curve": _gemm_curve(sizes),
+        "gemm_dram_slowdown": _gemm_dram_slowdown(sizes),
     }
     method = {
         "peak_tflops.fp32": f"torch.mm [{mf}x{kf}]@[{kf}x{nf}] fp32, 2*M*K*N / median of {sizes.repeats}",
@@ -280,8 +312,12 @@ def _measure(threads: int, sizes: Sizes) -> dict:
                       "weights come from DRAM; bytes / median time per call"),
         "gemm_fp32_curve": (f"[M, FLOP/s]: fp32 F.linear [M x {sizes.gemm_curve_kn}] @ [{sizes.gemm_curve_kn} x "
                             f"{sizes.gemm_curve_kn}] for M in {list(sizes.gemm_curve_rows)}, 2*M*K*N / median"),
+        "gemm_dram_slowdown": (f"[rows, factor]: time of fp32 F.linear x[rows, in] @ W.T over that of x[1, in], for rows in "
+                               f"{list(sizes.dram_rows)}, cycling distinct W ({sizes.gemv_pool_mb} MiB in all) so weights come "
+                               f"from DRAM; median over (in, out) in {[list(x) for x in sizes.dram_shapes]}"),
     }
-    curves = [v for _, v in results["gemm_fp32_curve"]] + [v for row in results["gemv_grid"]["gbps"] for v in row]
+    curves = [v for _, v in results["gemm_fp32_curve"]] + [v for row in results["gemv_grid"]["gbps"] for v in row] + \
+        [v for _, v in results["gemm_dram_slowdown"]]
     for k, v in list(peaks.items()) + [(k, results[k]) for k in results if not isinstance(results[k], (dict, list))] + \
             [("curve point", v) for v in curves]:
         if not (math.isfinite(v) and v > 0):
@@ -350,6 +386,8 @@ def calibrate_cli(threads: int = 2, force: bool = False) -> str:
         "  GEMV from DRAM, GB/s by row length (at " + "/".join(f"{m:g}" for m in r["gemv_grid"]["mib"]) + " MiB): "
         + "; ".join(f"in {n}: " + "/".join(f"{v:.1f}" for v in row) for n, row in zip(r["gemv_grid"]["in_features"], r["gemv_grid"]["gbps"])),
         "  fp32 GEMM by rows (M: GFLOP/s): " + ", ".join(f"{m:g}: {f / 1e9:.0f}" for m, f in r["gemm_fp32_curve"]),
+        "  batched matmul from DRAM, time over the one-row GEMV (rows: x): "
+        + ", ".join(f"{m:g}: {f:.2f}" for m, f in r["gemm_dram_slowdown"]),
         f"  cache: {cache_path(threads)}  (re-run with force to measure again)",
     ] + ([f"  warning: the host was busy (load average {data['load_average_before'][0]:.1f} on {os.cpu_count()} cores); "
           "timings, small-op overheads above all, may be far too slow: re-run with force when it is idle"]

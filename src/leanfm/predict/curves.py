@@ -6,6 +6,9 @@ small matrices pay a fixed cost per call); a matmul's weight read takes bytes / 
 
 ``gemm_fp32_curve`` ``[[rows, FLOP/s], ...]``: achieved fp32 matmul throughput by the number of
 rows (tokens) multiplied at once; linear in log(rows) between points, clamped outside.
+
+``gemm_dram_slowdown`` ``[[rows, factor], ...]``: a matmul of that many rows over weights read
+from DRAM takes ``factor`` times the one-row GEMV of the same shape; interpolated the same way.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ def gemv_seconds(grid: dict) -> Callable[[float, int], float]:
 
 
 def rate_for_rows(points: list[list[float]]) -> Callable[[float], float]:
+    """``rows -> value`` through ``[[rows, value], ...]``: linear in log(rows), clamped outside."""
     pts = sorted((float(m), float(r)) for m, r in points)
     xs = [math.log(m) for m, _ in pts]
 

@@ -50,6 +50,7 @@ class Target:
     per_op_us: float = 0.0
     gemv_seconds: object = None  # (weight bytes, in_features) -> seconds of a one-row matmul (calibrated), or None
     gemm_rate: object = None  # rows -> fp32 matmul FLOP/s (calibrated curve), or None
+    gemm_slowdown: object = None  # rows -> time of a dense matmul of that many rows over its one-row GEMV, from DRAM (calibrated), or None
     elementwise: str = "fused"  # "unfused": eager PyTorch (each elementwise op reads and writes memory)
 
     @property
@@ -95,12 +96,15 @@ def op_row(tgt: Target, op: str, kind: str, fmt: str, flops: float, w_bytes: flo
     """One op priced on the roofline (see the module docstring for the equation). ``rows``: the
     tokens a matmul multiplies at once; with a calibrated profile a matmul's weight read costs the
     measured GEMV time for that many bytes and its fp32 compute runs at the measured rate for
-    that many rows (``curves.py``), instead of the flat peak and bandwidth."""
+    that many rows (``curves.py``), instead of the flat peak and bandwidth; a dense matmul of
+    several rows reads them ``gemm_slowdown(rows)`` times slower than the one-row GEMV."""
     total = w_bytes + a_bytes + kv_bytes
     peak = tgt.gemm_rate(rows) if rows and tgt.gemm_rate and compute_dtype == "fp32" else tgt.peak(compute_dtype)
     t_compute = flops * flops_factor / peak
     if rows and tgt.gemv_seconds and w_bytes and in_features:
         t_memory = tgt.gemv_seconds(w_bytes, in_features) + (a_bytes + kv_bytes) / tgt.bandwidth
+        if rows > 1 and tgt.gemm_slowdown and fmt == tgt.dtype:  # a dense batched matmul streams its weights slower
+            t_memory *= tgt.gemm_slowdown(rows)
     else:
         t_memory = total / tgt.bandwidth
     t = max(t_compute, t_memory) * (1.0 + overhead)
@@ -163,6 +167,10 @@ def _layer_rows(plan: Plan, tgt: Target, i: int, batch: int, n: int, past: float
     flops = 2.0 * a.heads * a.head_dim * keys * batch
     out.append(op_row(tgt, "attn_qk", "attention", tgt.dtype, flops, 0.0, q_bytes, kv_tok / 2, tgt.dtype))
     out.append(op_row(tgt, "attn_av", "attention", tgt.dtype, flops, 0.0, q_bytes, kv_tok / 2, tgt.dtype))
+    if tgt.elementwise == "unfused":
+        # eager transformers' DynamicCache appends by torch.cat: every step reads the layer's whole
+        # cache and writes it back one token longer (a serving stack writes only the new token)
+        out.append(op_row(tgt, "kv_append", "elementwise", tgt.dtype, 0.0, 0.0, 2.0 * kv_tok, 0.0, tgt.dtype))
     out += [_matmul(tgt, _short(i, s, pc), pc, f, rows) for s, pc, f in attn if s == "o_proj"]
     out += [_norm(tgt, nm, a.hidden, rows) for nm in norms[1:]]
     out += [_matmul(tgt, _short(i, s, pc), pc, f, rows) for s, pc, f in mlp]
