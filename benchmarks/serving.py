@@ -8,7 +8,7 @@ Each setup is one server that ``leanfm serve`` would start (the same code: ``lea
 
 - ``torch-cb``: transformers' ``serve`` with continuous batching (paged KV cache), fp32 baseline;
 - ``torch-serial``: the same server without continuous batching (each request generated on its own);
-- ``llamacpp-<type>``: llama-cpp-python's server (one request at a time) on a GGUF export of the
+- ``llamacpp-<type>``: llama-cpp-python's server (one request at a time, the others queued) on a GGUF export of the
   baseline (``f32``) or of ``rtn-q4_0`` (``q4_0``: llama.cpp's own Q4_0 grid); ``llamacpp-q4_0-kv8``:
   the same with the K/V cache in q8_0 (flash attention on).
 
@@ -104,7 +104,7 @@ def main() -> None:
                 f = lambda v: "–" if v is None else f"{v:.0f}"  # noqa: E731
                 print(f"  rate {r:g}: {m['completed']}/{m['requests']} ok, TTFT p50 {f(m['ttft_ms_p50'])} p99 {f(m['ttft_ms_p99'])} ms, "
                       f"TPOT p50 {f(m['tpot_ms_p50'])} p99 {f(m['tpot_ms_p99'])} ms, {m['request_throughput']:.2f} req/s, "
-                      f"{m['output_token_throughput']:.1f} tok/s, goodput {m['goodput']:.2f} req/s, attainment "
+                      f"{m['output_token_throughput']:.1f} tok/s, {m['mean_output_tokens'] or 0:.1f} tokens/request, goodput {m['goodput']:.2f} req/s, attainment "
                       f"{m['slo_attainment']:.2f}{'' if ok else ' (not sustained)'}", flush=True)
                 misses = 0 if ok else misses + 1
                 if misses >= 2:
@@ -116,14 +116,14 @@ def main() -> None:
 
     print(f"\nsmollm2-135m, {a.threads} threads per server, {a.num_requests} requests per rate (prompt {a.prompt_len} tokens "
           f"of WikiText-2 test, {a.max_tokens} output tokens), Poisson arrivals, SLO {a.slo}, sustained = attainment >= {a.attainment}")
-    print("| setup | rate req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | req/s | output tok/s | goodput req/s | attainment |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| setup | rate req/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | req/s | output tok/s | tokens/request | goodput req/s | attainment |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, s in report["setups"].items():
         for row in s["rows"]:
             f = lambda v: "–" if v is None else f"{v:.0f}"  # noqa: E731
             print(f"| {name} | {row['rate']:g} | {f(row['ttft_ms_p50'])} / {f(row['ttft_ms_p99'])} | {f(row['tpot_ms_p50'])} / "
                   f"{f(row['tpot_ms_p99'])} | {row['request_throughput']:.2f} | {row['output_token_throughput']:.1f} | "
-                  f"{row['goodput']:.2f} | {row['slo_attainment']:.2f} |")
+                  f"{row['mean_output_tokens'] or 0:.1f} | {row['goodput']:.2f} | {row['slo_attainment']:.2f} |")
     print("\ncapacity (highest sustained rate of the sweep) beside the predictor's curve (leanfm predict on the local profile: "
           "decode step at batch b; busy-server rate = 1 / (prefill of one prompt + max_tokens x step(b) / b)):")
     print("| setup | measured capacity req/s | " + " | ".join(f"b={b}: TPOT ms / tok/s / rate" for b in BATCHES) + " | predicted capacity req/s |")

@@ -81,6 +81,7 @@ def test_metrics_from_a_streaming_server():
     assert 8 <= m["tpot_ms_p50"] <= 100 and 8 <= m["itl_ms_p50"] <= 100
     assert m["e2e_ms_p99"] >= m["e2e_ms_p50"] >= m["ttft_ms_p50"]
     assert m["output_token_throughput"] == pytest.approx(m["request_throughput"] * 8, rel=1e-6)
+    assert m["mean_output_tokens"] == 8 and {r["max_tokens"] for r in res["details"]["requests"]} == {8}
     assert m["goodput"] == pytest.approx(m["request_throughput"]) and m["slo_attainment"] == 1.0
     # an SLO no request meets: no goodput
     srv, url = stub_openai.start(ttft=0.05, itl=0.01)

@@ -97,6 +97,9 @@ def test_serve_then_loadtest_and_nothing_left_behind(runtime, tiny_model_dir, ti
                        model=None)
         assert res["metrics"]["completed"] == 3, res["details"]["errors"]
         assert res["metrics"]["ttft_ms_p50"] > 0 and res["metrics"]["output_token_throughput"] > 0
+        # concurrent requests queue; none is cut short by the next (llama-cpp-python's server
+        # interrupts the running request by default; the tiny model emits no EOS in 6 tokens)
+        assert [r["output_tokens"] for r in res["details"]["requests"]] == [6, 6, 6], res["details"]["requests"]
         # a client killed mid-run leaves the server serving
         client = subprocess.Popen([LEANFM, "loadtest", url, "--rate", "inf", "--num-requests", "6", "--max-tokens", "64",
                                    "--dataset", str(tiny_text), "--out", str(tmp_path / "lt")],

@@ -128,6 +128,8 @@ class RequestResult:
     output_tokens: int = 0
     prompt_tokens: int | None = None
     end: float | None = None
+    max_tokens: int = 0
+    finish_reason: str | None = None
 
     @property
     def tpot_ms(self) -> float | None:
@@ -176,7 +178,7 @@ async def _one(client, base: str, model: str | None, request: tuple[str, int], s
     if spec.ignore_eos:
         body["ignore_eos"] = True
     t0 = time.perf_counter()
-    res.sent = t0 - t_start
+    res.sent, res.max_tokens = t0 - t_start, max_tokens
     last = first = None
     chunks = 0
     try:
@@ -200,6 +202,7 @@ async def _one(client, base: str, model: str | None, request: tuple[str, int], s
                     continue
                 now = time.perf_counter()
                 first = now if first is None else first
+                res.finish_reason = next((c["finish_reason"] for c in choices if c.get("finish_reason")), res.finish_reason)
                 text = "".join(c.get("text") or "" for c in choices)
                 if text:  # a token event: what TTFT and ITL time
                     if last is None:
@@ -267,7 +270,7 @@ def summarize(results: list[RequestResult], slo: dict[str, float], wall_s: float
     span = max(span, 1e-9)
     m: dict = {"requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
                "request_throughput": len(ok) / span, "output_token_throughput": sum(r.output_tokens for r in ok) / span,
-               "duration_s": span}
+               "duration_s": span, "mean_output_tokens": statistics.fmean(r.output_tokens for r in ok) if ok else None}
     series = {"ttft_ms": [r.ttft_ms for r in ok], "tpot_ms": [r.tpot_ms for r in ok if r.tpot_ms is not None],
               "itl_ms": [x for r in ok for x in r.itl_ms], "e2e_ms": [r.e2e_ms for r in ok]}
     for name, xs in series.items():
@@ -299,4 +302,5 @@ def run_load(url: str, requests: list[tuple[str, int]], spec: LoadSpec, slo: dic
     return {"metrics": summarize(results, slo or {}, wall),
             "details": {"spec": asdict(spec), "slo_ms": slo or {}, "url": base, "wall_s": wall, "errors": errors[:5],
                         "requests": [{"sent_s": round(r.sent, 4), "ok": r.ok, "ttft_ms": r.ttft_ms, "tpot_ms": r.tpot_ms,
-                                      "e2e_ms": r.e2e_ms, "output_tokens": r.output_tokens, "error": r.error} for r in results]}}
+                                      "e2e_ms": r.e2e_ms, "output_tokens": r.output_tokens, "max_tokens": r.max_tokens,
+                                      "finish_reason": r.finish_reason, "error": r.error} for r in results]}}

@@ -9,7 +9,8 @@ stops it on exit, on Ctrl-C or when leanfm itself dies:
   int layers are leanfm's own kernels, which plain transformers does not run.
 - ``llama.cpp``: llama-cpp-python's server (``python -m llama_cpp.server``) on a GGUF export
   (leanfm's own codes where the recipe's grid fits the block type). It serves one request at a
-  time.
+  time; the others queue (``--interrupt_requests false``: by default a new request would cut the
+  running one short).
 - ``vllm``: ``vllm serve`` on a Hugging Face folder, when vLLM is installed and a GPU is present.
 
 The child runs in its own process group (so stopping it stops whatever it spawned) and gets
@@ -126,7 +127,9 @@ def command(runtime: str, path: Path, host: str, port: int, threads: int, contin
             raise LeanfmError(f"unknown KV cache type '{kv_type}'; choose one of: {', '.join(KV_TYPES)}")
         kv = [] if kv_type == "f16" else ["--type_k", str(KV_TYPES[kv_type]), "--type_v", str(KV_TYPES[kv_type]), "--flash_attn", "true"]
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", host, "--port", str(port),
-                "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx), *kv], env
+                "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx), *kv,
+                # its default cuts the running request short when a new one arrives; queue instead
+                "--interrupt_requests", "false"], env
     if kv_type != "f16":
         raise LeanfmError(f"--kv-cache-type applies to --runtime llama.cpp only (got --runtime {runtime})")
     if runtime == "torch":
