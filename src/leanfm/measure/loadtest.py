@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
 from ..errors import LeanfmError
+from .stats import percentile
 
 SLO_KEYS = ("ttft", "tpot", "itl", "e2e")
 _UNITS = {"ms": 1.0, "s": 1000.0, "us": 1e-3}
@@ -255,12 +256,7 @@ async def _run(base: str, model: str | None, requests: list[tuple[str, int]], sp
 
 
 def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+    return percentile(xs, q) if xs else None
 
 
 def summarize(results: list[RequestResult], slo: dict[str, float], wall_s: float) -> dict:

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import LeanfmError
 from .cpuload import CpuLoad
-from .speed import _percentile
+from .stats import percentile
 
 
 def check_runtime_protocol(protocol, runtime: str) -> None:
@@ -83,8 +83,8 @@ class RuntimeTimer:
             raise ValueError("no recorded repeat")
         metrics = {
             "prefill_ms": statistics.median(self.prefills),
-            "tpot_ms_p50": _percentile(self.all_steps, 0.5),
-            "tpot_ms_p90": _percentile(self.all_steps, 0.9),
+            "tpot_ms_p50": percentile(self.all_steps, 0.5),
+            "tpot_ms_p90": percentile(self.all_steps, 0.9),
             "decode_tokens_per_s": statistics.median(self.tps),
         }
         details = {

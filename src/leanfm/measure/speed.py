@@ -27,19 +27,13 @@ import torch
 
 from .. import progress
 from .cpuload import CpuLoad
+from .stats import percentile
 
 
 def sync_device() -> None:
     """Wait for queued GPU work, so a timer reads finished work (nothing to do on the CPU)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 @torch.no_grad()
@@ -196,8 +190,8 @@ class DecodeTimer:
         steps = self.all_steps if self.policy is None else self.tpots
         metrics = {
             "prefill_ms": statistics.median(self.prefills),
-            "tpot_ms_p50": _percentile(steps, 0.5),
-            "tpot_ms_p90": _percentile(steps, 0.9),
+            "tpot_ms_p50": percentile(steps, 0.5),
+            "tpot_ms_p90": percentile(steps, 0.9),
             "decode_tokens_per_s": statistics.median(self.tps),
         }
         details = {
