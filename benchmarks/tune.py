@@ -233,9 +233,9 @@ def main() -> None:
     ap.add_argument("--calib-seqlen", type=int, default=512, help="recovery: tokens per calibration window")
     ap.add_argument("--recovery-methods", default="kd,full",
                     help="recovery: the tuning methods to run, each after --recipe (kd: distillation; full: plain next-token)")
-    ap.add_argument("--kd-temperature", type=float, default=None, help="recovery: kd's temperature (default: the method's, 2)")
+    ap.add_argument("--kd-temperature", type=float, default=None, help="recovery: kd's temperature (default: the method's, 1)")
     ap.add_argument("--kd-weight", type=float, default=None, help="recovery: kd's share of the loss; the rest is next-token "
-                    "cross-entropy (default: the method's, 1)")
+                    "cross-entropy (default: the method's, 0.5)")
     ap.add_argument("--kd-hidden-weight", type=float, default=None, help="recovery: weight of last-hidden-state matching "
                     "(default: the method's, 0)")
     ap.add_argument("--memory-steps", type=int, default=3)

@@ -166,7 +166,7 @@ def test_distillation_moves_the_student_towards_the_teacher():
     for p in teacher.parameters():
         p.requires_grad_(False)
     cfg = config_from_dict({"method": "kd", "steps": 20, "batch": 2, "seqlen": 32, "lr": 1e-3, "schedule": "constant",
-                            "hidden_weight": 0.5})
+                            "hidden_weight": 0.5, "temperature": 2.0, "kd_weight": 1.0})  # pure KL
     batch = _batch(student)
 
     def gap():
