@@ -5,8 +5,10 @@
         [--batches 1,4,16] [--batches-only]
 
 Each recipe's model gets two timers — eager (dynamic KV cache) and compiled (static KV cache,
-torch.compile'd step) — from ``leanfm.measure.speed.DecodeTimer``, the code ``leanfm bench
-[--compile]`` runs. All compiles happen first; then one warm-up round and ``--repeats`` recorded
+torch.compile'd step, one-row fp32 matmuls on leanfm's C++ GEMV) — from
+``leanfm.measure.speed.DecodeTimer``, the code ``leanfm bench [--compile]`` runs; the baseline
+gets a third, compiled with aten's ``mm`` kept (``compiled-aten-mm``), to split the compiler's
+gain from the kernel's. All compiles happen first; then one warm-up round and ``--repeats`` recorded
 rounds, each running one repeat of every timer in turn (A B C ... A B C), so a noisy machine
 hits all of them alike. Printed per timer: decode tok/s median (min-max over repeats), the path
 that ran (or why it fell back to eager), compile seconds, achieved GB/s and the roofline
@@ -98,9 +100,13 @@ def main() -> None:
         t0 = time.perf_counter()
         models[name] = model = _model(a, name, out, calib)
         print(f"{name}: model ready in {time.perf_counter() - t0:.0f} s", flush=True)
-        for path in ("eager", "compiled"):
-            timers[(name, path)] = DecodeTimer(model, prompt, a.gen, compile=path == "compiled")
-            if path == "compiled":
+        paths = ("eager", "compiled", "compiled-aten-mm") if name == "baseline" else ("eager", "compiled")
+        for path in paths:
+            # compiled-aten-mm: the same compiled step with aten's mm instead of leanfm's GEMV, on its
+            # own copy of the model (another torch.compile of the same forward), to split the gain
+            m = leanfm.load(MODEL)[0] if path == "compiled-aten-mm" else model
+            timers[(name, path)] = DecodeTimer(m, prompt, a.gen, compile=path != "eager", own_gemv=path == "compiled")
+            if path != "eager":
                 t = timers[(name, path)]
                 print(f"  compiled: {t.path}; compile {t.compile_seconds():.0f} s" if t.decoders else f"  compiled: fell back: {t.fallback}",
                       flush=True)
@@ -154,6 +160,8 @@ def main() -> None:
 
     print("\nratios (medians; in brackets the slowest repeat of the first over the fastest of the second):")
     print(f"- fp32 compiled / fp32 eager: {ratio('baseline/compiled', 'baseline/eager')} (target >= 1.5x)")
+    print(f"- fp32 compiled with aten's mm / fp32 eager: {ratio('baseline/compiled-aten-mm', 'baseline/eager')}; "
+          f"leanfm's GEMV / aten's mm, both compiled: {ratio('baseline/compiled', 'baseline/compiled-aten-mm')}")
     if "baseline/compiled" in rows:
         print(f"- fp32 compiled roofline fraction (nominal {profile['memory_bandwidth_gbps']} GB/s): "
               f"{rows['baseline/compiled']['roofline_fraction']:.3f} (target >= 0.60)")

@@ -230,3 +230,45 @@ def test_chunked_dense_path_reuses_one_workspace_and_keeps_gradients(backend, mo
     xr = x.clone().requires_grad_(True)
     F.linear(xr, ref_w).square().sum().backward()
     assert ((xg.grad - xr.grad).norm() / xr.grad.norm()).item() < 1e-5  # fp32 summation order only
+
+
+@pytest.mark.parametrize("n_rows", [3, 98])
+def test_cpp_int4_row_tails_and_the_operator_match_the_reference(n_rows):
+    """Rows go through the kernel four at a time with a one-row tail (98 = 2 x (12 x 4 + 1) over
+    two threads; 3: tail only); the ``leanfm::int4_gemv`` operator a compiled graph calls gives
+    the pybind function's numbers exactly."""
+    _need("cpp-int4")
+    from leanfm.kernels import cpp_int4
+
+    torch.manual_seed(1)
+    qw = rtn_quantize(torch.randn(n_rows, 192), 4, 64, False)
+    ref_w = dequantize(qw.codes, qw.scale, qw.zero, qw.group_size)
+    packed, minus_sz = cpp_int4.pack(qw.codes, 64), (-qw.scale * qw.zero).float().contiguous()
+    scale = qw.scale.float().contiguous()
+    for m in (1, 3):
+        x = torch.randn(m, 192)
+        got = cpp_int4.load()(x, packed, scale, minus_sz, 64)
+        torch.testing.assert_close(got, x @ ref_w.T, rtol=1e-5, atol=1e-4)
+        assert torch.equal(torch.ops.leanfm.int4_gemv(x, packed, scale, minus_sz, 64), got)
+
+
+@pytest.mark.parametrize("n,k", [(7, 13), (98, 576), (4, 8)])
+def test_cpp_f32_gemv_matches_linear(n, k):
+    """Row tails (N % 4), column tails (K % 8), several rows of x, with and without a bias; the
+    operator and the pybind function agree exactly."""
+    from leanfm.kernels import cpp_gemv
+
+    fn = cpp_gemv.load()
+    if isinstance(fn, str):
+        pytest.skip(f"cpp-gemv unavailable on this machine: {fn}")
+    torch.manual_seed(2)
+    w, b = torch.randn(n, k), torch.randn(n)
+    tol = dict(rtol=1e-5, atol=1e-4)  # only the summation order differs: sums of ~k products of size ~1
+    for m in (1, 3):
+        x = torch.randn(m, k)
+        torch.testing.assert_close(fn(x, w, None), F.linear(x, w), **tol)
+        got = torch.ops.leanfm.f32_gemv(x, w, b)
+        torch.testing.assert_close(got, F.linear(x, w, b), **tol)
+        assert torch.equal(got, fn(x, w, b))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        fn(torch.randn(1, k), torch.randn(k, n).T, None)

@@ -194,7 +194,9 @@ class CppInt4(Backend):
     decode_op = torch.ops.leanfm.int4_gemv.default
 
     def _decode_kernel(self, x2, bufs, lay):
-        fn = cpp_int4.int4_gemv if torch.compiler.is_compiling() else cpp_int4.load()  # the operator only where a graph is traced
+        # eagerly the pybind function; a traced graph calls the operator it implements (loaded by
+        # ``unsupported`` when the backend was chosen)
+        fn = torch.ops.leanfm.int4_gemv.default if torch.compiler.is_compiling() else cpp_int4.load()
         return fn(x2, bufs["qweight"], bufs["scale"], bufs["minus_sz"], lay.group_size)
 
 

@@ -88,10 +88,11 @@ class DecodeTimer:
     ``compile``: decode on a static KV cache with a compiled step (:mod:`..models.compiled`),
     compiled here, before any repeat; a model the compiled path cannot run (a KV-cache or
     decoding policy, a forward torch.compile cannot trace) decodes eagerly and the result says why.
+    ``own_gemv``: the compiled step's one-row fp32 matmuls run on leanfm's C++ GEMV (False: aten's).
     """
 
-    def __init__(self, model, prompt_ids: torch.Tensor, gen: int, meter=None, compile: bool = False):
-        self.model, self.gen, self.meter = model, gen, meter
+    def __init__(self, model, prompt_ids: torch.Tensor, gen: int, meter=None, compile: bool = False, own_gemv: bool = True):
+        self.model, self.gen, self.meter, self.own_gemv = model, gen, meter, own_gemv
         self.prompt_ids = prompt_ids.to(getattr(model, "device", prompt_ids.device))
         self.policy = getattr(model, "leanfm_decoder", None)
         if self.policy is not None:
@@ -118,7 +119,7 @@ class DecodeTimer:
             try:
                 with progress.bar("compiling the decode step (torch.compile)", None):
                     if self.policy is None:
-                        dec = StaticDecoder(self.model, max_len)
+                        dec = StaticDecoder(self.model, max_len, own_gemv=self.own_gemv)
                         dec.warm(self.prompt_ids)
                         self.static, self.decoders = dec, [dec]
                     else:  # one unrecorded generation compiles every step length it feeds

@@ -50,9 +50,12 @@ class StaticDecoder:
     compiled forward; ``crop(keep)`` rolls the cache back to its first ``keep`` positions (stale
     entries beyond it are masked until they are overwritten); ``reset()`` empties it.
     ``compile=False`` keeps every step eager on the same static cache (a reference for tests).
-    ``cache_config``: the config the cache is laid out for (default the model's)."""
+    ``cache_config``: the config the cache is laid out for (default the model's).
+    ``own_gemv``: on a CPU, the compiled graph's one-row fp32 matmuls run on leanfm's C++ GEMV
+    (:mod:`..kernels.gemv_pass`) when it compiles here; False keeps aten's ``mm``."""
 
-    def __init__(self, model: nn.Module, max_len: int, compile: bool = True, mode: str | None = None, cache_config=None):
+    def __init__(self, model: nn.Module, max_len: int, compile: bool = True, mode: str | None = None, cache_config=None,
+                 own_gemv: bool = True):
         from transformers import StaticCache
 
         why = compile_blocker(model)
@@ -69,12 +72,16 @@ class StaticDecoder:
         if mode is None and self.device.type == "cuda":
             mode = "reduce-overhead"  # CUDA graphs: one launch per step
         self.mode = mode
+        self.gemv_pass = None
         if compile:
+            from ..kernels import cpp_gemv
             from ..kernels.backends import decode_ops
-            from ..kernels.graph_cse import DedupePackedCalls
+            from ..kernels.gemv_pass import DecodeGraphPass
 
+            rows = cpp_gemv.MAX_ROWS if own_gemv and self.device.type == "cpu" and not isinstance(cpp_gemv.load(), str) else 0
+            self.gemv_pass = DecodeGraphPass(decode_ops(), rows)
             # mode and options are exclusive in torch.compile: CUDA graphs go by their own option
-            opts = {"post_grad_custom_pre_pass": DedupePackedCalls(decode_ops()), **({"triton.cudagraphs": True} if mode == "reduce-overhead" else {})}
+            opts = {"post_grad_custom_pre_pass": self.gemv_pass, **({"triton.cudagraphs": True} if mode == "reduce-overhead" else {})}
             self._fn = torch.compile(model.forward, fullgraph=True, dynamic=False, options=opts)
         else:
             self._fn = model.forward
@@ -83,8 +90,10 @@ class StaticDecoder:
 
     @property
     def path(self) -> str:
-        return f"compiled (torch.compile inductor{', ' + self.mode if self.mode else ''}, static KV cache)" if self.compiled \
-            else "eager (static KV cache)"
+        if not self.compiled:
+            return "eager (static KV cache)"
+        gemv = ", one-row fp32 matmuls on leanfm's C++ GEMV" if self.gemv_pass is not None and self.gemv_pass.gemv_rows else ""
+        return f"compiled (torch.compile inductor{', ' + self.mode if self.mode else ''}, static KV cache{gemv})"
 
     def crop(self, keep: int) -> None:
         if not 0 <= keep <= self.pos:

@@ -1,0 +1,52 @@
+"""Compile leanfm's C++ CPU kernels on first use (torch cpp_extension), once per source and flags.
+
+Each kernel module hands :func:`build` its C++ source. The source both exports pybind functions
+(eager code calls them directly: about 4 us per call) and registers the same functions as the CPU
+implementation of ``leanfm::`` operators whose schemas the Python module defines with
+:func:`define`. A compiled graph calls the operator, so inductor keeps one opaque call per layer
+and the dispatcher reaches the C++ function without a Python hop (a Python ``custom_op`` costs
+about 20 us per call, which at 121 calls per decode step is 2.4 ms).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import torch
+
+CFLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp"]
+_LIB = torch.library.Library("leanfm", "FRAGMENT")  # the namespace's schemas; implementations come from C++
+
+
+def cpu_flags() -> set[str]:
+    """The running CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def define(schema: str, fake) -> None:
+    """Declare ``leanfm::<schema>`` and its shape function (for tracing); the C++ side implements it."""
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    torch.library.register_fake(f"leanfm::{name}", fake, lib=_LIB)
+
+
+@functools.lru_cache(maxsize=None)
+def build(stem: str, src: str, functions: tuple[str, ...]):
+    """The compiled module, or a string saying why it is unavailable (no compiler, no AVX2/FMA...)."""
+    if not {"avx2", "fma"} <= cpu_flags():
+        return "needs an x86 CPU with AVX2 and FMA"
+    name = f"leanfm_{stem}_" + hashlib.sha1((src + " ".join(CFLAGS) + torch.__version__).encode()).hexdigest()[:10]
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        return load_inline(name=name, cpp_sources=[src], functions=list(functions), extra_cflags=CFLAGS,
+                           extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler / headers / ninja: the caller reports itself unavailable
+        return f"could not compile the C++ kernel ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
