@@ -1,0 +1,1 @@
+"""Techniques for vision transformers (issue 19): token merging."""

@@ -1,0 +1,147 @@
+"""ToMe: token merging for vision transformers (Bolya et al., ICLR 2023, "Token Merging: Your ViT but Faster").
+
+In every block, after attention, ``r`` tokens are merged into others, so each later block runs on
+fewer tokens; nothing is trained. The three pieces (paper § 3):
+
+- **Bipartite soft matching** (:func:`bipartite_soft_matching`): split the tokens alternately
+  into sets A and B; connect each A token to its most similar B token (cosine of the attention
+  keys averaged over heads, the "metric"); keep the ``r`` most similar edges and merge each
+  chosen A token into its B partner. The class token is never merged.
+- **Merging by size** (:func:`merge_by_size`): each token carries the number of patches it
+  stands for, ``s``; a merge averages the features weighted by ``s`` and adds the sizes.
+- **Proportional attention** (:func:`proportional_attention`, eq. 1): ``softmax(QKᵀ/√d + log s)``,
+  so a token that stands for ``s`` patches gets the attention ``s`` copies of it would.
+
+:func:`apply_tome` puts this into a transformers ``Dinov2Model`` by wrapping its blocks; the
+math functions take plain tensors and are tested on their own.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import LeanfmError
+
+
+def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: bool = True):
+    """The merge of ``r`` tokens that ``metric [B, N, C]`` chooses, as a function ``merge(x, reduce)``
+    that maps ``x [B, N, D]`` to ``[B, N - r, D]`` (``reduce``: "sum" or "mean" over merged tokens).
+    ``protect_first``: token 0 (the class token) is never merged away and stays first."""
+    n = metric.shape[1]
+    if r <= 0:
+        return lambda x, reduce="sum": x
+    n_a = (n + 1) // 2
+    if r > n_a - int(protect_first):
+        raise LeanfmError(f"ToMe cannot merge r={r} of {n} tokens in one block (at most {n_a - int(protect_first)}); "
+                          "lower r")
+    with torch.no_grad():
+        m = F.normalize(metric.float(), dim=-1)
+        a, b = m[:, ::2], m[:, 1::2]
+        scores = a @ b.transpose(-1, -2)  # [B, n_a, n_b]
+        if protect_first:
+            scores[:, 0, :] = -math.inf
+        node_max, node_idx = scores.max(dim=-1)  # each A token's best B partner
+        order = node_max.argsort(dim=-1, descending=True)[..., None]
+        src_idx = order[:, :r]  # A tokens merged away
+        unm_idx = order[:, r:].sort(dim=1).values  # A tokens kept, in their original order (class token first)
+        dst_idx = node_idx[..., None].gather(1, src_idx)
+
+    def merge(x: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        src, dst = x[:, ::2], x[:, 1::2]
+        d = x.shape[-1]
+        unm = src.gather(1, unm_idx.expand(-1, -1, d))
+        moved = src.gather(1, src_idx.expand(-1, -1, d))
+        dst = dst.scatter_reduce(1, dst_idx.expand(-1, -1, d), moved, reduce=reduce)
+        return torch.cat([unm, dst], dim=1)
+
+    return merge
+
+
+def merge_by_size(merge, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average of the merged tokens ``x [B, N, D]``; ``size [B, N, 1]`` summed."""
+    x = merge(x * size, "sum")
+    size = merge(size, "sum")
+    return x / size, size
+
+
+def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor | None,
+                           scale: float) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + log size) v`` for ``q, k, v [B, H, N, d]`` and ``size [B, N, 1]``."""
+    bias = None if size is None else size.log().transpose(1, 2)[:, None]  # [B, 1, 1, N]: per key
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+
+class _State:
+    def __init__(self, r: int):
+        self.r, self.size = r, None
+
+
+class ToMeDinov2Layer(nn.Module):
+    """A ``Dinov2Layer`` that merges ``state.r`` tokens after its attention (the same weights)."""
+
+    def __init__(self, layer: nn.Module, state: _State):
+        super().__init__()
+        self.layer, self.state = layer, state
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        blk, att = self.layer, self.layer.attention
+        b, n, _ = hidden_states.shape
+        if self.state.size is None or self.state.size.shape[:2] != (b, n):
+            self.state.size = hidden_states.new_ones(b, n, 1)
+        h = blk.norm1(hidden_states)
+        shape = (b, n, -1, att.head_dim)
+        q, k, v = (p(h).view(shape).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
+        a = proportional_attention(q, k, v, self.state.size, att.scaling)
+        x = hidden_states + blk.drop_path(blk.layer_scale1(att.o_proj(a.transpose(1, 2).reshape(b, n, -1))))
+        if self.state.r > 0:
+            merge = bipartite_soft_matching(k.mean(dim=1), self.state.r)  # metric: keys averaged over heads
+            x, self.state.size = merge_by_size(merge, x, self.state.size)
+        return x + blk.drop_path(blk.layer_scale2(blk.mlp(blk.norm2(x))))
+
+
+def apply_tome(model: nn.Module, r: int, image_size: int | None = None) -> nn.Module:
+    """Merge ``r`` tokens per block in a transformers ``Dinov2Model`` (in place; returns it).
+    Fails with one line when ``r`` would merge more tokens than a block has left at
+    ``image_size`` (default: the model's configured size); a forward on larger images than
+    checked fails the same way."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    inner = [getattr(blk, "layer", blk) for blk in layers] if layers is not None else []
+    if layers is None or not all(hasattr(blk, "attention") and hasattr(blk.attention, "q_proj") for blk in inner):
+        raise LeanfmError(f"ToMe here applies to DINOv2 models (transformers Dinov2Model), not {type(model).__name__}")
+    if r < 0:
+        raise LeanfmError(f"ToMe r={r} must be >= 0")
+    cfg = model.config
+    size = image_size or cfg.image_size
+    if size % cfg.patch_size:
+        raise LeanfmError(f"image size {size} is not a multiple of the patch size {cfg.patch_size}; "
+                          f"use {size // cfg.patch_size * cfg.patch_size} or {(size // cfg.patch_size + 1) * cfg.patch_size}")
+    n0 = n = 1 + (size // cfg.patch_size) ** 2
+    for i in range(len(layers)):
+        if r > (n + 1) // 2 - 1:
+            raise LeanfmError(f"ToMe r={r} merges more tokens than block {i} has left ({n} of {n0} tokens at "
+                              f"{size}x{size}); use r <= {max_r(n0, len(layers))}")
+        n -= r
+    state = _State(r)
+    for i, blk in enumerate(layers):
+        layers[i] = ToMeDinov2Layer(blk.layer if isinstance(blk, ToMeDinov2Layer) else blk, state)
+    model.register_forward_pre_hook(lambda mod, args, kwargs: setattr(state, "size", None), with_kwargs=True)
+    model.leanfm_tome = state
+    return model
+
+
+def max_r(tokens: int, blocks: int) -> int:
+    """The largest r every one of ``blocks`` blocks can merge, starting from ``tokens``."""
+    r = 0
+    while True:
+        n, ok = tokens, True
+        for _ in range(blocks):
+            if r + 1 > (n + 1) // 2 - 1:
+                ok = False
+                break
+            n -= r + 1
+        if not ok:
+            return r
+        r += 1
