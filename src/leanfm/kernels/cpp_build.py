@@ -15,7 +15,22 @@ import hashlib
 import torch
 
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp"]
-_LIB = torch.library.Library("leanfm", "FRAGMENT")  # the namespace's schemas; implementations come from C++
+_LIB = torch.library.Library("leanfm", "FRAGMENT")
+
+# What every kernel source starts with: headers and an AVX2 horizontal sum of 8 floats.
+PRELUDE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <vector>
+#include <immintrin.h>
+
+static inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+"""  # the namespace's schemas; implementations come from C++
 
 
 def cpu_flags() -> set[str]:

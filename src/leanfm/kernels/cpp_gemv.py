@@ -19,20 +19,9 @@ from __future__ import annotations
 
 import torch
 
-from .cpp_build import build, define
+from .cpp_build import PRELUDE, build, define
 
-_SRC = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
+_SRC = PRELUDE + r"""
 static inline float dot1(const float* w, const float* x, int64_t K) {
   __m256 a = _mm256_setzero_ps();
   int64_t k = 0;

@@ -22,21 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from .cpp_build import build, define
+from .cpp_build import PRELUDE, build, define
 
-_SRC = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <vector>
-#include <immintrin.h>
-
-static inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
+_SRC = PRELUDE + r"""
 // One output row, one activation row, H % 8 == 0: 8 bytes (16 codes) per step, two FMA chains.
 static inline float row_dot_avx2(const uint8_t* row, const float* x, const float* xs, const float* s, const float* m,
                                  int64_t NG, int64_t G, int64_t H) {
