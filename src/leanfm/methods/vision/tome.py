@@ -89,16 +89,17 @@ class ToMeDinov2Layer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         blk, att = self.layer, self.layer.attention
         b, n, _ = hidden_states.shape
-        if self.state.size is None or self.state.size.shape[:2] != (b, n):
-            self.state.size = hidden_states.new_ones(b, n, 1)
+        if self.state.size is not None and self.state.size.shape[:2] != (b, n):
+            self.state.size = None  # a new input: every token stands for one patch
         h = blk.norm1(hidden_states)
         shape = (b, n, -1, att.head_dim)
         q, k, v = (p(h).view(shape).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
-        a = proportional_attention(q, k, v, self.state.size, att.scaling)
+        a = proportional_attention(q, k, v, self.state.size, att.scaling)  # no bias while all sizes are 1
         x = hidden_states + blk.drop_path(blk.layer_scale1(att.o_proj(a.transpose(1, 2).reshape(b, n, -1))))
         if self.state.r > 0:
             merge = bipartite_soft_matching(k.mean(dim=1), self.state.r)  # metric: keys averaged over heads
-            x, self.state.size = merge_by_size(merge, x, self.state.size)
+            size = self.state.size if self.state.size is not None else x.new_ones(b, n, 1)
+            x, self.state.size = merge_by_size(merge, x, size)
         return x + blk.drop_path(blk.layer_scale2(blk.mlp(blk.norm2(x))))
 
 
