@@ -14,6 +14,8 @@ import hashlib
 
 import torch
 
+from ..sysinfo import cpu_flags
+
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math", "-fopenmp"]
 _LIB = torch.library.Library("leanfm", "FRAGMENT")
 
@@ -31,18 +33,6 @@ static inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 """  # the namespace's schemas; implementations come from C++
-
-
-def cpu_flags() -> set[str]:
-    """The running CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def define(schema: str, fake) -> None:

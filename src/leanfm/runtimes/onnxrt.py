@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import LeanfmError
+from ..sysinfo import cpu_flags
 from .base import RuntimeSession
 
 INSTALL_HINT = "ONNX Runtime is not installed; install it with: pip install 'leanfm[onnx]'"
@@ -28,12 +29,7 @@ def _ort():
 
 def _cpu_isa() -> list[str]:
     """The SIMD extensions ONNX Runtime's MLAS kernels dispatch on, from /proc/cpuinfo (Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return []
-    return sorted(flags & {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16"})
+    return sorted(cpu_flags() & {"avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16"})
 
 
 class OnnxRuntimeSession(RuntimeSession):
