@@ -49,6 +49,39 @@ def test_static_decoding_matches_dynamic_cache_decoding(compiled):
         assert dec.compile_seconds > 0 and "compiled" in dec.path
 
 
+def test_decoders_sharing_the_forward_stay_apart_when_full_guard_checks_are_skipped():
+    """After its first step a decoder skips dynamo's full guard check. Decoders of two models with
+    the same structure and different weights, of a deeper model, and of the same model with a
+    longer cache all compile the one LlamaForCausalLM.forward; stepped in turns, each still
+    decodes its own model's tokens and logits."""
+    a, b, deep = tiny_llama(layers=2, seed=0), tiny_llama(layers=2, seed=1), tiny_llama(layers=3, seed=2)
+    prompt = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(4))
+    cases = [(a, 12), (b, 12), (deep, 12), (a, 17)]
+    refs = [_greedy_dynamic(m, prompt, 6) for m, _ in cases]
+    decs = [StaticDecoder(m, max_len=n) for m, n in cases]
+    assert all(d.skip_guards for d in decs)
+    for d in decs:
+        d.warm(prompt)
+    for _ in range(2):
+        got = [_greedy_static(d, prompt, 6) for d in decs]
+        for (toks, logits), (rtoks, rlogits) in zip(got, refs):
+            assert torch.equal(toks, rtoks)
+            for x, y in zip(logits, rlogits):
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+    # the two same-shaped models do compute different logits, so a swapped graph input would show
+    assert (refs[0][1][0] - refs[1][1][0]).abs().max() > 0.1
+    # ids of a kind no graph saw (a strided [1, 1] slice): dynamo refuses under the skipping
+    # stance, so the decoder compiles it like a first step and decodes the same
+    d, toks = decs[0], refs[0][0]
+    d.reset()
+    d.prefill(prompt)
+    before = d.compile_seconds
+    strided = toks[:, :1].clone()
+    assert strided.stride() != torch.zeros(1, 1, dtype=toks.dtype).stride()
+    torch.testing.assert_close(d.step(strided)[:, -1], refs[0][1][1], rtol=1e-4, atol=1e-4)
+    assert d.compile_seconds > before
+
+
 def test_crop_rolls_back_to_a_prefix():
     model = tiny_llama(layers=2)
     prompt = torch.randint(3, 300, (1, 5), generator=torch.Generator().manual_seed(1))
