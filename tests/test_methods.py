@@ -60,6 +60,8 @@ MATRIX: list[dict] = [  # one step per row; hidden 64, GQA 4/2, 2 layers: small 
     {"method": "qlora", "steps": 2, "batch": 1, "seqlen": 16, "rank": 2, "checkpointing": True},
     {"method": "kd", "steps": 2, "batch": 1, "seqlen": 16, "adapter": "lora", "rank": 2, "hidden_weight": 0.1},
     {"method": "mezo", "steps": 2, "batch": 1, "seqlen": 16},
+    # vision transformers only (a tiny random DINOv2, 28x28 images of 4x4 patches)
+    {"method": "tome", "r": 2, "image_size": 28},
 ]
 
 
@@ -113,6 +115,17 @@ def _loaded_with_tokenizer(model, tmp_path: Path):
 def test_method_matrix(row, tmp_path):
     cfg = config_from_dict(dict(row))
     torch.manual_seed(0)
+    if "causal-lm" not in cfg.families:  # a vision method: the same checks on a tiny ViT's features
+        from tests.test_vision import tiny_dinov2
+
+        model = leanfm.apply_(tiny_dinov2(image=28, patch=4), cfg)
+        step = model.leanfm_info["steps"][-1]
+        assert isinstance(step["simulated"], bool) and step["kernel"]
+        with torch.no_grad():
+            feats = model(pixel_values=torch.randn(2, 3, 28, 28)).last_hidden_state
+        assert feats.shape[0] == 2 and torch.isfinite(feats).all()
+        assert recipe_effects([cfg]).steps == [row["method"]]
+        return
     model = tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2, inter=128)
     if cfg.produces == "tuned-weights":
         model = _loaded_with_tokenizer(model, tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import BaseConfig, config_from_dict, lookup
+from .config import BaseConfig, check_family, config_from_dict, lookup
 from .data.calib import Calibration, calibration  # noqa: F401
 from .errors import LeanfmError
 from .measure.run import measure  # noqa: F401
@@ -43,6 +43,9 @@ def apply_(model: nn.Module, config: BaseConfig | Recipe | dict | str, calib=Non
     if isinstance(config, dict):
         config = config_from_dict(config)
     config.validate()
+    from .models.family import family_of
+
+    check_family(config, family_of(model))
     _, handler = lookup(config.method)
     if config.needs_calibration and calib is None:
         raise LeanfmError(f"method {config.method} needs calibration data: pass calib=leanfm.calibration(...)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 import time
 from pathlib import Path
@@ -206,6 +207,22 @@ def _finish(entry: _Timed, protocol: Protocol, profile: dict, config: dict, sche
     run["status"] = "ok"
 
 
+def model_family(model_name: str) -> str:
+    """The family of the model ``model_name`` names, from its config alone (an alias's declared
+    family, without building its cache)."""
+    from .models.registry import ALIASES
+
+    if model_name in ALIASES:
+        return ALIASES[model_name].family
+    from .models.family import family_of_config
+
+    cfg = Path(os.path.expanduser(model_name)) / "config.json"
+    try:
+        return family_of_config(json.loads(cfg.read_text())) if cfg.is_file() else "causal-lm"
+    except (OSError, ValueError):
+        return "causal-lm"  # the loader names the problem
+
+
 def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol, out: str | Path,
           calib: Calibration | None = None, profile_path: str | None = None, reuse_baseline: str | Path | None = None,
           interleave: bool = True, overwrite: bool = False, baseline_is_reference: bool = True,
@@ -222,6 +239,17 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
     float model)."""
     protocol.validate()
     recipes = order_recipes(recipe_names)
+    family = model_family(model_name)
+    if family == "vit":
+        if runtime != "torch" or protocol.compile or (protocol.device, protocol.dtype) != ("cpu", "fp32"):
+            raise LeanfmError("a vision model is measured on the torch runtime on the CPU in fp32; drop --runtime, --compile, "
+                              "--device and --dtype")
+        from .bench_vision import bench_vision
+
+        with OutputDir(out, overwrite):
+            return bench_vision(model_name, recipes, protocol, Path(out), load_profile(profile_path))
+    if family != "causal-lm":
+        raise LeanfmError(f"leanfm bench does not measure {family} models yet; it measures causal-lm and vit models")
     check_runtime(runtime)
     check_recipes(runtime, recipes, gguf_type)
     if runtime != "torch":

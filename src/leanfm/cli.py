@@ -71,6 +71,11 @@ def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> Non
                    help="torch runtime: where the model is measured (methods and calibration run on the CPU in fp32; default cpu)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="torch runtime: the float dtype the model is measured in (default fp32); refused where the device lacks it")
+    v = p.add_argument_group("vision models (family vit, e.g. dinov2-s)")
+    v.add_argument("--image-size", type=int, default=224, help="square input side in pixels; a multiple of the patch size (default 224)")
+    v.add_argument("--train-per-class", type=int, default=50,
+                   help="Fashion-MNIST training images per class for the k-NN and linear probe (default 50)")
+    v.add_argument("--test-per-class", type=int, default=20, help="Fashion-MNIST test images per class scored (default 20)")
     g.add_argument("--hardware-profile", default=None, help="hardware profile: a built-in name (see leanfm predict --hardware) or a YAML file with the same keys as the built-in ones (name, kind, memory_gb, memory_bandwidth_gbps, peak_tflops, power_w, usd_per_hour, grid_gco2_per_kwh; default: local)")
 
 
@@ -102,7 +107,8 @@ def _protocol(a):
                     max_fidelity_tokens=a.max_fidelity_tokens,
                     batch=a.batch, prompt=a.prompt, gen=a.gen, repeats=a.repeats, warmup=a.warmup, threads=a.threads,
                     groups=tuple(a.metrics) if a.metrics else GROUPS, device=a.device, dtype=a.dtype,
-                    compile=getattr(a, "compile", False))
+                    compile=getattr(a, "compile", False), image_size=getattr(a, "image_size", 224),
+                    train_per_class=getattr(a, "train_per_class", 50), test_per_class=getattr(a, "test_per_class", 20))
 
 
 def _calib(a, job_tokens: int | None, why: str):
@@ -156,7 +162,8 @@ def methods_markdown() -> str:
         d = cls.describe()
         calib = d["needs_calibration"] if isinstance(d["needs_calibration"], str) else ("yes" if d["needs_calibration"] else "no")
         out += [f"## `{m}`", "", d["description"], "",
-                f"- config: `leanfm.{d['config']}`; produces: {d['produces']} ({PRODUCES.get(d['produces'], '?')}); "
+                f"- config: `leanfm.{d['config']}`; model families: {', '.join(d['families'])}; "
+                f"produces: {d['produces']} ({PRODUCES.get(d['produces'], '?')}); "
                 f"calibration: {calib}; predictor: {'priced' if d['priced'] else 'not priced'}"
                 + (f"; adds metrics: {', '.join(f'`{x}`' for x in d['adds_metrics'])}" if d["adds_metrics"] else ""),
                 "- parameters: " + (", ".join(f"`{p['name']}` ({p['type']}, default `{p['default']!r}`)" for p in d["parameters"]) or "none"),

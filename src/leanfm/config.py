@@ -24,7 +24,8 @@ class BaseConfig:
 
     A subclass with a ``method`` name registers itself on definition. It declares, torch-free:
     its parameters (dataclass fields: defaults and types), ``validate`` (parameter checks) and
-    ``check_model`` (fit to a model), ``handler`` (``"module:function"``, imported on first
+    ``check_model`` (fit to a model), ``families`` (the model families it applies to),
+    ``handler`` (``"module:function"``, imported on first
     apply), ``needs_calibration``, ``produces`` (what the step leaves in the model, one of
     :data:`PRODUCES`), ``adds_metrics`` (metrics its runs report beyond the protocol's), and
     ``effect`` (what it does to cost, for the predictor), ``search_space`` (what a recipe search
@@ -35,6 +36,7 @@ class BaseConfig:
     method: ClassVar[str] = ""
     handler: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    families: ClassVar[tuple[str, ...]] = ("causal-lm",)  # the model families it applies to (models/family.py)
     produces: ClassVar[str] = ""
     adds_metrics: ClassVar[tuple[str, ...]] = ()
     search_space: ClassVar[dict] = {}  # parameter -> leanfm.space.Choice | Range (empty: not searched)
@@ -93,7 +95,7 @@ class BaseConfig:
                            "default": list(default) if isinstance(default, tuple) else default})
         doc = (cls.__doc__ or "").strip()
         return {"method": cls.method, "description": " ".join(doc.split("\n\n")[0].split()),
-                "config": cls.__name__, "needs_calibration": _class_flag(cls, "needs_calibration"),
+                "config": cls.__name__, "families": list(cls.families), "needs_calibration": _class_flag(cls, "needs_calibration"),
                 "produces": cls.produces, "adds_metrics": list(cls.adds_metrics), "onload": cls.onload or None,
                 "priced": cls.effect is not BaseConfig.effect, "parameters": params,
                 "search_space": {k: str(v) for k, v in cls.search_space.items()}}
@@ -109,6 +111,7 @@ PRODUCES = {
     "kv-policy": "a KV-cache policy attached to the model (weights untouched)",
     "decoding-policy": "a generation policy attached to the model (weights untouched)",
     "tuned-weights": "float weights updated by training (adapters merged in), same shapes and cost",
+    "token-reduction": "fewer tokens per block at run time (weights untouched)",
 }
 
 
@@ -170,6 +173,19 @@ def config_class(method: str) -> type[BaseConfig]:
     if method not in _REGISTRY:
         raise LeanfmError(f"unknown method '{method}'; known methods: {', '.join(methods())}")
     return _REGISTRY[method]
+
+
+def methods_for(family: str) -> list[str]:
+    """The registered methods that apply to models of ``family``."""
+    return [m for m in methods() if family in _REGISTRY[m].families]
+
+
+def check_family(config: BaseConfig, family: str) -> None:
+    """Refuse, in one line, a method that does not apply to a model of ``family``."""
+    if family not in config.families:
+        ok = methods_for(family)
+        raise LeanfmError(f"method '{config.method}' does not apply to a {family} model (it applies to: "
+                          f"{', '.join(config.families)}); methods for {family} models: {', '.join(ok) or 'none yet'}")
 
 
 def lookup(method: str) -> tuple[type[BaseConfig], Handler]:

@@ -94,14 +94,32 @@ class FusedSlice(LayoutInfo, nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, fused slice {self.index} of {self._group.sizes}"
 
 
+def _probe_inputs(model: nn.Module, dev) -> dict | None:
+    """A tiny forward's inputs: two tokens for a model that takes ``input_ids``, a 2x2-patch image
+    for one that takes ``pixel_values`` (a ViT); None for anything else."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    if "input_ids" in params:
+        return {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=dev), "use_cache": False}
+    cfg = getattr(model, "config", None)
+    if "pixel_values" in params and isinstance(getattr(cfg, "patch_size", None), int):
+        side = 2 * cfg.patch_size
+        return {"pixel_values": torch.zeros(1, getattr(cfg, "num_channels", 3), side, side, device=dev)}
+    return None
+
+
 def _shared_input_groups(model: nn.Module, candidates: dict[str, QuantLinear]) -> list[list[str]]:
-    """Names of candidates that received the same input tensor in a two-token forward."""
+    """Names of candidates that received the same input tensor in a tiny forward."""
     seen: dict[str, torch.Tensor] = {}
+    dev = next(model.parameters()).device
+    inputs = _probe_inputs(model, dev)
+    if inputs is None:
+        return []
     hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, args[0])) for n, m in candidates.items()]
     try:
-        dev = next(model.parameters()).device
         with torch.no_grad():
-            model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=dev), use_cache=False)
+            model(**inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -174,8 +192,8 @@ def _fused_backend(ms: list[QuantLinear], qws: list[QuantizedWeight]) -> str | N
 def fuse_shared_inputs(model: nn.Module) -> int:
     """Fuse sibling packed linears that share their input; return how many groups were made.
 
-    Only models that take ``input_ids`` are probed; others are left unfused (still correct), as
-    is a model whose layers are not all in memory.
+    Only models that take ``input_ids`` or ``pixel_values`` are probed; others are left unfused
+    (still correct), as is a model whose layers are not all in memory.
     """
     from .meta import has_meta
 

@@ -24,7 +24,9 @@ class Protocol:
     ``max_eval_tokens`` text tokens (None = the whole split); fidelity to the baseline
     (top-1 agreement, KL) on the first windows covering ``max_fidelity_tokens`` (None = all). speed: batch ``batch``, a prompt of
     ``prompt`` tokens, ``gen`` greedy decode steps with the KV cache, ``warmup`` unrecorded
-    repeats then ``repeats`` recorded ones, on ``threads`` torch threads.
+    repeats then ``repeats`` recorded ones, on ``threads`` torch threads. A vision model
+    (family ``vit``, :mod:`leanfm.bench_vision`): ``image_size`` pixels per side,
+    ``train_per_class`` and ``test_per_class`` Fashion-MNIST images per class.
     """
 
     dataset: str = "wikitext2"
@@ -43,16 +45,20 @@ class Protocol:
     device: str = "cpu"  # torch runtime: cpu | cuda (leanfm.models.device)
     dtype: str = "fp32"  # torch runtime: fp32 | bf16 | fp16
     compile: bool = False  # torch runtime: decode on a static KV cache with a compiled step (models/compiled.py)
+    image_size: int = 224  # vision models: square input side in pixels
+    train_per_class: int = 50  # vision models: Fashion-MNIST images per class the k-NN / probe learn from
+    test_per_class: int = 20  # vision models: images per class they are scored (and timed) on
 
     def validate(self) -> None:
         if isinstance(self.groups, str) or not all(isinstance(g, str) for g in self.groups):
             raise LeanfmError(f"metric groups must be a list of names from {', '.join(GROUPS)}, got {self.groups!r}")
         if not self.groups:
             raise LeanfmError(f"no metric group selected; pass --metrics with one or more of: {', '.join(GROUPS)}")
-        for name in ("seqlen", "batch", "prompt", "gen", "repeats", "threads", "warmup"):
+        for name in ("seqlen", "batch", "prompt", "gen", "repeats", "threads", "warmup", "image_size", "train_per_class",
+                     "test_per_class"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
-                raise LeanfmError(f"--{name} must be a whole number (got {v!r})")
+                raise LeanfmError(f"--{name.replace('_', '-')} must be a whole number (got {v!r})")
         if not isinstance(self.compile, bool):
             raise LeanfmError(f"compile must be true or false (got {self.compile!r})")
         for name in ("max_eval_tokens", "max_fidelity_tokens"):
@@ -63,7 +69,7 @@ class Protocol:
         bad = [g for g in self.groups if g not in GROUPS]
         if bad:
             raise LeanfmError(f"unknown metric group '{bad[0]}'; choose from: {', '.join(GROUPS)}")
-        for name in ("seqlen", "batch", "prompt", "gen", "repeats", "threads"):
+        for name in ("seqlen", "batch", "prompt", "gen", "repeats", "threads", "image_size", "train_per_class", "test_per_class"):
             if getattr(self, name) < 1:
                 raise LeanfmError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.seqlen < 2:

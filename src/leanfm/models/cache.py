@@ -41,6 +41,8 @@ def build_cache(spec: ModelSpec) -> Path:
     dest = model_cache_dir(spec.alias)
     if is_cached(spec.alias):
         return dest
+    if spec.layout == "build":
+        return _build_with(spec, dest)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -75,4 +77,25 @@ def build_cache(spec: ModelSpec) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
     remove_assembled(path, work)
+    return dest
+
+
+def _build_with(spec: ModelSpec, dest: Path) -> Path:
+    """The cache folder of a model its ``builder`` writes (weights that ship in another format)."""
+    from importlib import import_module
+
+    spec.require_installed()
+    progress.info(f"first use of {spec.alias}: building its fp32 checkpoint in {dest} (once)")
+    t0 = time.perf_counter()
+    mod, _, fn = spec.builder.partition(":")
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    source = getattr(import_module(mod), fn)(tmp)
+    (tmp / "leanfm-source.json").write_text(json.dumps({
+        "alias": spec.alias, **source, "license": spec.license, "family": spec.family,
+        "convert_seconds": round(time.perf_counter() - t0, 1), "dtype": "float32",
+    }, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
     return dest

@@ -241,23 +241,26 @@ def _move_into_place(tmp: Path, p: Path, shown: str, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, family: str = "causal-lm") -> nn.Module:
     """The model stored in the directory ``path`` by the loader its format needs (``dtype``
     applies to a plain Hugging Face directory; the leanfm formats rebuild their own). A truncated
-    or corrupt tensors file or manifest raises a one-line :class:`LeanfmError` naming it."""
+    or corrupt tensors file or manifest raises a one-line :class:`LeanfmError` naming it.
+    ``family``: a causal LM loads with its LM head; the other families as the bare model
+    (``AutoModel``: a ViT's or CLIP's encoders)."""
     if is_quantized_checkpoint(path):
         return load_quantized(path)
     if is_lowrank_checkpoint(path):  # factorized linears: rebuild them before loading
         return load_lowrank(path)
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     if Path(path).is_dir():
         check_tensor_files(path)
     held: list[logging.LogRecord] = []
     try:
         with _hold_transformers_logs(held):
-            return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+            auto = AutoModelForCausalLM if family == "causal-lm" else AutoModel
+            return auto.from_pretrained(str(path), dtype=dtype)
     except SafetensorError as e:
         raise LeanfmError(f"a tensors file in {path} is truncated or corrupt ({e}); {REWRITE_HINT}") from None
     except RuntimeError as e:  # weights that do not fit config.json (transformers logs a table, then raises)

@@ -109,6 +109,16 @@ def build(proto=None):
     return model.eval()
 
 
+def save_pretrained(dest) -> dict:
+    """Write the rebuilt backbone to ``dest`` as a Hugging Face folder (``leanfm.load`` reads it
+    back in about a second); returns what the cache records about its source."""
+    from .packaged import sha256_file
+
+    path = onnx_path()
+    build().save_pretrained(str(dest))
+    return {"onnx": f"{PACKAGE}/{ONNX_FILE}", "onnx_sha256": sha256_file(path)}
+
+
 def onnx_features(pixel_values: torch.Tensor, proto=None, threads: int = 2) -> torch.Tensor:
     """The ONNX graph's backbone output (the final LayerNorm, ``[B, 1 + patches, 384]``) in ONNX Runtime."""
     import onnx

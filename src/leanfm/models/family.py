@@ -1,7 +1,56 @@
-"""Model-family quirks, kept in one place. Everything else walks modules generically."""
+"""Model families and their quirks, kept in one place. Everything else walks modules generically.
+
+A family says what a model is measured by: its quality protocol and the unit its speed is
+reported in (issue 19). Each method declares the families it applies to
+(``BaseConfig.families``); ``leanfm.apply_`` refuses the others in one line naming the family and
+the methods that do apply.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str
+    quality: str  # the quality protocol
+    speed: str  # the unit speed is reported in
+
+
+FAMILIES = {f.name: f for f in [
+    Family("causal-lm", "causal language", "perplexity on WikiText-2 windows (and task accuracy where asked)",
+           "tokens/s (prefill and decode), ms per token"),
+    Family("vit", "vision transformer", "k-NN and linear-probe accuracy on a fixed, seeded Fashion-MNIST split; cosine of "
+           "the features to the uncompressed model's", "images/s, ms per image"),
+    Family("clip", "image-text dual encoder", "zero-shot classification accuracy", "images/s, ms per image"),
+    Family("diffusion", "diffusion denoiser", "PSNR and SSIM of the outputs against the uncompressed model's on the same "
+           "seeds and conditions", "seconds per sample, ms per denoising step"),
+]}
+# transformers model_type -> family, for the families that are not causal LMs
+_MODEL_TYPES = {"dinov2": "vit", "vit": "vit", "deit": "vit", "clip": "clip", "siglip": "clip"}
+
+
+def family_of(model: nn.Module) -> str:
+    """The family of ``model``: what it was loaded as (``leanfm_info["family"]``), else what its
+    config's ``model_type`` or its class says; anything else counts as a causal LM."""
+    fam = getattr(model, "leanfm_info", {}).get("family") if isinstance(getattr(model, "leanfm_info", None), dict) else None
+    if fam:
+        return fam
+    cfg = getattr(model, "config", None)
+    mt = str(getattr(cfg, "model_type", "") or "")
+    if mt in _MODEL_TYPES:
+        return _MODEL_TYPES[mt]
+    if "UNet" in type(model).__name__ or type(model).__name__.endswith("Pipeline"):
+        return "diffusion"
+    return "causal-lm"
+
+
+def family_of_config(config: dict) -> str:
+    """The family a ``config.json`` (as a dict) describes."""
+    return _MODEL_TYPES.get(str(config.get("model_type", "")), "causal-lm")
 
 # Families whose perplexity must be measured with BOS at the start of every window: Gemma was
 # trained with BOS always present (GUIDE section 5: ppl 24 with BOS vs 61 without).

@@ -32,8 +32,8 @@ def _has_tokenizer(d: Path) -> bool:
     return any((d / f).is_file() for f in TOKENIZER_FILES) or any(d.glob("*.tiktoken"))
 
 
-def _check_config(d: Path) -> None:
-    """A readable JSON object in ``d/config.json`` (else transformers blames the tokenizer)."""
+def _check_config(d: Path) -> dict:
+    """The readable JSON object in ``d/config.json`` (else transformers blames the tokenizer)."""
     import json
 
     f = d / "config.json"
@@ -48,6 +48,18 @@ def _check_config(d: Path) -> None:
         raise LeanfmError(f"cannot read {f}: {e.strerror or e}; check that the file is readable") from None
     if not isinstance(cfg, dict):
         raise LeanfmError(f"{f} holds a JSON {type(cfg).__name__}, not a model config object; the model directory is damaged: {fix}")
+    return cfg
+
+
+def _family(path: str) -> str:
+    """The family of the model at ``path`` (a folder or a hub id), from its config."""
+    from .family import family_of_config
+
+    if os.path.isdir(path):
+        return family_of_config(_check_config(Path(path)))
+    from transformers import AutoConfig
+
+    return family_of_config(AutoConfig.from_pretrained(path).to_dict())
 
 
 def _from_dir(path: str, dtype: torch.dtype, tok=None):
@@ -58,6 +70,9 @@ def _from_dir(path: str, dtype: torch.dtype, tok=None):
 
     from .checkpoint import load_checkpoint
 
+    family = _family(path)
+    if family != "causal-lm":  # images in, features out: no tokenizer
+        return load_checkpoint(path, dtype, family=family), None
     if tok is not None:  # the caller has it already (compress loads it for calibration first)
         pass
     elif os.path.isdir(path):
@@ -143,7 +158,7 @@ def _looks_local(name: str) -> bool:
 
 
 def load(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer=None) -> tuple[nn.Module, object]:
-    """Load a causal LM and its tokenizer in eval mode.
+    """Load a model and its tokenizer in eval mode (a vision model: its tokenizer is None).
 
     ``name_or_path``: an alias from ``leanfm models`` (packaged weights, converted to an fp32
     cache on first use), a local directory with ``config.json``, or a Hugging Face hub id
@@ -161,8 +176,10 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer=None) 
         where = "the Hugging Face hub" if source == "hub" else f"'{path}'"
         raise LeanfmError(f"could not load model '{name}' from {where}: {_one_line(e)}") from None
     model.eval()
+    from .family import family_of
+
     model.leanfm_info = {
-        "name": name, "path": path, "source": source, "tokenizer": tok,
+        "name": name, "path": path, "source": source, "tokenizer": tok, "family": family_of(model),
         "load_seconds": round(time.perf_counter() - t0, 2), "steps": [],
     }
     from ..kernels.checkpoint import act_quant_bits, kernel_summary, quantized_layers

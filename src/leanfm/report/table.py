@@ -11,8 +11,9 @@ def print_table(results: dict, console: Console | None = None) -> None:
     console = console or Console(width=max(Console().width, 200))
     env = results.get("environment") or {}
     runs = results.get("runs") or []
-    title = (f"leanfm {results.get('kind', 'bench')} · {results.get('model', '')} · {(results.get('protocol') or {}).get('dataset', '')} · "
-             f"{env.get('threads')} threads")
+    proto = results.get("protocol") or {}
+    data = "fashion-mnist" if (runs and ((runs[0].get("details") or {}).get("protocol") == "vit")) else proto.get("dataset", "")
+    title = f"leanfm {results.get('kind', 'bench')} · {results.get('model', '')} · {data} · {env.get('threads')} threads"
     t = Table(title=title, show_lines=False)
     t.add_column("recipe", style="bold")
     present = present_columns(runs)

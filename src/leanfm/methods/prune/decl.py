@@ -158,6 +158,7 @@ class MagnitudeConfig(PruneConfig):
     """Magnitude pruning: drop the smallest |W| of each layer (no calibration data)."""
 
     method = "magnitude"
+    families = ("causal-lm", "vit")
     handler = "leanfm.methods.prune.sparsity:apply_magnitude"
 
 

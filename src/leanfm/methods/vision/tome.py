@@ -103,15 +103,19 @@ class ToMeDinov2Layer(nn.Module):
         return x + blk.drop_path(blk.layer_scale2(blk.mlp(blk.norm2(x))))
 
 
-def apply_tome(model: nn.Module, r: int, image_size: int | None = None) -> nn.Module:
-    """Merge ``r`` tokens per block in a transformers ``Dinov2Model`` (in place; returns it).
-    Fails with one line when ``r`` would merge more tokens than a block has left at
-    ``image_size`` (default: the model's configured size); a forward on larger images than
-    checked fails the same way."""
+def _dinov2_layers(model: nn.Module):
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     inner = [getattr(blk, "layer", blk) for blk in layers] if layers is not None else []
     if layers is None or not all(hasattr(blk, "attention") and hasattr(blk.attention, "q_proj") for blk in inner):
         raise LeanfmError(f"ToMe here applies to DINOv2 models (transformers Dinov2Model), not {type(model).__name__}")
+    return layers
+
+
+def check_schedule(model: nn.Module, r: int, image_size: int | None = None) -> None:
+    """One-line error unless merging ``r`` tokens per block fits ``model`` at ``image_size``
+    (default: the model's configured size): the patch size divides the size, and every block
+    has more than ``r`` token pairs left to match."""
+    layers = _dinov2_layers(model)
     if r < 0:
         raise LeanfmError(f"ToMe r={r} must be >= 0")
     cfg = model.config
@@ -125,12 +129,34 @@ def apply_tome(model: nn.Module, r: int, image_size: int | None = None) -> nn.Mo
             raise LeanfmError(f"ToMe r={r} merges more tokens than block {i} has left ({n} of {n0} tokens at "
                               f"{size}x{size}); use r <= {max_r(n0, len(layers))}")
         n -= r
+
+
+def apply_tome(model: nn.Module, r: int, image_size: int | None = None) -> nn.Module:
+    """Merge ``r`` tokens per block in a transformers ``Dinov2Model`` (in place; returns it).
+    Fails with one line when ``r`` would merge more tokens than a block has left at
+    ``image_size`` (default: the model's configured size); a forward on larger images than
+    checked fails the same way."""
+    check_schedule(model, r, image_size)
+    layers = _dinov2_layers(model)
     state = _State(r)
     for i, blk in enumerate(layers):
         layers[i] = ToMeDinov2Layer(blk.layer if isinstance(blk, ToMeDinov2Layer) else blk, state)
     model.register_forward_pre_hook(lambda mod, args, kwargs: setattr(state, "size", None), with_kwargs=True)
     model.leanfm_tome = state
     return model
+
+
+def apply_tome_step(model: nn.Module, cfg, calib=None) -> dict:
+    """The ``tome`` method's handler (``leanfm.apply_``): :func:`apply_tome` with the config's r
+    and image size; records the tokens each block then runs on."""
+    apply_tome(model, cfg.r, cfg.image_size)
+    c = model.config
+    n, tokens = 1 + (cfg.image_size // c.patch_size) ** 2, []
+    for _ in range(c.num_hidden_layers):
+        tokens.append(n)
+        n -= cfg.r
+    return {"simulated": False, "kernel": "transformers Dinov2 blocks with ToMe merging (PyTorch eager)",
+            "tokens_per_block": tokens}
 
 
 def max_r(tokens: int, blocks: int) -> int:

@@ -1,0 +1,136 @@
+"""``leanfm bench`` on a vision transformer (family ``vit``, e.g. ``dinov2-s``): images/s and
+ms per image, k-NN and linear-probe accuracy on Fashion-MNIST, and the features' cosine to the
+baseline's, into the same results schema as the language models (issue 19).
+
+Protocol (``models/family.py``, ``vit``): a fixed, class-balanced split of Fashion-MNIST drawn
+with the recipe seed (``train_per_class`` training and ``test_per_class`` test images per
+class, from the official train and test files), grey images resized to ``image_size`` and
+ImageNet-normalised. Features: the class token of the final LayerNorm. Quality: weighted k-NN
+(k 20, T 0.07, DINO's protocol) and a logistic-regression probe on those features; fidelity:
+mean cosine of each test image's features to the first recipe's (the baseline). Speed: one
+batch of ``batch`` test images (at least 8) through each recipe's model, interleaved over the
+recipes round by round (one warm-up round, ``repeats`` recorded), images/s from the median.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .api import apply_, load
+from .config import check_family
+from .data.images import fixed_split, load_fashion_mnist, to_pixels
+from .errors import LeanfmError
+from .measure.environment import environment
+from .measure.protocol import Protocol
+from .measure.run import _json_safe, flags
+from .measure.vision import encode, fidelity, knn_accuracy, linear_probe_accuracy
+from .models.checkpoint import tensors_file_bytes
+from .models.load import resolve
+from .recipe import Recipe
+from .results import add_relative_metrics, new_results, write
+
+SPEED_BATCH_MIN = 8
+
+
+def check_vision(path: str, recipes: list[Recipe], protocol: Protocol) -> None:
+    """One-line refusals before any work: an image size the patch does not divide, a step of
+    another family, a ToMe step checked for another size than the protocol's."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    patch = int(cfg.get("patch_size", 1))
+    size = protocol.image_size
+    if size % patch:
+        raise LeanfmError(f"--image-size {size} is not a multiple of the model's patch size {patch}; "
+                          f"use {size // patch * patch or patch} or {(size // patch + 1) * patch}")
+    for r in recipes:
+        for step in r.steps:
+            try:
+                check_family(step, "vit")
+            except LeanfmError as e:
+                raise LeanfmError(f"recipe {r.name}: {e}") from None
+            if step.method == "tome" and step.image_size != size:
+                raise LeanfmError(f"recipe {r.name}: tome is checked for {step.image_size}x{step.image_size} images but "
+                                  f"--image-size is {size}; set the step's image_size to {size}")
+
+
+def _data(protocol: Protocol, seed: int):
+    xtr, ytr = load_fashion_mnist("train", protocol.data_dir)
+    xte, yte = load_fashion_mnist("test", protocol.data_dir)
+    itr, ite = fixed_split(ytr, protocol.train_per_class, seed), fixed_split(yte, protocol.test_per_class, seed)
+    return to_pixels(xtr[itr], protocol.image_size), ytr[itr], to_pixels(xte[ite], protocol.image_size), yte[ite]
+
+
+def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path, profile: dict) -> dict:
+    path, _ = resolve(model_name)
+    check_vision(path, recipes, protocol)
+    torch.set_num_threads(protocol.threads)
+    seed = recipes[0].seed
+    ptr, ytr, pte, yte = _data(protocol, seed)
+    results = new_results(environment(protocol.threads, seed=seed), protocol.to_dict())
+    results["model"] = model_name
+    results["hardware_profile"] = profile
+    results["environment"]["runtime"] = "torch"
+    results["environment"]["speed_schedule"] = "interleaved"
+    for r in recipes:
+        r.save(out / "recipes" / f"{r.name}.yaml")
+    first, _ = load(model_name)
+    for r in recipes:  # every recipe fits the model before anything is measured
+        for step in r.steps:
+            try:
+                step.check_model(first)
+            except LeanfmError as e:
+                raise LeanfmError(f"recipe {r.name}: {e}") from None
+    runs, models, ref = [], [], None
+    for i, r in enumerate(recipes):
+        model = first if i == 0 else load(model_name)[0]
+        t0 = time.perf_counter()
+        torch.manual_seed(r.seed)
+        apply_(model, r)
+        run = {"id": i, "model": model_name, "recipe": r.to_dict(), "status": "ok", "calibration": None,
+               "apply_seconds": round(time.perf_counter() - t0, 3), "metrics": {}, "details": {"protocol": "vit"},
+               "flags": flags(model)}
+        m = run["metrics"]
+        if "memory" in protocol.groups:
+            m["weight_bytes"] = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+            m["model_size_on_disk_bytes"] = tensors_file_bytes(model)
+        if "quality" in protocol.groups:
+            ftr, fte = encode(model, ptr), encode(model, pte)
+            ref = fte if ref is None else ref
+            m["knn_accuracy"] = knn_accuracy(ftr, ytr, fte, yte)
+            m["linear_probe_accuracy"] = linear_probe_accuracy(ftr, ytr, fte, yte, seed=seed)
+            m["feature_cosine"] = fidelity(fte, ref)
+            run["details"]["eval_images"] = {"train": int(ptr.shape[0]), "test": int(pte.shape[0])}
+        run["details"]["steps"] = _json_safe(model.leanfm_info["steps"])
+        runs.append(run)
+        models.append(model)
+    if "speed" in protocol.groups:
+        _time(models, runs, pte, protocol)
+    for run in runs:
+        add_relative_metrics(run, runs[0])
+        if run["metrics"].get("images_per_s") and runs[0]["metrics"].get("images_per_s"):
+            run["metrics"]["speedup"] = run["metrics"]["images_per_s"] / runs[0]["metrics"]["images_per_s"]
+    results["runs"] = runs
+    write(results, out)
+    return results
+
+
+@torch.no_grad()
+def _time(models: list, runs: list[dict], pixels: torch.Tensor, protocol: Protocol) -> None:
+    batch = pixels[:max(protocol.batch, SPEED_BATCH_MIN)]
+    secs: list[list[float]] = [[] for _ in models]
+    for rnd in range(protocol.warmup + protocol.repeats):  # A B C, A B C ...: drift hits every recipe alike
+        for j, model in enumerate(models):
+            t0 = time.perf_counter()
+            model(pixel_values=batch)
+            if rnd >= protocol.warmup:
+                secs[j].append(time.perf_counter() - t0)
+    n = batch.shape[0]
+    for run, s in zip(runs, secs):
+        med = statistics.median(s)
+        run["metrics"]["images_per_s"] = n / med
+        run["metrics"]["ms_per_image"] = 1e3 * med / n
+        run["details"].update({"images_per_s_min": n / max(s), "images_per_s_max": n / min(s), "speed_batch": n,
+                               "images_per_s_repeats": [n / x for x in s]})

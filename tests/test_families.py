@@ -1,0 +1,147 @@
+"""Model families (issue 19): methods declare the families they apply to, apply_ and bench refuse
+the others in one line naming the family and the methods that apply, and `leanfm bench` measures
+a vision transformer (images/s, k-NN / probe accuracy, feature cosine) in the results schema."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import leanfm
+from leanfm import cli
+from leanfm.config import config_class, methods, methods_for
+from leanfm.errors import LeanfmError
+from leanfm.models.family import FAMILIES, family_of
+
+from .test_cli import assert_one_line_error, run_cli
+from .test_vision import _idx, tiny_dinov2
+
+
+def test_every_method_declares_known_families_and_vit_has_its_own():
+    for m in methods():
+        fams = config_class(m).families
+        assert fams and set(fams) <= set(FAMILIES), (m, fams)
+    vit = methods_for("vit")
+    assert {"tome", "rtn", "hqq", "magnitude"} <= set(vit)
+    assert "gptq" not in vit and "tome" not in methods_for("causal-lm")
+    assert config_class("tome").describe()["families"] == ["vit"]
+
+
+def test_family_of_reads_the_config_and_a_loaded_models_record():
+    from .conftest import tiny_llama
+
+    assert family_of(tiny_dinov2()) == "vit" and family_of(tiny_llama()) == "causal-lm"
+    assert family_of(torch.nn.Linear(2, 2)) == "causal-lm"  # stub models stand for causal LMs
+
+
+def test_a_method_of_another_family_is_refused_in_one_line_naming_the_family_and_the_methods_that_apply():
+    from .conftest import tiny_llama
+
+    with pytest.raises(LeanfmError) as e:
+        leanfm.apply_(tiny_dinov2(), {"method": "gptq", "bits": 4})
+    msg = str(e.value)
+    assert "\n" not in msg and "vit model" in msg and "methods for vit models:" in msg and "tome" in msg and "rtn" in msg
+    with pytest.raises(LeanfmError, match="'tome' does not apply to a causal-lm model"):
+        leanfm.apply_(tiny_llama(), {"method": "tome", "r": 2})
+
+
+@pytest.mark.parametrize("step", [{"method": "rtn", "bits": 8, "group_size": 16}, {"method": "hqq", "bits": 4, "group_size": 16},
+                                  {"method": "magnitude", "sparsity": 0.3}], ids=["rtn", "hqq", "magnitude"])
+def test_the_llm_weight_methods_run_on_a_vits_linears(step):
+    model = tiny_dinov2(image=28, patch=4)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state
+    leanfm.apply_(model, step)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.encoder.modules()) or step["method"] == "magnitude"
+    with torch.no_grad():
+        got = model(pixel_values=x).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min()
+    assert 0.8 < cos < 1.0, cos  # changed, and still the same features in direction
+
+
+def test_tome_as_a_method_records_the_tokens_each_block_runs_on():
+    model = tiny_dinov2(image=28, patch=4, layers=3)  # 1 + 49 tokens
+    leanfm.apply_(model, {"method": "tome", "r": 5, "image_size": 28})
+    step = model.leanfm_info["steps"][-1]
+    assert step["tokens_per_block"] == [50, 45, 40] and step["simulated"] is False
+    with torch.no_grad():
+        model(pixel_values=torch.randn(1, 3, 28, 28))
+    assert model.leanfm_tome.size.shape[1] == 50 - 3 * 5
+    with pytest.raises(LeanfmError, match="tome r=-1 must be an integer >= 0"):
+        leanfm.apply_(tiny_dinov2(), {"method": "tome", "r": -1})
+
+
+@pytest.fixture(scope="module")
+def vit_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-vit")
+    tiny_dinov2(image=28, patch=4, layers=3).save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def fashion_dir(tmp_path_factory):
+    """A stand-in Fashion-MNIST: class c is a bright square at a class-specific place."""
+    from leanfm.data import images
+
+    root = tmp_path_factory.mktemp("data")
+    (root / "fashion-mnist").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 200), ("test", 100)):
+        labels = torch.arange(10).repeat(n // 10)
+        imgs = torch.randint(0, 40, (n, 28, 28), generator=g, dtype=torch.uint8)
+        for i, c in enumerate(labels.tolist()):
+            r, col = divmod(c, 5)
+            imgs[i, 4 + 10 * r: 12 + 10 * r, 1 + 5 * col: 5 + 5 * col] = 250
+        _idx(root / "fashion-mnist" / images._FILES[split][0], imgs)
+        _idx(root / "fashion-mnist" / images._FILES[split][1], labels.to(torch.uint8))
+    return root
+
+
+def _bench_args(vit_dir, fashion_dir, out, *extra):
+    return ["bench", "--model", str(vit_dir), "--data-dir", str(fashion_dir), "--image-size", "28", "--train-per-class", "8",
+            "--test-per-class", "4", "--repeats", "2", "--threads", "1", "--out", str(out), *extra]
+
+
+def test_bench_measures_a_vision_model_into_the_results_schema(vit_dir, fashion_dir, tmp_path, capsys):
+    recipe = tmp_path / "tome2.yaml"
+    recipe.write_text("name: tome2\nseed: 0\nsteps:\n  - {method: tome, r: 2, image_size: 28}\n")
+    code, out, err = run_cli(_bench_args(vit_dir, fashion_dir, tmp_path / "run", "--recipe", "baseline", "--recipe", str(recipe),
+                                         "--recipe", "rtn-w8", "--recipe", "magnitude50"), capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    leanfm.results.validate(res)
+    base, tome, rtn, pruned = res["runs"]
+    for run in res["runs"]:
+        m = run["metrics"]
+        assert 0 <= m["knn_accuracy"] <= 1 and 0 <= m["linear_probe_accuracy"] <= 1 and m["images_per_s"] > 0
+        assert m["ms_per_image"] == pytest.approx(1e3 / m["images_per_s"])
+        assert run["details"]["eval_images"] == {"train": 80, "test": 40}
+    # the cosine is to the baseline's features: 1 for the baseline itself, less for half the weights zeroed
+    assert base["metrics"]["feature_cosine"] == pytest.approx(1.0) and pruned["metrics"]["feature_cosine"] < 0.999
+    assert pruned["flags"]["simulated"] is True and base["flags"]["simulated"] is False
+    assert base["metrics"]["knn_accuracy"] > 0.2  # above the 10% chance level, even from a random tiny ViT
+    assert rtn["metrics"]["weight_bytes"] < base["metrics"]["weight_bytes"]
+    assert tome["details"]["steps"][0]["tokens_per_block"] == [50, 48, 46]
+    assert "k-NN acc" in out and "images/s" in out and "fashion-mnist" in out
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--image-size", "30"], ["--image-size 30 is not a multiple of the model's patch size 4", "use 28 or 32"]),
+    (["--recipe", "gptq-w4"], ["recipe gptq-w4: method 'gptq' does not apply to a vit model", "methods for vit models:", "tome"]),
+    (["--recipe", "@tome30"], ["recipe tome30:", "ToMe r=30 merges more tokens than block 0 has left (50 of 50 tokens at 28x28)",
+                               "use r <= "]),
+    (["--recipe", "tome-r8"], ["tome is checked for 224x224 images but --image-size is 28"]),
+], ids=["patch-does-not-divide", "method-of-another-family", "r-too-large", "tome-size-differs"])
+def test_bench_refuses_bad_vision_input_in_one_line(vit_dir, fashion_dir, tmp_path, capsys, extra, needles):
+    args = _bench_args(vit_dir, fashion_dir, tmp_path / "run")
+    if "--image-size" in extra:
+        i = args.index("--image-size")
+        del args[i:i + 2]
+    if "@tome30" in extra:
+        (tmp_path / "tome30.yaml").write_text("name: tome30\nseed: 0\nsteps:\n  - {method: tome, r: 30, image_size: 28}\n")
+        extra = [str(tmp_path / "tome30.yaml") if e == "@tome30" else e for e in extra]
+    code, _, err = run_cli(args + extra, capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "run" / "results.json").exists()  # refused before any measuring
