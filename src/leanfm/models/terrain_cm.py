@@ -1,0 +1,66 @@
+"""``terrain-cm``: the one-step terrain consistency-model UNet shipped as fp32 ONNX inside
+``adaptive-terrain-diffusion==0.4.2`` (MIT), run in ONNX Runtime.
+
+The network is an EDM-style denoiser distilled into a consistency model ("consistency-unet-32",
+endpoint distillation from a 20-step teacher, per the file's metadata): ``denoised =
+f(noisy, sigma, difficulty)`` maps a noisy 128x128 heightmap at noise level ``sigma`` (0.002 to
+80; data scaled to a standard deviation of 0.5) straight to a clean one; ``difficulty`` (1 to
+100) conditions the terrain. It has no torch weights, so leanfm runs it where it ships, in ONNX
+Runtime, and the diffusion techniques work on its graph (:mod:`leanfm.methods.diffusion`).
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LeanfmError
+
+PACKAGE = "terrain_diffusion"
+INSTALL = "pip install --no-deps adaptive-terrain-diffusion==0.4.2"  # its metadata asks for onnxruntime-gpu
+ONNX_FILE = "weights/terrain_consistency_unet_difficulty100.onnx"
+SIGMA_MIN, SIGMA_MAX, SIGMA_DATA = 0.002, 80.0, 0.5
+SIZE = 128
+INPUTS = ("noisy", "sigma", "difficulty")
+
+
+def onnx_path() -> Path:
+    """The packaged ONNX file, or a one-line error naming the install command."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LeanfmError(f"model 'terrain-cm' is not installed (missing {PACKAGE}); install it with: {INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / ONNX_FILE
+    if not path.is_file():
+        raise LeanfmError(f"{PACKAGE} is installed but has no {ONNX_FILE}; reinstall it with: {INSTALL}")
+    return path
+
+
+def session(model: bytes | str | Path, threads: int = 2):
+    """An ONNX Runtime CPU session of ``model`` (bytes of a ModelProto, or a file)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise LeanfmError("ONNX Runtime is not installed; install it with: pip install 'leanfm[onnx]'") from None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+class OnnxDenoiser:
+    """``denoise(x, sigma, cond) -> x0`` on an ONNX Runtime session of a terrain-cm-style graph
+    (inputs ``noisy`` [B, 1, H, W], ``sigma`` [B], ``difficulty`` [B]); ``extra`` names further
+    outputs to return (a cache tensor), ``feeds`` further inputs (a cached tensor)."""
+
+    def __init__(self, model: bytes | str | Path, threads: int = 2, extra: tuple[str, ...] = ()):
+        self.session = session(model, threads)
+        self.outputs = [self.session.get_outputs()[0].name, *extra]
+        self.input_names = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, x: np.ndarray, sigma: np.ndarray, cond: np.ndarray, **feeds):
+        feed = {"noisy": x.astype(np.float32, copy=False), "sigma": sigma.astype(np.float32, copy=False),
+                "difficulty": cond.astype(np.float32, copy=False), **feeds}
+        out = self.session.run(self.outputs, {k: v for k, v in feed.items() if k in self.input_names})
+        return out[0] if len(out) == 1 else out
