@@ -124,6 +124,13 @@ def test_bench_measures_a_vision_model_into_the_results_schema(vit_dir, fashion_
     assert base["metrics"]["knn_accuracy"] > 0.2  # above the 10% chance level, even from a random tiny ViT
     assert rtn["metrics"]["weight_bytes"] < base["metrics"]["weight_bytes"]
     assert tome["details"]["steps"][0]["tokens_per_block"] == [50, 48, 46]
+    # the roofline's latency per image, for the plain model and ToMe; other steps are not priced
+    for run in (base, tome):
+        m = run["metrics"]
+        assert m["predicted_ms_per_image"] > 0
+        assert m["ms_per_image_prediction_error_pct"] == pytest.approx((m["predicted_ms_per_image"] / m["ms_per_image"] - 1) * 100)
+    assert tome["metrics"]["predicted_ms_per_image"] < base["metrics"]["predicted_ms_per_image"]
+    assert "predicted_ms_per_image" not in rtn["metrics"] and "rtn" in rtn["details"]["prediction"]["error"]
     assert "k-NN acc" in out and "images/s" in out and "fashion-mnist" in out
 
 
@@ -145,3 +152,22 @@ def test_bench_refuses_bad_vision_input_in_one_line(vit_dir, fashion_dir, tmp_pa
     code, _, err = run_cli(args + extra, capsys)
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "run" / "results.json").exists()  # refused before any measuring
+
+
+def test_the_vit_predictor_prices_an_image_as_the_prefill_of_its_tokens():
+    from leanfm.predict.analyzer import predict
+    from leanfm.predict.vit import as_decoder, predict_vit
+
+    cfg = {"model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "mlp_ratio": 4,
+           "patch_size": 14, "qkv_bias": True}
+    dec = as_decoder(cfg)
+    assert (dec["intermediate_size"], dec["gated_mlp"], dec["vocab_size"]) == (1536, False, 1)
+    plain = predict_vit(cfg, "local", 8, 224)
+    assert plain["tokens_per_block"] == [257] * 12
+    assert plain["ms_per_image"] == pytest.approx(predict(dec, "baseline", "local", batch=8, prompt=257, gen=1)["prefill_ms"] / 8)
+    merged = predict_vit(cfg, "local", 8, 224, r=16)
+    assert merged["tokens_per_block"][-1] == 257 - 11 * 16 and merged["ms_per_image"] < 0.8 * plain["ms_per_image"]
+    # about 2 x 22M multiply-adds per token: 257 tokens ~ 11 GFLOP per image
+    assert 9e9 < plain["flops_per_image"] < 13e9
+    with pytest.raises(LeanfmError, match="not a multiple of the patch size 14"):
+        predict_vit(cfg, "local", 8, 230)

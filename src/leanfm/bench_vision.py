@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import progress
 from .api import apply_, load
 from .config import check_family
 from .data.images import fixed_split, load_fashion_mnist, to_pixels
@@ -97,7 +98,8 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
             m["weight_bytes"] = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
             m["model_size_on_disk_bytes"] = tensors_file_bytes(model)
         if "quality" in protocol.groups:
-            ftr, fte = encode(model, ptr), encode(model, pte)
+            with progress.bar(f"{r.name}: features of {ptr.shape[0] + pte.shape[0]} images", ptr.shape[0] + pte.shape[0]) as adv:
+                ftr, fte = encode(model, ptr, advance=adv), encode(model, pte, advance=adv)
             ref = fte if ref is None else ref
             m["knn_accuracy"] = knn_accuracy(ftr, ytr, fte, yte)
             m["linear_probe_accuracy"] = linear_probe_accuracy(ftr, ytr, fte, yte, seed=seed)
@@ -108,6 +110,13 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
         models.append(model)
     if "speed" in protocol.groups:
         _time(models, runs, pte, protocol)
+        config = json.loads((Path(path) / "config.json").read_text())
+        for r, run in zip(recipes, runs):
+            run["details"]["prediction"] = _prediction(config, r, protocol, run["details"]["speed_batch"])
+            pred = run["details"]["prediction"].get("ms_per_image")
+            if pred:
+                run["metrics"]["predicted_ms_per_image"] = pred
+                run["metrics"]["ms_per_image_prediction_error_pct"] = (pred / run["metrics"]["ms_per_image"] - 1.0) * 100.0
     for run in runs:
         add_relative_metrics(run, runs[0])
         if run["metrics"].get("images_per_s") and runs[0]["metrics"].get("images_per_s"):
@@ -117,16 +126,37 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
     return results
 
 
+def _prediction(config: dict, recipe: Recipe, protocol: Protocol, batch: int) -> dict:
+    """The roofline's latency per image for the recipe (``predict/vit.py``, ``local`` with this
+    thread count's calibration), or ``{"error": ...}`` for a step it does not price."""
+    from .predict.hardware import load_hardware
+    from .predict.vit import predict_vit
+
+    other = [s.method for s in recipe.steps if s.method != "tome"]
+    if other:
+        return {"error": f"the ViT predictor prices the plain model and ToMe only, not {other[0]}"}
+    r = sum(s.r for s in recipe.steps)
+    try:
+        hw = load_hardware("local", threads=protocol.threads)
+        out = predict_vit(config, hw, batch, protocol.image_size, r)
+    except LeanfmError as e:
+        return {"error": str(e)}
+    return {**out, "calibrated": bool(hw.get("calibrated", False)), "threads": protocol.threads}
+
+
 @torch.no_grad()
 def _time(models: list, runs: list[dict], pixels: torch.Tensor, protocol: Protocol) -> None:
     batch = pixels[:max(protocol.batch, SPEED_BATCH_MIN)]
     secs: list[list[float]] = [[] for _ in models]
-    for rnd in range(protocol.warmup + protocol.repeats):  # A B C, A B C ...: drift hits every recipe alike
-        for j, model in enumerate(models):
-            t0 = time.perf_counter()
-            model(pixel_values=batch)
-            if rnd >= protocol.warmup:
-                secs[j].append(time.perf_counter() - t0)
+    rounds = protocol.warmup + protocol.repeats
+    with progress.bar(f"speed: {rounds} rounds over {len(models)} recipes", rounds * len(models)) as adv:
+        for rnd in range(rounds):  # A B C, A B C ...: drift hits every recipe alike
+            for j, model in enumerate(models):
+                t0 = time.perf_counter()
+                model(pixel_values=batch)
+                if rnd >= protocol.warmup:
+                    secs[j].append(time.perf_counter() - t0)
+                adv()
     n = batch.shape[0]
     for run, s in zip(runs, secs):
         med = statistics.median(s)

@@ -59,6 +59,8 @@ METRICS: dict[str, Metric] = {
     "predicted_prefill_ms": Metric("speed", "ms", "min"),
     "predicted_decode_tokens_per_s": Metric("speed", "tokens/s", "max"),
     "prefill_prediction_error_pct": Metric("speed", "%", None),
+    "predicted_ms_per_image": Metric("speed", "ms", "min"),
+    "ms_per_image_prediction_error_pct": Metric("speed", "%", None),
     "decode_prediction_error_pct": Metric("speed", "%", None),
     # fine-tuning (leanfm tune) and its network cost
     "ppl_gap_recovered": Metric("quality", "fraction", "max"),

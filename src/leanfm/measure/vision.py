@@ -18,11 +18,14 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def encode(model, pixels: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """Class-token features ``[N, D]`` (the final LayerNorm's first token) of ``pixels [N, 3, H, W]``."""
+def encode(model, pixels: torch.Tensor, batch: int = 32, advance=None) -> torch.Tensor:
+    """Class-token features ``[N, D]`` (the final LayerNorm's first token) of ``pixels [N, 3, H, W]``;
+    ``advance(n)`` is called after each batch of ``n`` images (a progress bar)."""
     out = []
     for i in range(0, pixels.shape[0], batch):
         out.append(model(pixel_values=pixels[i:i + batch]).last_hidden_state[:, 0])
+        if advance is not None:
+            advance(out[-1].shape[0])
     return torch.cat(out)
 
 

@@ -25,6 +25,7 @@ COLUMNS = [
     ("predicted_decode_tokens_per_s", "predicted", lambda v: f"{v:.2f}"),
     ("images_per_s", "images/s", lambda v: f"{v:.2f}"),
     ("ms_per_image", "ms/image", lambda v: f"{v:.1f}"),
+    ("predicted_ms_per_image", "predicted", lambda v: f"{v:.1f}"),
     ("speedup", "speedup", lambda v: f"{v:.2f}×"),
     ("energy_j_per_token", "J/token", lambda v: f"{v:.3f}"),
     ("usd_per_million_tokens", "$/1M tok", lambda v: f"{v:.3f}"),
