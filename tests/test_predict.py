@@ -426,9 +426,17 @@ def test_builtin_configs_have_published_parameter_counts():
 def test_every_model_alias_resolves_without_weights():
     from leanfm.models.registry import ALIASES
 
-    assert set(ALIASES) <= set(builtin_configs())
-    for alias in ALIASES:
+    lms = {a for a, s in ALIASES.items() if s.family == "causal-lm"}
+    assert lms <= set(builtin_configs())
+    for alias in lms:
         assert load_arch(alias).layers > 0
+
+
+def test_a_vision_model_is_refused_by_the_lm_predictor_in_one_line():
+    cfg = {"model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+           "intermediate_size": 1536, "vocab_size": 1}
+    with pytest.raises(LeanfmError, match="is a vit model .*leanfm predict prices causal LMs.*predicted_ms_per_image"):
+        load_arch(cfg)
 
 
 # ---------------------------------------------------------------- bad input

@@ -8,8 +8,10 @@ the methods that do apply.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # torch-free at run time: the predictor reads families from configs alone
+    from torch import nn
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,13 @@ def arch_from_config(cfg: dict, name: str = "model", source: str = "<dict>") -> 
         raise LeanfmError(f"model config {source} must be a JSON object, got {type(cfg).__name__}")
     if isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg["text_config"], "tie_word_embeddings": cfg["text_config"].get("tie_word_embeddings", cfg.get("tie_word_embeddings"))}
+    from ..models.family import family_of_config
+
+    family = family_of_config(cfg)
+    if family != "causal-lm":
+        raise LeanfmError(f"model config {source} is a {family} model (model_type {cfg.get('model_type')}): leanfm predict prices "
+                          "causal LMs; a ViT's latency per image is predicted beside the measurement by leanfm bench "
+                          "(predicted_ms_per_image)")
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
     if isinstance(experts, int) and experts > 1:
         raise LeanfmError(f"model config {source} is a mixture of experts ({experts} experts): the predictor models dense decoders only")
