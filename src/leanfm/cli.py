@@ -274,10 +274,14 @@ def cmd_eval(a) -> int:
 def cmd_compress(a) -> int:
     import torch
 
-    from .bench import announce_calibration, check_inputs
+    from .bench import announce_calibration, check_inputs, model_family
     from .models.checkpoint import check_checkpoint_target
     from .recipe import load_recipe
 
+    family = model_family(a.model)
+    if family != "causal-lm":
+        raise LeanfmError(f"leanfm compress writes causal-LM checkpoints; {a.model} is a {family} model: measure a recipe on it "
+                          f"with leanfm bench --model {a.model} --recipe NAME, or apply it in Python (leanfm.apply_) and save_pretrained")
     recipe = load_recipe(a.recipe)
     out = Path(a.out)
     check_checkpoint_target(out, a.overwrite)  # before any work: nothing is lost to a refused --out
