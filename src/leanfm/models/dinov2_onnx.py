@@ -18,7 +18,6 @@ ONNX Runtime up to the backbone's final LayerNorm, the reference the rebuild is 
 """
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -35,13 +34,9 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet normalisati
 
 def onnx_path() -> Path:
     """The packaged ONNX file, or a one-line error naming the install command."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LeanfmError(f"model 'dinov2-s' is not installed (missing {PACKAGE}); install it with: {INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / ONNX_FILE
-    if not path.is_file():
-        raise LeanfmError(f"{PACKAGE} is installed but has no {ONNX_FILE}; reinstall it with: {INSTALL}")
-    return path
+    from .packaged import packaged_file
+
+    return packaged_file("dinov2-s", PACKAGE, ONNX_FILE, INSTALL)
 
 
 def config():

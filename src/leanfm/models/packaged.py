@@ -20,6 +20,18 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def packaged_file(alias: str, package: str, relpath: str, install: str) -> Path:
+    """``relpath`` inside the installed ``package`` (a model shipped as a file in a package), or a
+    one-line error naming ``install``."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LeanfmError(f"model '{alias}' is not installed (missing {package}); install it with: {install}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relpath
+    if not path.is_file():
+        raise LeanfmError(f"{package} is installed but has no {relpath}; reinstall it with: {install}")
+    return path
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     size = path.stat().st_size

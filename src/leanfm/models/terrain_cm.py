@@ -10,7 +10,6 @@ Runtime, and the diffusion techniques work on its graph (:mod:`leanfm.methods.di
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +26,9 @@ INPUTS = ("noisy", "sigma", "difficulty")
 
 def onnx_path() -> Path:
     """The packaged ONNX file, or a one-line error naming the install command."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LeanfmError(f"model 'terrain-cm' is not installed (missing {PACKAGE}); install it with: {INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / ONNX_FILE
-    if not path.is_file():
-        raise LeanfmError(f"{PACKAGE} is installed but has no {ONNX_FILE}; reinstall it with: {INSTALL}")
-    return path
+    from .packaged import packaged_file
+
+    return packaged_file("terrain-cm", PACKAGE, ONNX_FILE, INSTALL)
 
 
 def session(model: bytes | str | Path, threads: int = 2):
