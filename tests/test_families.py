@@ -130,6 +130,7 @@ def test_bench_measures_a_vision_model_into_the_results_schema(vit_dir, fashion_
         assert m["predicted_ms_per_image"] > 0
         assert m["ms_per_image_prediction_error_pct"] == pytest.approx((m["predicted_ms_per_image"] / m["ms_per_image"] - 1) * 100)
     assert tome["metrics"]["predicted_ms_per_image"] < base["metrics"]["predicted_ms_per_image"]
+    assert tome["metrics"]["speedup"] == pytest.approx(tome["metrics"]["images_per_s"] / base["metrics"]["images_per_s"])
     assert "predicted_ms_per_image" not in rtn["metrics"] and "rtn" in rtn["details"]["prediction"]["error"]
     assert "k-NN acc" in out and "images/s" in out and "fashion-mnist" in out
 

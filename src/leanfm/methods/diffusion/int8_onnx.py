@@ -99,10 +99,11 @@ def quantize_int8(model_bytes: bytes, feeds: list[dict], per_channel: bool = Tru
     noise-level preconditioning (``c_skip x + c_out F``), whose range spans every noise level a
     sampler visits (inputs up to ~80 sigma), so one uint8 grid over it would erase the small-sigma
     steps; it stays fp32."""
-    try:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    except ImportError:
-        raise LeanfmError("ONNX Runtime is not installed; install it with: pip install 'leanfm[onnx]'") from None
+    from ...runtimes.onnxrt import ort_module
+
+    ort_module()  # one-line error naming the install command when ONNX Runtime is missing
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
     if not feeds:
         raise LeanfmError("int8 quantization of the denoiser needs at least one calibration input")
 
