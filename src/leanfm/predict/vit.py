@@ -34,12 +34,9 @@ def tokens_per_block(config: dict, image_size: int, r: int = 0) -> list[int]:
     patch = int(config.get("patch_size", 16))
     if image_size % patch:
         raise LeanfmError(f"image size {image_size} is not a multiple of the patch size {patch}")
-    n = 1 + (image_size // patch) ** 2
-    out = []
-    for _ in range(int(config["num_hidden_layers"])):
-        out.append(n)
-        n -= r
-    return out
+    from ..methods.vision.decl import merge_schedule
+
+    return merge_schedule(1 + (image_size // patch) ** 2, int(config["num_hidden_layers"]), r)
 
 
 def predict_vit(config: dict, hardware, batch: int, image_size: int, r: int = 0) -> dict:

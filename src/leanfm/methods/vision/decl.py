@@ -7,6 +7,12 @@ from ...config import BaseConfig
 from ...errors import LeanfmError
 
 
+def merge_schedule(tokens: int, blocks: int, r: int) -> list[int]:
+    """The tokens each of ``blocks`` blocks runs on when each merges ``r`` (ToMe), starting from
+    ``tokens`` (the class token and the patches)."""
+    return [tokens - i * r for i in range(blocks)]
+
+
 @dataclass
 class ToMeConfig(BaseConfig):
     """ToMe token merging (Bolya et al., ICLR 2023): each block merges its ``r`` most similar tokens

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import LeanfmError
+from .decl import merge_schedule
 
 
 def bipartite_soft_matching(metric: torch.Tensor, r: int, protect_first: bool = True):
@@ -123,12 +124,11 @@ def check_schedule(model: nn.Module, r: int, image_size: int | None = None) -> N
     if size % cfg.patch_size:
         raise LeanfmError(f"image size {size} is not a multiple of the patch size {cfg.patch_size}; "
                           f"use {size // cfg.patch_size * cfg.patch_size} or {(size // cfg.patch_size + 1) * cfg.patch_size}")
-    n0 = n = 1 + (size // cfg.patch_size) ** 2
-    for i in range(len(layers)):
+    n0 = 1 + (size // cfg.patch_size) ** 2
+    for i, n in enumerate(merge_schedule(n0, len(layers), r)):
         if r > (n + 1) // 2 - 1:
             raise LeanfmError(f"ToMe r={r} merges more tokens than block {i} has left ({n} of {n0} tokens at "
                               f"{size}x{size}); use r <= {max_r(n0, len(layers))}")
-        n -= r
 
 
 def apply_tome(model: nn.Module, r: int, image_size: int | None = None) -> nn.Module:
@@ -151,12 +151,8 @@ def apply_tome_step(model: nn.Module, cfg, calib=None) -> dict:
     and image size; records the tokens each block then runs on."""
     apply_tome(model, cfg.r, cfg.image_size)
     c = model.config
-    n, tokens = 1 + (cfg.image_size // c.patch_size) ** 2, []
-    for _ in range(c.num_hidden_layers):
-        tokens.append(n)
-        n -= cfg.r
     return {"simulated": False, "kernel": "transformers Dinov2 blocks with ToMe merging (PyTorch eager)",
-            "tokens_per_block": tokens}
+            "tokens_per_block": merge_schedule(1 + (cfg.image_size // c.patch_size) ** 2, c.num_hidden_layers, cfg.r)}
 
 
 def max_r(tokens: int, blocks: int) -> int:
