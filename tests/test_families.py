@@ -25,7 +25,8 @@ def test_every_method_declares_known_families_and_vit_has_its_own():
     vit = methods_for("vit")
     assert {"tome", "rtn", "hqq", "magnitude"} <= set(vit)
     assert "gptq" not in vit and "tome" not in methods_for("causal-lm")
-    assert config_class("tome").describe()["families"] == ["vit"]
+    assert config_class("tome").describe()["families"] == ["vit", "clip"]
+    assert {"tome", "rtn", "hqq", "magnitude"} <= set(methods_for("clip"))
 
 
 def test_family_of_reads_the_config_and_a_loaded_models_record():

@@ -80,7 +80,7 @@ def test_tome_refuses_an_r_larger_than_the_tokens_left_and_a_size_the_patch_does
         apply_tome(tiny_dinov2(), 13)
     with pytest.raises(LeanfmError, match="image size 30 is not a multiple of the patch size 4; use 28 or 32"):
         apply_tome(tiny_dinov2(), 1, image_size=30)
-    with pytest.raises(LeanfmError, match="applies to DINOv2"):
+    with pytest.raises(LeanfmError, match="applies to DINOv2 and CLIP"):
         apply_tome(torch.nn.Linear(2, 2), 1)
 
 

@@ -240,16 +240,16 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
     protocol.validate()
     recipes = order_recipes(recipe_names)
     family = model_family(model_name)
-    if family == "vit":
+    if family in ("vit", "clip"):
         if runtime != "torch" or protocol.compile or (protocol.device, protocol.dtype) != ("cpu", "fp32"):
-            raise LeanfmError("a vision model is measured on the torch runtime on the CPU in fp32; drop --runtime, --compile, "
-                              "--device and --dtype")
+            raise LeanfmError(f"a {family} model is measured on the torch runtime on the CPU in fp32; drop --runtime, "
+                              "--compile, --device and --dtype")
         from .bench_vision import bench_vision
 
         with OutputDir(out, overwrite):
-            return bench_vision(model_name, recipes, protocol, Path(out), load_profile(profile_path))
+            return bench_vision(model_name, recipes, protocol, Path(out), load_profile(profile_path), family)
     if family != "causal-lm":
-        raise LeanfmError(f"leanfm bench does not measure {family} models yet; it measures causal-lm and vit models")
+        raise LeanfmError(f"leanfm bench does not measure {family} models yet; it measures causal-lm, vit and clip models")
     check_runtime(runtime)
     check_recipes(runtime, recipes, gguf_type)
     if runtime != "torch":

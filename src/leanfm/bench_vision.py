@@ -10,6 +10,13 @@ ImageNet-normalised. Features: the class token of the final LayerNorm. Quality: 
 mean cosine of each test image's features to the first recipe's (the baseline). Speed: one
 batch of ``batch`` test images (at least 8) through each recipe's model, interleaved over the
 recipes round by round (one warm-up round, ``repeats`` recorded), images/s from the median.
+
+On an image-text dual encoder (family ``clip``: ``lit-fmnist``, a ``CLIPModel`` folder) the
+same run measures zero-shot accuracy instead (``measure/zero_shot.py``): the ``test_per_class``
+test images against one text embedding per class, averaged over the model's evaluation prompt
+templates (its own, else ``DEFAULT_TEMPLATES``) and recomputed for every recipe, so a compressed
+text tower is measured too. Fidelity is the cosine of the image embeddings to the baseline's;
+speed is the image tower with its projection (``get_image_features``).
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from .measure.memory import model_size_on_disk_bytes, weight_bytes
 from .measure.protocol import Protocol
 from .measure.run import _json_safe, flags
 from .measure.vision import encode, fidelity, knn_accuracy, linear_probe_accuracy
+from .measure.zero_shot import CLASS_WORDS, DEFAULT_TEMPLATES, class_embeddings, image_embeddings, zero_shot_accuracy
 from .models.load import resolve
 from .recipe import Recipe, recipe_file_stem
 from .results import add_relative_metrics, new_results, write
@@ -37,11 +45,22 @@ from .results import add_relative_metrics, new_results, write
 SPEED_BATCH_MIN = 8
 
 
-def check_vision(path: str, recipes: list[Recipe], protocol: Protocol) -> dict:
+def vision_config(path: str) -> dict:
+    """The image tower's config (dict) of the model folder ``path``: a ViT's own, a ``CLIPModel``'s
+    ``vision_config``, a leanfm dual encoder's ``vision_model/config.json``."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if isinstance(cfg.get("vision_config"), dict):
+        return cfg["vision_config"]
+    if (Path(path) / "vision_model" / "config.json").is_file():
+        return json.loads((Path(path) / "vision_model" / "config.json").read_text())
+    return cfg
+
+
+def check_vision(path: str, recipes: list[Recipe], protocol: Protocol, family: str = "vit") -> dict:
     """One-line refusals before any work: an image size the patch does not divide, a step of
     another family, a ToMe step checked for another size than the protocol's. Returns the
-    model's config (dict)."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
+    image tower's config (dict)."""
+    cfg = vision_config(path)
     patch = int(cfg.get("patch_size", 1))
     size = protocol.image_size
     if size % patch:
@@ -50,7 +69,7 @@ def check_vision(path: str, recipes: list[Recipe], protocol: Protocol) -> dict:
     for r in recipes:
         for step in r.steps:
             try:
-                check_family(step, "vit")
+                check_family(step, family)
             except LeanfmError as e:
                 raise LeanfmError(f"recipe {r.name}: {e}") from None
             if step.method == "tome" and step.image_size != size:
@@ -59,19 +78,45 @@ def check_vision(path: str, recipes: list[Recipe], protocol: Protocol) -> dict:
     return cfg
 
 
-def _data(protocol: Protocol, seed: int):
-    xtr, ytr = load_fashion_mnist("train", protocol.data_dir)
+def _data(protocol: Protocol, seed: int, train: bool = True):
+    """Pixels and labels of the fixed split (the training part only when ``train``)."""
     xte, yte = load_fashion_mnist("test", protocol.data_dir)
-    itr, ite = fixed_split(ytr, protocol.train_per_class, seed), fixed_split(yte, protocol.test_per_class, seed)
-    return to_pixels(xtr[itr], protocol.image_size), ytr[itr], to_pixels(xte[ite], protocol.image_size), yte[ite]
+    ite = fixed_split(yte, protocol.test_per_class, seed)
+    pte = to_pixels(xte[ite], protocol.image_size)
+    if not train:
+        return pte[:0], yte[:0], pte, yte[ite]
+    xtr, ytr = load_fashion_mnist("train", protocol.data_dir)
+    itr = fixed_split(ytr, protocol.train_per_class, seed)
+    return to_pixels(xtr[itr], protocol.image_size), ytr[itr], pte, yte[ite]
 
 
-def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path, profile: dict) -> dict:
+def _prompts(model) -> tuple[list[str], list[str]]:
+    """The class words and evaluation templates of a dual encoder (its own, else the defaults)."""
+    cfg = getattr(model, "config", None)
+    classes = list(getattr(cfg, "classes", None) or CLASS_WORDS)
+    return classes, list(getattr(cfg, "eval_templates", None) or DEFAULT_TEMPLATES)
+
+
+def _zero_shot(model, tok, pte, yte, m: dict, details: dict, r: Recipe) -> torch.Tensor:
+    if tok is None:
+        raise LeanfmError("this image-text model has no tokenizer in its folder; copy its tokenizer files into it")
+    if getattr(tok, "pad_token", None) is None:
+        tok.pad_token = tok.eos_token
+    classes, templates = _prompts(model)
+    with progress.bar(f"{r.name}: image embeddings of {pte.shape[0]} test images", pte.shape[0]) as adv:
+        emb = image_embeddings(model, pte, advance=adv)
+    m["zero_shot_accuracy"] = zero_shot_accuracy(emb, class_embeddings(model, tok, classes, templates), yte)
+    details["zero_shot"] = {"classes": classes, "templates": templates, "test_images": int(pte.shape[0])}
+    return emb
+
+
+def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path, profile: dict,
+                 family: str = "vit") -> dict:
     path, _ = resolve(model_name)
-    config = check_vision(path, recipes, protocol)
+    config = check_vision(path, recipes, protocol, family)
     torch.set_num_threads(protocol.threads)
     seed = recipes[0].seed
-    ptr, ytr, pte, yte = _data(protocol, seed)
+    ptr, ytr, pte, yte = _data(protocol, seed, train=family == "vit")
     results = new_results(environment(protocol.threads, seed=seed), protocol.to_dict())
     results["model"] = model_name
     results["hardware_profile"] = profile
@@ -79,7 +124,7 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
     results["environment"]["speed_schedule"] = "interleaved"
     for r in recipes:
         r.save(out / "recipes" / f"{recipe_file_stem(r.name)}.yaml")
-    first, _ = load(model_name)
+    first, tok = load(model_name)
     for r in recipes:  # every recipe fits the model before anything is measured
         for step in r.steps:
             try:
@@ -94,12 +139,16 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
         apply_(model, r)
         run = {"id": i, "model": model_name, "recipe": r.to_dict(), "status": "ok", "calibration": None,
                "apply_seconds": round(time.perf_counter() - t0, 3), "metrics": {}, "details": {"protocol": "vit"},
-               "flags": flags(model)}
+               "flags": flags(model), "family": family}
         m = run["metrics"]
         if "memory" in protocol.groups:
             m["weight_bytes"] = weight_bytes(model)
             m["model_size_on_disk_bytes"] = model_size_on_disk_bytes(model)
-        if "quality" in protocol.groups:
+        if "quality" in protocol.groups and family == "clip":
+            emb = _zero_shot(model, tok, pte, yte, m, run["details"], r)
+            ref = emb if ref is None else ref
+            m["feature_cosine"] = fidelity(emb, ref)
+        elif "quality" in protocol.groups:
             with progress.bar(f"{r.name}: features of {ptr.shape[0] + pte.shape[0]} images", ptr.shape[0] + pte.shape[0]) as adv:
                 ftr, fte = encode(model, ptr, advance=adv), encode(model, pte, advance=adv)
             ref = fte if ref is None else ref
@@ -111,7 +160,7 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
         runs.append(run)
         models.append(model)
     if "speed" in protocol.groups:
-        _time(models, runs, pte, protocol)
+        _time(models, runs, pte, protocol, family)
         for r, run in zip(recipes, runs):
             run["details"]["prediction"] = _prediction(config, r, protocol, run["details"]["speed_batch"])
             pred = run["details"]["prediction"].get("ms_per_image")
@@ -144,7 +193,7 @@ def _prediction(config: dict, recipe: Recipe, protocol: Protocol, batch: int) ->
 
 
 @torch.no_grad()
-def _time(models: list, runs: list[dict], pixels: torch.Tensor, protocol: Protocol) -> None:
+def _time(models: list, runs: list[dict], pixels: torch.Tensor, protocol: Protocol, family: str = "vit") -> None:
     batch = pixels[:max(protocol.batch, SPEED_BATCH_MIN)]
     secs: list[list[float]] = [[] for _ in models]
     rounds = protocol.warmup + protocol.repeats
@@ -152,7 +201,7 @@ def _time(models: list, runs: list[dict], pixels: torch.Tensor, protocol: Protoc
         for rnd in range(rounds):  # A B C, A B C ...: drift hits every recipe alike
             for j, model in enumerate(models):
                 t0 = time.perf_counter()
-                model(pixel_values=batch)
+                model.get_image_features(pixel_values=batch) if family == "clip" else model(pixel_values=batch)
                 if rnd >= protocol.warmup:
                     secs[j].append(time.perf_counter() - t0)
                 adv()

@@ -28,6 +28,7 @@ METRICS: dict[str, Metric] = {
     "knn_accuracy": Metric("quality", "fraction", "max"),
     "linear_probe_accuracy": Metric("quality", "fraction", "max"),
     "feature_cosine": Metric("quality", "–", "max"),
+    "zero_shot_accuracy": Metric("quality", "fraction", "max"),
     # speed
     "prefill_ms": Metric("speed", "ms", "min"),
     "tpot_ms_p50": Metric("speed", "ms", "min"),

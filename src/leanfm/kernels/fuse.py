@@ -96,17 +96,24 @@ class FusedSlice(LayoutInfo, nn.Module):
 
 def _probe_inputs(model: nn.Module, dev) -> dict | None:
     """A tiny forward's inputs: two tokens for a model that takes ``input_ids``, a 2x2-patch image
-    for one that takes ``pixel_values`` (a ViT); None for anything else."""
+    for one that takes ``pixel_values`` (a ViT), both for one that takes both (CLIP, a dual
+    encoder: both towers run); None for anything else."""
     import inspect
 
     params = inspect.signature(model.forward).parameters
+    inputs: dict = {}
     if "input_ids" in params:
-        return {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=dev), "use_cache": False}
+        inputs["input_ids"] = torch.zeros(1, 2, dtype=torch.long, device=dev)
+        if "use_cache" in params:
+            inputs["use_cache"] = False
     cfg = getattr(model, "config", None)
-    if "pixel_values" in params and isinstance(getattr(cfg, "patch_size", None), int):
-        side = 2 * cfg.patch_size
-        return {"pixel_values": torch.zeros(1, getattr(cfg, "num_channels", 3), side, side, device=dev)}
-    return None
+    vcfg = getattr(cfg, "vision_config", None) or getattr(getattr(model, "vision_model", None), "config", None) or cfg
+    if "pixel_values" in params and isinstance(getattr(vcfg, "patch_size", None), int):
+        side = 2 * vcfg.patch_size
+        inputs["pixel_values"] = torch.zeros(1, getattr(vcfg, "num_channels", 3), side, side, device=dev)
+        if "interpolate_pos_encoding" in params:  # CLIP: position embeddings sized for the small probe
+            inputs["interpolate_pos_encoding"] = True
+    return inputs or None
 
 
 def _shared_input_groups(model: nn.Module, candidates: dict[str, QuantLinear]) -> list[list[str]]:

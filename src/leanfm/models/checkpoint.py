@@ -15,6 +15,7 @@ The file layouts live with the layers they store:
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -254,6 +255,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, family
     from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from .dual_encoder import is_dual_encoder, load_dual_encoder
+
+    if Path(path).is_dir() and is_dual_encoder(_read_config(path)):
+        return load_dual_encoder(path, dtype)
     if Path(path).is_dir():
         check_tensor_files(path)
     held: list[logging.LogRecord] = []
@@ -270,6 +275,14 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, family
         example = " ".join(lines[0].replace("|", " ").split()) if lines else " ".join(str(e).split())[:200]
         raise LeanfmError(f"the tensors in {path} do not match its config.json ({example}); the model directory is damaged: "
                           "re-download the model, or re-run leanfm compress") from None
+
+
+def _read_config(path) -> dict:
+    f = Path(path) / "config.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
 
 @contextmanager

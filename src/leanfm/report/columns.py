@@ -13,6 +13,7 @@ COLUMNS = [
     ("top1_agreement", "top1", lambda v: f"{v:.4f}"),
     ("kl_to_baseline", "KL", lambda v: f"{v:.4f}"),
     ("knn_accuracy", "k-NN acc", lambda v: f"{v * 100:.1f}%"),
+    ("zero_shot_accuracy", "0-shot acc", lambda v: f"{v * 100:.1f}%"),
     ("linear_probe_accuracy", "probe acc", lambda v: f"{v * 100:.1f}%"),
     ("feature_cosine", "feat. cos", lambda v: f"{v:.4f}"),
     ("weight_bytes", "weights MiB", lambda v: f"{v / MiB:.1f}"),

@@ -25,7 +25,7 @@ class ToMeConfig(BaseConfig):
     """
 
     method = "tome"
-    families = ("vit",)
+    families = ("vit", "clip")
     handler = "leanfm.methods.vision.tome:apply_tome_step"
     produces = "token-reduction"
 

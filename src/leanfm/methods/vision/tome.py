@@ -12,8 +12,9 @@ fewer tokens; nothing is trained. The three pieces (paper § 3):
 - **Proportional attention** (:func:`proportional_attention`, eq. 1): ``softmax(QKᵀ/√d + log s)``,
   so a token that stands for ``s`` patches gets the attention ``s`` copies of it would.
 
-:func:`apply_tome` puts this into a transformers ``Dinov2Model`` by wrapping its blocks; the
-math functions take plain tensors and are tested on their own.
+:func:`apply_tome` puts this into a transformers ``Dinov2Model`` or the vision tower of a
+``CLIPModel`` (or a leanfm dual encoder) by wrapping its blocks; the math functions take plain
+tensors and are tested on their own.
 """
 from __future__ import annotations
 
@@ -80,46 +81,85 @@ class _State:
         self.r, self.size = r, None
 
 
-class ToMeDinov2Layer(nn.Module):
-    """A ``Dinov2Layer`` that merges ``state.r`` tokens after its attention (the same weights)."""
+class _Parts:
+    """The pieces of a pre-norm ViT block ToMe needs, under one set of names: transformers'
+    ``Dinov2Layer`` (with layer scales) or ``CLIPEncoderLayer`` (CLIP's vision blocks)."""
+
+    def __init__(self, blk: nn.Module):
+        ident = lambda x: x  # noqa: E731
+        if hasattr(blk, "attention") and hasattr(blk.attention, "q_proj"):  # Dinov2Layer
+            att = blk.attention
+            self.norm1, self.norm2, self.mlp = blk.norm1, blk.norm2, blk.mlp
+            self.out, self.scale, self.head_dim = att.o_proj, att.scaling, att.head_dim
+            self.ls1, self.ls2, self.drop = blk.layer_scale1, blk.layer_scale2, blk.drop_path
+        elif hasattr(blk, "self_attn") and hasattr(blk, "layer_norm1"):  # CLIPEncoderLayer
+            att = blk.self_attn
+            self.norm1, self.norm2, self.mlp = blk.layer_norm1, blk.layer_norm2, blk.mlp
+            self.out, self.scale, self.head_dim = att.out_proj, att.scale, att.head_dim
+            self.ls1 = self.ls2 = self.drop = ident
+        else:
+            raise LeanfmError(f"ToMe does not know the block {type(blk).__name__}")
+        self.qkv = (att.q_proj, att.k_proj, att.v_proj)
+
+
+class ToMeLayer(nn.Module):
+    """A ViT block that merges ``state.r`` tokens after its attention (the same weights)."""
 
     def __init__(self, layer: nn.Module, state: _State):
         super().__init__()
         self.layer, self.state = layer, state
+        self._parts = _Parts(layer)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        blk, att = self.layer, self.layer.attention
+        p = self._parts
         b, n, _ = hidden_states.shape
         if self.state.size is not None and self.state.size.shape[:2] != (b, n):
             self.state.size = None  # a new input: every token stands for one patch
-        h = blk.norm1(hidden_states)
-        shape = (b, n, -1, att.head_dim)
-        q, k, v = (p(h).view(shape).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
-        a = proportional_attention(q, k, v, self.state.size, att.scaling)  # no bias while all sizes are 1
-        x = hidden_states + blk.drop_path(blk.layer_scale1(att.o_proj(a.transpose(1, 2).reshape(b, n, -1))))
+        h = p.norm1(hidden_states)
+        shape = (b, n, -1, p.head_dim)
+        q, k, v = (proj(h).view(shape).transpose(1, 2) for proj in p.qkv)
+        a = proportional_attention(q, k, v, self.state.size, p.scale)  # no bias while all sizes are 1
+        x = hidden_states + p.drop(p.ls1(p.out(a.transpose(1, 2).reshape(b, n, -1))))
         if self.state.r > 0:
             merge = bipartite_soft_matching(k.mean(dim=1), self.state.r)  # metric: keys averaged over heads
             size = self.state.size if self.state.size is not None else x.new_ones(b, n, 1)
             x, self.state.size = merge_by_size(merge, x, size)
-        return x + blk.drop_path(blk.layer_scale2(blk.mlp(blk.norm2(x))))
+        return x + p.drop(p.ls2(p.mlp(p.norm2(x))))
 
 
-def _dinov2_layers(model: nn.Module):
-    layers = getattr(getattr(model, "encoder", None), "layer", None)
-    inner = [getattr(blk, "layer", blk) for blk in layers] if layers is not None else []
-    if layers is None or not all(hasattr(blk, "attention") and hasattr(blk.attention, "q_proj") for blk in inner):
-        raise LeanfmError(f"ToMe here applies to DINOv2 models (transformers Dinov2Model), not {type(model).__name__}")
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The image encoder of ``model``: itself (a ViT), or its ``vision_model`` (CLIP, a dual encoder)."""
+    return getattr(model, "vision_model", model)
+
+
+def _vit_layers(model: nn.Module):
+    tower = vision_tower(model)
+    enc = getattr(tower, "encoder", None)
+    layers = getattr(enc, "layer", None)
+    layers = getattr(enc, "layers", None) if layers is None else layers
+    try:
+        for blk in layers or [None]:
+            _Parts(getattr(blk, "layer", blk))
+    except LeanfmError:
+        layers = None
+    if not layers:
+        raise LeanfmError(f"ToMe here applies to DINOv2 and CLIP vision transformers (transformers Dinov2Model, "
+                          f"CLIPModel, a leanfm dual encoder), not {type(model).__name__}")
     return layers
+
+
+def _vision_config(model: nn.Module):
+    return vision_tower(model).config
 
 
 def check_schedule(model: nn.Module, r: int, image_size: int | None = None) -> None:
     """One-line error unless merging ``r`` tokens per block fits ``model`` at ``image_size``
     (default: the model's configured size): the patch size divides the size, and every block
     has more than ``r`` token pairs left to match."""
-    layers = _dinov2_layers(model)
+    layers = _vit_layers(model)
     if r < 0:
         raise LeanfmError(f"ToMe r={r} must be >= 0")
-    cfg = model.config
+    cfg = _vision_config(model)
     size = image_size or cfg.image_size
     if size % cfg.patch_size:
         raise LeanfmError(f"image size {size} is not a multiple of the patch size {cfg.patch_size}; "
@@ -132,16 +172,17 @@ def check_schedule(model: nn.Module, r: int, image_size: int | None = None) -> N
 
 
 def apply_tome(model: nn.Module, r: int, image_size: int | None = None) -> nn.Module:
-    """Merge ``r`` tokens per block in a transformers ``Dinov2Model`` (in place; returns it).
+    """Merge ``r`` tokens per block in a ViT (transformers ``Dinov2Model``, or the vision tower of a
+    ``CLIPModel`` or leanfm dual encoder), in place; returns it.
     Fails with one line when ``r`` would merge more tokens than a block has left at
     ``image_size`` (default: the model's configured size); a forward on larger images than
     checked fails the same way."""
     check_schedule(model, r, image_size)
-    layers = _dinov2_layers(model)
+    layers = _vit_layers(model)
     state = _State(r)
     for i, blk in enumerate(layers):
-        layers[i] = ToMeDinov2Layer(blk.layer if isinstance(blk, ToMeDinov2Layer) else blk, state)
-    model.register_forward_pre_hook(lambda mod, args, kwargs: setattr(state, "size", None), with_kwargs=True)
+        layers[i] = ToMeLayer(blk.layer if isinstance(blk, ToMeLayer) else blk, state)
+    vision_tower(model).register_forward_pre_hook(lambda mod, args, kwargs: setattr(state, "size", None), with_kwargs=True)
     model.leanfm_tome = state
     return model
 
@@ -150,8 +191,9 @@ def apply_tome_step(model: nn.Module, cfg, calib=None) -> dict:
     """The ``tome`` method's handler (``leanfm.apply_``): :func:`apply_tome` with the config's r
     and image size; records the tokens each block then runs on."""
     apply_tome(model, cfg.r, cfg.image_size)
-    c = model.config
-    return {"simulated": False, "kernel": "transformers Dinov2 blocks with ToMe merging (PyTorch eager)",
+    c = _vision_config(model)
+    return {"simulated": False, "kernel": f"transformers {type(vision_tower(model)).__name__} blocks with ToMe merging "
+                                          "(PyTorch eager)",
             "tokens_per_block": merge_schedule(1 + (cfg.image_size // c.patch_size) ** 2, c.num_hidden_layers, cfg.r)}
 
 
