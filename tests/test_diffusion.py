@@ -190,3 +190,136 @@ def test_weight_only_int8_stores_a_quarter_of_the_weights_and_keeps_the_outputs(
     x, sig, cond = rng.standard_normal((2, 1, 16, 16)).astype(np.float32), np.array([5.0, 0.2], np.float32), np.ones(2, np.float32)
     ref, got = OnnxDenoiser(str(path), 1)(x, sig, cond), OnnxDenoiser(q.SerializeToString(), 1)(x, sig, cond)
     assert 30 < psnr(got, ref, float(ref.max() - ref.min())) < float("inf")
+
+
+# `leanfm bench` on a denoiser folder (models/denoiser.py) holding the tiny exported UNet
+
+
+class _CondEDMDenoiser(torch.nn.Module):
+    """A text-to-image style diffusers ``UNet2DConditionModel`` (cross-attention blocks, as in
+    Stable Diffusion) as an EDM denoiser: the scalar condition becomes its ``encoder_hidden_states``
+    through a fixed embedding, so the graph keeps terrain-cm's inputs."""
+
+    def __init__(self, unet, sigma_data=0.5):
+        super().__init__()
+        self.unet, self.sd = unet, sigma_data
+        self.embed = torch.nn.Parameter(torch.randn(1, 2, unet.config.cross_attention_dim))
+
+    def forward(self, noisy, sigma, difficulty):
+        s = sigma.view(-1, 1, 1, 1)
+        c_in = 1 / torch.sqrt(s * s + self.sd ** 2)
+        c_skip = self.sd ** 2 / (s * s + self.sd ** 2)
+        c_out = s * self.sd / torch.sqrt(s * s + self.sd ** 2)
+        ehs = difficulty.view(-1, 1, 1) / 50.0 * self.embed
+        f = self.unet(c_in * noisy, torch.log(sigma) / 4, encoder_hidden_states=ehs).sample
+        return c_skip * noisy + c_out * f
+
+
+@pytest.fixture(scope="module")
+def tiny_cond_unet_onnx(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    pytest.importorskip("onnxruntime")
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                attention_head_dim=4, norm_num_groups=4).eval()
+    model = _CondEDMDenoiser(unet).eval()
+    path = tmp_path_factory.mktemp("cond-unet") / "tiny_cond_unet.onnx"
+    args = (torch.randn(2, 1, 16, 16), torch.tensor([80.0, 1.0]), torch.tensor([10.0, 50.0]))
+    torch.onnx.export(model, args, str(path), input_names=["noisy", "sigma", "difficulty"], output_names=["denoised"],
+                      dynamic_axes={"noisy": {0: "b"}, "sigma": {0: "b"}, "difficulty": {0: "b"}, "denoised": {0: "b"}},
+                      opset_version=17, dynamo=False)
+    return model, path
+
+
+@pytest.fixture(scope="module", params=["UNet2DModel", "UNet2DConditionModel"])
+def denoiser_dir(request, tmp_path_factory):
+    import shutil
+
+    from leanfm.models.denoiser import DenoiserConfig
+
+    graph = request.getfixturevalue("tiny_unet_onnx" if request.param == "UNet2DModel" else "tiny_cond_unet_onnx")[1]
+    d = tmp_path_factory.mktemp("denoiser")
+    cfg = DenoiserConfig(onnx="unet.onnx", channels=1, size=16, cond_input="difficulty", conditions=[10, 50])
+    shutil.copyfile(graph, d / cfg.onnx)
+    cfg.save_pretrained(d)
+    return d
+
+
+def test_the_conditional_unet_runs_in_onnx_runtime_as_in_torch(tiny_cond_unet_onnx):
+    from leanfm.models.terrain_cm import OnnxDenoiser
+
+    model, path = tiny_cond_unet_onnx
+    x, sig, cond = np.random.default_rng(1).standard_normal((3, 1, 16, 16)).astype(np.float32), np.array([80, 2, 0.1], np.float32), \
+        np.array([10, 20, 30], np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), torch.from_numpy(sig), torch.from_numpy(cond)).numpy()
+    np.testing.assert_allclose(OnnxDenoiser(path, threads=1)(x, sig, cond), ref, rtol=1e-4, atol=1e-4)
+
+
+def _bench(d, out, *extra):
+    return ["bench", "--model", str(d), "--samples", "8", "--steps", "4", "--threads", "1", "--out", str(out), *extra]
+
+
+def test_bench_measures_a_denoiser_per_sample_and_against_the_baseline_samples(denoiser_dir, tmp_path, capsys):
+    import json
+
+    import leanfm
+    from leanfm.methods.diffusion.run import denoiser, sample
+
+    from .test_cli import run_cli
+
+    code, out, err = run_cli(_bench(denoiser_dir, tmp_path / "run", "--recipe", "baseline", "--recipe", "cm-steps1",
+                                    "--recipe", "deepcache2", "--recipe", "onnx-int8w"), capsys)
+    assert code == 0, err
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    leanfm.results.validate(res)
+    base, one, cached, w8 = res["runs"]
+    assert res["environment"]["runtime"] == "onnxruntime"
+    assert [r["details"]["sampling_steps"] for r in res["runs"]] == [4, 1, 4, 4]
+    assert "psnr_db" not in base["metrics"]  # infinite against itself
+    assert "Infinity" not in (tmp_path / "run" / "results.json").read_text()
+    assert base["metrics"]["ssim"] == pytest.approx(1.0) and base["metrics"]["value_w1"] == 0
+    for run in (one, cached, w8):
+        m = run["metrics"]
+        assert m["psnr_db"] < 200 and m["ssim"] < 1.0 and m["samples_per_s"] > 0
+        assert m["ms_per_step"] == pytest.approx(m["ms_per_sample"] / run["details"]["sampling_steps"])
+        assert m["speedup"] == pytest.approx(m["samples_per_s"] / base["metrics"]["samples_per_s"])
+    assert w8["metrics"]["psnr_db"] > 30  # int8 weights stay close to the fp32 samples
+    # the weights shrink 4x; in these tiny UNets biases, norms and the graph are a large share of the file
+    assert w8["details"]["steps"][0]["weights_converted"] > 5
+    assert w8["metrics"]["model_size_on_disk_bytes"] < 0.8 * base["metrics"]["model_size_on_disk_bytes"]
+    assert cached["details"]["steps"][0]["cache_tensor"]
+    # the baseline's samples are the sampler's output on seeds 0..7, reproducible outside the bench
+    model, _ = leanfm.load(str(denoiser_dir))
+    x = sample(model, list(range(8)), 4, denoiser(model, 1))
+    again = sample(model, list(range(8)), 4, denoiser(model, 1))
+    np.testing.assert_array_equal(x, again)
+    assert "PSNR dB" in out and "ms/sample" in out
+
+
+@pytest.mark.parametrize("extra,needles", [
+    (["--steps", "0"], ["--steps must be at least 1 (got 0)"]),
+    (["--recipe", "@steps0"], ["sampling-steps steps=0 must be a whole number >= 1"]),
+    (["--recipe", "rtn-w8"], ["method 'rtn' does not apply to a diffusion model", "methods for diffusion models:",
+                              "deepcache", "onnx-int8", "sampling-steps"]),
+    (["--recipe", "@cache1step"], ["deepcache reuses features across steps, but it samples with 1 step", "use --steps 2"]),
+], ids=["steps-below-1", "recipe-steps-below-1", "method-of-another-family", "deepcache-one-step"])
+def test_bench_refuses_bad_diffusion_input_in_one_line(denoiser_dir, tmp_path, capsys, extra, needles):
+    from .test_cli import assert_one_line_error, run_cli
+
+    args = _bench(denoiser_dir, tmp_path / "run")
+    if "--steps" in extra:
+        i = args.index("--steps")
+        del args[i:i + 2]
+    files = {"@steps0": "name: steps0\nseed: 0\nsteps:\n  - {method: sampling-steps, steps: 0}\n",
+             "@cache1step": "name: c1\nseed: 0\nsteps:\n  - {method: sampling-steps, steps: 1}\n  - {method: deepcache, interval: 2}\n"}
+    for k, text in files.items():
+        (tmp_path / f"{k[1:]}.yaml").write_text(text)
+    extra = [str(tmp_path / f"{e[1:]}.yaml") if e in files else e for e in extra]
+    code, _, err = run_cli(args + extra, capsys)
+    assert_one_line_error(code, err, *needles)
+    assert not (tmp_path / "run" / "results.json").exists()

@@ -25,7 +25,7 @@ LEVEL = {
     "models": 3, "data": 3, "runtimes": 3,
     "methods": 4, "config": 4, "recipe": 4, "recipes": 4, "space": 4,
     "measure": 5, "predict": 5, "report": 5, "results": 5, "hardware": 5, "metrics": 5,
-    "bench": 6, "bench_vision": 6, "api": 6, "outdir": 6, "search": 6, "onload_compress": 6, "training": 6, "serving": 6,
+    "bench": 6, "bench_vision": 6, "bench_diffusion": 6, "api": 6, "outdir": 6, "search": 6, "onload_compress": 6, "training": 6, "serving": 6,
     "cli": 7, "__init__": 7, "__main__": 7,
 }
 

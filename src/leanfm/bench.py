@@ -248,8 +248,17 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
 
         with OutputDir(out, overwrite):
             return bench_vision(model_name, recipes, protocol, Path(out), load_profile(profile_path), family)
+    if family == "diffusion":
+        if runtime not in ("torch", "onnxruntime") or protocol.compile or (protocol.device, protocol.dtype) != ("cpu", "fp32"):
+            raise LeanfmError("a diffusion model is measured in ONNX Runtime on the CPU; drop --runtime, --compile, --device "
+                              "and --dtype")
+        from .bench_diffusion import bench_diffusion
+
+        with OutputDir(out, overwrite):
+            return bench_diffusion(model_name, recipes, protocol, Path(out), load_profile(profile_path))
     if family != "causal-lm":
-        raise LeanfmError(f"leanfm bench does not measure {family} models yet; it measures causal-lm, vit and clip models")
+        raise LeanfmError(f"leanfm bench does not measure {family} models yet; it measures causal-lm, vit, clip and "
+                          "diffusion models")
     check_runtime(runtime)
     check_recipes(runtime, recipes, gguf_type)
     if runtime != "torch":

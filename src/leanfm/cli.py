@@ -76,6 +76,10 @@ def _add_protocol(p: argparse.ArgumentParser, quality_only: bool = False) -> Non
     v.add_argument("--train-per-class", type=int, default=50,
                    help="Fashion-MNIST training images per class for the k-NN and linear probe (default 50)")
     v.add_argument("--test-per-class", type=int, default=20, help="Fashion-MNIST test images per class scored (default 20)")
+    d = p.add_argument_group("diffusion models (family diffusion, e.g. terrain-cm)")
+    d.add_argument("--steps", type=int, default=4,
+                   help="denoising steps per sample, >= 1, unless a recipe's sampling-steps sets its own (default 4)")
+    d.add_argument("--samples", type=int, default=32, help="samples (seeds 0..N-1) compared and timed (default 32)")
     g.add_argument("--hardware-profile", default=None, help="hardware profile: a built-in name (see leanfm predict --hardware) or a YAML file with the same keys as the built-in ones (name, kind, memory_gb, memory_bandwidth_gbps, peak_tflops, power_w, usd_per_hour, grid_gco2_per_kwh; default: local)")
 
 
@@ -108,7 +112,8 @@ def _protocol(a):
                     batch=a.batch, prompt=a.prompt, gen=a.gen, repeats=a.repeats, warmup=a.warmup, threads=a.threads,
                     groups=tuple(a.metrics) if a.metrics else GROUPS, device=a.device, dtype=a.dtype,
                     compile=getattr(a, "compile", False), image_size=getattr(a, "image_size", 224),
-                    train_per_class=getattr(a, "train_per_class", 50), test_per_class=getattr(a, "test_per_class", 20))
+                    train_per_class=getattr(a, "train_per_class", 50), test_per_class=getattr(a, "test_per_class", 20),
+                    steps=getattr(a, "steps", 4), samples=getattr(a, "samples", 32))
 
 
 def _calib(a, job_tokens: int | None, why: str):

@@ -112,6 +112,9 @@ PRODUCES = {
     "decoding-policy": "a generation policy attached to the model (weights untouched)",
     "tuned-weights": "float weights updated by training (adapters merged in), same shapes and cost",
     "token-reduction": "fewer tokens per block at run time (weights untouched)",
+    "sampling-schedule": "a diffusion model's sampler set to fewer denoising steps (weights untouched)",
+    "feature-cache": "a diffusion model run with deep features reused across steps (weights untouched)",
+    "int8-graph": "int8 weight codes in the denoiser's ONNX graph (and uint8 activations where chosen)",
 }
 
 

@@ -15,8 +15,8 @@ def new_results(environment: dict, protocol: dict) -> dict:
 
 
 def add_relative_metrics(run: dict, baseline: dict | None) -> None:
-    """ppl_increase, compression_ratio and speedup (decode tokens/s, or images/s for a vision
-    model) against the baseline of the same invocation."""
+    """ppl_increase, compression_ratio and speedup (decode tokens/s, images/s for a vision model,
+    samples/s for a diffusion model) against the baseline of the same invocation."""
     if baseline is None:
         return
     m, b = run["metrics"], baseline["metrics"]
@@ -24,7 +24,7 @@ def add_relative_metrics(run: dict, baseline: dict | None) -> None:
         m["ppl_increase"] = m["perplexity"] / b["perplexity"] - 1.0
     if m.get("weight_bytes") and b.get("weight_bytes"):
         m["compression_ratio"] = b["weight_bytes"] / m["weight_bytes"]
-    for rate in ("decode_tokens_per_s", "images_per_s"):  # a causal LM's throughput, a vision model's
+    for rate in ("decode_tokens_per_s", "images_per_s", "samples_per_s"):  # a causal LM's, a vision model's, a denoiser's
         if m.get(rate) and b.get(rate):
             m["speedup"] = m[rate] / b[rate]
             break

@@ -26,7 +26,9 @@ class Protocol:
     ``prompt`` tokens, ``gen`` greedy decode steps with the KV cache, ``warmup`` unrecorded
     repeats then ``repeats`` recorded ones, on ``threads`` torch threads. A vision model
     (family ``vit``, :mod:`leanfm.bench_vision`): ``image_size`` pixels per side,
-    ``train_per_class`` and ``test_per_class`` Fashion-MNIST images per class.
+    ``train_per_class`` and ``test_per_class`` Fashion-MNIST images per class. A diffusion
+    model (family ``diffusion``, :mod:`leanfm.bench_diffusion`): ``samples`` seeds (0..N-1)
+    sampled with ``steps`` denoising steps unless a recipe sets its own.
     """
 
     dataset: str = "wikitext2"
@@ -48,6 +50,8 @@ class Protocol:
     image_size: int = 224  # vision models: square input side in pixels
     train_per_class: int = 50  # vision models: Fashion-MNIST images per class the k-NN / probe learn from
     test_per_class: int = 20  # vision models: images per class they are scored (and timed) on
+    steps: int = 4  # diffusion models: denoising steps per sample (a recipe's sampling-steps overrides it)
+    samples: int = 32  # diffusion models: samples (seeds 0..N-1) compared and timed
 
     def validate(self) -> None:
         if isinstance(self.groups, str) or not all(isinstance(g, str) for g in self.groups):
@@ -55,7 +59,7 @@ class Protocol:
         if not self.groups:
             raise LeanfmError(f"no metric group selected; pass --metrics with one or more of: {', '.join(GROUPS)}")
         for name in ("seqlen", "batch", "prompt", "gen", "repeats", "threads", "warmup", "image_size", "train_per_class",
-                     "test_per_class"):
+                     "test_per_class", "steps", "samples"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise LeanfmError(f"--{name.replace('_', '-')} must be a whole number (got {v!r})")
@@ -69,7 +73,8 @@ class Protocol:
         bad = [g for g in self.groups if g not in GROUPS]
         if bad:
             raise LeanfmError(f"unknown metric group '{bad[0]}'; choose from: {', '.join(GROUPS)}")
-        for name in ("seqlen", "batch", "prompt", "gen", "repeats", "threads", "image_size", "train_per_class", "test_per_class"):
+        for name in ("seqlen", "batch", "prompt", "gen", "repeats", "threads", "image_size", "train_per_class", "test_per_class",
+                     "steps", "samples"):
             if getattr(self, name) < 1:
                 raise LeanfmError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.seqlen < 2:

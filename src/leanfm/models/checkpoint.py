@@ -255,10 +255,13 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, family
     from safetensors import SafetensorError
     from transformers import AutoModel, AutoModelForCausalLM
 
+    from .denoiser import is_denoiser, load_denoiser
     from .dual_encoder import is_dual_encoder, load_dual_encoder
 
     if Path(path).is_dir() and is_dual_encoder(_read_config(path)):
         return load_dual_encoder(path, dtype)
+    if Path(path).is_dir() and is_denoiser(_read_config(path)):
+        return load_denoiser(path)
     if Path(path).is_dir():
         check_tensor_files(path)
     held: list[logging.LogRecord] = []

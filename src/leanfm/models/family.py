@@ -33,7 +33,7 @@ FAMILIES = {f.name: f for f in [
 ]}
 # transformers model_type -> family, for the families that are not causal LMs
 _MODEL_TYPES = {"dinov2": "vit", "vit": "vit", "deit": "vit", "clip": "clip", "siglip": "clip",
-               "leanfm-dual-encoder": "clip"}
+               "leanfm-dual-encoder": "clip", "leanfm-onnx-denoiser": "diffusion"}
 
 
 def family_of(model: nn.Module) -> str:

@@ -71,7 +71,7 @@ def _from_dir(path: str, dtype: torch.dtype, tok=None):
     from .checkpoint import load_checkpoint
 
     family = _family(path)
-    if family == "vit":  # images in, features out: no tokenizer
+    if family in ("vit", "diffusion"):  # images in, features (or images) out: no tokenizer
         return load_checkpoint(path, dtype, family=family), None
     if family != "causal-lm":  # an image-text model: its text tokenizer when the folder has one
         from .dual_encoder import tokenizer_folder

@@ -19,6 +19,7 @@ INSTALL = "pip install --no-deps adaptive-terrain-diffusion==0.4.2"  # its metad
 ONNX_FILE = "weights/terrain_consistency_unet_difficulty100.onnx"
 SIGMA_MIN, SIGMA_MAX, SIGMA_DATA = 0.002, 80.0, 0.5
 SIZE = 128
+CONDITIONS = (10.0, 30.0, 50.0, 70.0, 90.0)  # difficulty by seed: seed s gets CONDITIONS[s % 5]
 
 
 def onnx_path() -> Path:
@@ -26,6 +27,23 @@ def onnx_path() -> Path:
     from .packaged import packaged_file
 
     return packaged_file("terrain-cm", PACKAGE, ONNX_FILE, INSTALL)
+
+
+def save_pretrained(dest) -> dict:
+    """Write the ``terrain-cm`` denoiser folder (``models/denoiser.py``) around the packaged graph:
+    the ONNX file and its config (noise range, 1x128x128 samples, the ``difficulty`` condition
+    cycling through 10, 30, 50, 70, 90); returns what the cache records about its source."""
+    import shutil
+
+    from .denoiser import DenoiserConfig
+    from .packaged import sha256_file
+
+    path = onnx_path()
+    cfg = DenoiserConfig(onnx="terrain_cm.onnx", sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=SIGMA_DATA, channels=1,
+                         size=SIZE, cond_input="difficulty", conditions=list(CONDITIONS))
+    shutil.copyfile(path, Path(dest) / cfg.onnx)
+    cfg.save_pretrained(dest)
+    return {"onnx": f"{PACKAGE}/{ONNX_FILE}", "onnx_sha256": sha256_file(path)}
 
 
 class OnnxDenoiser:
