@@ -190,6 +190,18 @@ def test_weight_only_int8_stores_a_quarter_of_the_weights_and_keeps_the_outputs(
     x, sig, cond = rng.standard_normal((2, 1, 16, 16)).astype(np.float32), np.array([5.0, 0.2], np.float32), np.ones(2, np.float32)
     ref, got = OnnxDenoiser(str(path), 1)(x, sig, cond), OnnxDenoiser(q.SerializeToString(), 1)(x, sig, cond)
     assert 30 < psnr(got, ref, float(ref.max() - ref.min())) < float("inf")
+    # folded at load: the same outputs from plain fp32 weights, no DequantizeLinear left to run per call
+    from leanfm.methods.diffusion.int8_onnx import fold_weight_dequantize
+
+    folded = fold_weight_dequantize(q)
+    assert not any(node.op_type == "DequantizeLinear" for node in folded.graph.node)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph's own math, op by op
+    exact = ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    want = exact.run(None, {"noisy": x, "sigma": sig, "difficulty": cond})[0]
+    np.testing.assert_allclose(OnnxDenoiser(folded.SerializeToString(), 1)(x, sig, cond), want, rtol=1e-5, atol=1e-5)
 
 
 # `leanfm bench` on a denoiser folder (models/denoiser.py) holding the tiny exported UNet
@@ -293,6 +305,13 @@ def test_bench_measures_a_denoiser_per_sample_and_against_the_baseline_samples(d
     assert w8["details"]["steps"][0]["weights_converted"] > 5
     assert w8["metrics"]["model_size_on_disk_bytes"] < 0.8 * base["metrics"]["model_size_on_disk_bytes"]
     assert cached["details"]["steps"][0]["cache_tensor"]
+    # the roofline prices every run; DeepCache's shallow passes cost less than full ones
+    for run in (base, one, cached, w8):
+        m = run["metrics"]
+        assert m["predicted_ms_per_step"] > 0
+        assert m["ms_per_step_prediction_error_pct"] == pytest.approx((m["predicted_ms_per_step"] / m["ms_per_step"] - 1) * 100)
+    assert cached["metrics"]["predicted_ms_per_step"] < base["metrics"]["predicted_ms_per_step"]
+    assert w8["metrics"]["predicted_ms_per_step"] == pytest.approx(base["metrics"]["predicted_ms_per_step"])
     # the baseline's samples are the sampler's output on seeds 0..7, reproducible outside the bench
     model, _ = leanfm.load(str(denoiser_dir))
     x = sample(model, list(range(8)), 4, denoiser(model, 1))

@@ -10,6 +10,7 @@ Quality against the first recipe's samples of the same seeds: PSNR and SSIM (dat
 baseline set's max - min) averaged over samples, and the Wasserstein-1 distance between the two
 sets' pooled values. Speed: batches of up to 8 seeds; one warm-up batch per recipe, then every
 batch through every recipe in turn (A B C, A B C ...), ms per sample from the median batch.
+Beside it, the roofline's time per step (``predict/unet.py``) for the model as its recipe left it.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .errors import LeanfmError
 from .measure.environment import environment
 from .measure.image_quality import psnr, ssim, value_w1
 from .measure.protocol import Protocol
-from .measure.run import _json_safe, flags
+from .measure.run import _json_safe
 from .methods.diffusion.run import denoiser, sample, steps_of
 from .recipe import Recipe, recipe_file_stem
 from .results import add_relative_metrics, new_results, write
@@ -68,15 +69,15 @@ def bench_diffusion(model_name: str, recipes: list[Recipe], protocol: Protocol, 
         apply_(model, r)
         runs.append({"id": i, "model": model_name, "recipe": r.to_dict(), "status": "ok", "calibration": None,
                      "apply_seconds": round(time.perf_counter() - t0, 3), "family": "diffusion",
-                     "metrics": {"model_size_on_disk_bytes": model.file_bytes()},
+                     "metrics": {"weight_bytes": model.weight_bytes(), "model_size_on_disk_bytes": model.file_bytes()},
                      "details": {"protocol": "diffusion", "steps": _json_safe(model.leanfm_info["steps"]),
                                  "sampling_steps": steps_of(model, protocol.steps)},
-                     "flags": flags(model)})
+                     "flags": _flags(model)})
         models.append(model)
     outs, secs = _sample_all(models, protocol)
     ref = outs[0]
     rng = float(ref.max() - ref.min())
-    for run, x, s in zip(runs, outs, secs):
+    for run, model, x, s in zip(runs, models, outs, secs):
         m, n_steps = run["metrics"], run["details"]["sampling_steps"]
         if "quality" in protocol.groups:
             if x is not ref:  # against itself PSNR is infinite, which JSON cannot hold: the baseline has none
@@ -91,11 +92,37 @@ def bench_diffusion(model_name: str, recipes: list[Recipe], protocol: Protocol, 
         m["ms_per_step"] = m["ms_per_sample"] / n_steps
         run["details"].update({"ms_per_sample_min": 1e3 * min(s) / batch, "ms_per_sample_max": 1e3 * max(s) / batch,
                                "timed_batches": len(s)})
+        pred = run["details"]["prediction"] = _prediction(model, protocol, batch)
+        if pred.get("ms_per_step"):
+            m["predicted_ms_per_step"] = pred["ms_per_step"]
+            m["ms_per_step_prediction_error_pct"] = (pred["ms_per_step"] / m["ms_per_step"] - 1.0) * 100.0
     for run in runs:
         add_relative_metrics(run, runs[0])
     results["runs"] = runs
     write(results, out)
     return results
+
+
+def _prediction(model, protocol: Protocol, batch: int) -> dict:
+    """The roofline's time per step and sample (``predict/unet.py``, ``local`` with this thread
+    count's calibration), or ``{"error": ...}`` where it does not price the model."""
+    from .predict.hardware import load_hardware
+    from .predict.unet import predict_denoiser
+
+    try:
+        hw = load_hardware("local", threads=protocol.threads)
+        out = predict_denoiser(model, hw, batch, protocol.steps)
+    except LeanfmError as e:
+        return {"error": str(e)}
+    return {**out, "calibrated": bool(hw.get("calibrated", False)), "threads": protocol.threads}
+
+
+def _flags(model) -> dict:
+    """``simulated`` and every step's ``kernel`` (a recipe's steps compose: int8 graph + DeepCache)."""
+    steps = model.leanfm_info["steps"]
+    kernels = [s["kernel"] for s in steps if s.get("kernel")]
+    return {"simulated": any(s.get("simulated") for s in steps),
+            "kernel": " + ".join(kernels) if kernels else "ONNX Runtime CPU: the fp32 graph"}
 
 
 def _sample_all(models: list, protocol: Protocol) -> tuple[list[np.ndarray], list[list[float]]]:

@@ -68,6 +68,8 @@ METRICS: dict[str, Metric] = {
     "prefill_prediction_error_pct": Metric("speed", "%", None),
     "predicted_ms_per_image": Metric("speed", "ms", "min"),
     "ms_per_image_prediction_error_pct": Metric("speed", "%", None),
+    "predicted_ms_per_step": Metric("speed", "ms", "min"),
+    "ms_per_step_prediction_error_pct": Metric("speed", "%", None),
     "decode_prediction_error_pct": Metric("speed", "%", None),
     # fine-tuning (leanfm tune) and its network cost
     "ppl_gap_recovered": Metric("quality", "fraction", "max"),

@@ -28,12 +28,17 @@ def _plain_every() -> float:
         return 30.0
 
 
+def _num(x: float) -> str:
+    """A count as people write it: whole numbers in full (45458100, not 4.54581e+07)."""
+    return f"{x:.0f}" if float(x).is_integer() else f"{x:g}"
+
+
 @contextlib.contextmanager
 def _plain(description: str, total: float | None):
     start = last = time.monotonic()
     done = 0.0
-    of = f"/{total:g}" if total else ""
-    print(f"{description}: started ({total:g} steps)" if total else f"{description}: started", file=sys.stderr, flush=True)
+    of = f"/{_num(total)}" if total else ""
+    print(f"{description}: started ({_num(total)} steps)" if total else f"{description}: started", file=sys.stderr, flush=True)
 
     shown = ""
 
@@ -44,10 +49,10 @@ def _plain(description: str, total: float | None):
         now = time.monotonic()
         if now - last >= _plain_every() and (not total or done < total):
             last = now
-            print(f"{description}: {done:g}{of} after {now - start:.0f} s{', ' + shown if shown else ''}", file=sys.stderr, flush=True)
+            print(f"{description}: {_num(done)}{of} after {now - start:.0f} s{', ' + shown if shown else ''}", file=sys.stderr, flush=True)
 
     yield advance
-    print(f"{description}: done {done:g}{of} in {time.monotonic() - start:.1f} s{', ' + shown if shown else ''}",
+    print(f"{description}: done {_num(done)}{of} in {time.monotonic() - start:.1f} s{', ' + shown if shown else ''}",
           file=sys.stderr, flush=True)
 
 

@@ -60,6 +60,12 @@ class DenoiserModel(nn.Module):
     def file_bytes(self) -> int:
         return len(self.proto.SerializeToString())
 
+    def weight_bytes(self) -> int:
+        """Bytes of the graph's constant tensors (weights, biases, scales) as stored."""
+        from onnx import numpy_helper
+
+        return sum(numpy_helper.to_array(t).nbytes for t in self.proto.graph.initializer)
+
     def input_names(self) -> dict:
         """The graph's input names for the roles noisy, sigma and cond (None: no condition)."""
         return {"noisy": self.proto.graph.input[0].name, "sigma": self.proto.graph.input[1].name,

@@ -30,6 +30,7 @@ COLUMNS = [
     ("ms_per_image", "ms/image", lambda v: f"{v:.1f}"),
     ("ms_per_sample", "ms/sample", lambda v: f"{v:.1f}"),
     ("ms_per_step", "ms/step", lambda v: f"{v:.1f}"),
+    ("predicted_ms_per_step", "predicted", lambda v: f"{v:.1f}"),
     ("predicted_ms_per_image", "predicted", lambda v: f"{v:.1f}"),
     ("speedup", "speedup", lambda v: f"{v:.2f}×"),
     ("energy_j_per_token", "J/token", lambda v: f"{v:.3f}"),

@@ -38,7 +38,8 @@ def apply_int8(model, cfg, calib=None) -> dict:
     if not cfg.activations:
         m.proto, n = weight_only_int8(m.proto)
         return {"simulated": False, "weights_converted": n,
-                "kernel": "ONNX Runtime: int8 weights behind DequantizeLinear (fp32 compute)"}
+                "kernel": "ONNX Runtime: int8 weights in the graph, dequantized to fp32 once when the session loads "
+                          "(fp32 compute)"}
     c = m.config
     sigmas = sorted({float(s) for n in (1, 2, 4, 8) for s in step_sigmas(n, c.sigma_min, c.sigma_max)})
     feeds = calibration_feeds(list(range(1000, 1000 + cfg.calib_seeds)), sigmas, c.conditions, (c.channels, c.size, c.size),

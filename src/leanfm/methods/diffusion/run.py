@@ -6,16 +6,19 @@ import numpy as np
 
 from ...models.denoiser import DenoiserModel, OnnxGraphDenoiser
 from .deepcache import CachedDenoiser, split
+from .int8_onnx import fold_weight_dequantize
 from .sampling import consistency_sample, draw_noise, step_sigmas
 
 
 def denoiser(model: DenoiserModel, threads: int):
-    """``denoise(x, sigma, cond) -> x0`` on CPU sessions of the model's current graph; with
-    DeepCache (``model.cache_interval``) the full graph and its shallow half."""
+    """``denoise(x, sigma, cond) -> x0`` on CPU sessions of the model's current graph (int8
+    weight-only graphs dequantized once, here, not on every call); with DeepCache
+    (``model.cache_interval``) the full graph and its shallow half."""
     names = model.input_names()
+    proto = fold_weight_dequantize(model.proto)
     if model.cache_interval is None:
-        return OnnxGraphDenoiser(model.proto.SerializeToString(), threads, names)
-    full, shallow, tensor = split(model.proto)
+        return OnnxGraphDenoiser(proto.SerializeToString(), threads, names)
+    full, shallow, tensor = split(proto)
     return CachedDenoiser(OnnxGraphDenoiser(full.SerializeToString(), threads, names, extra=(tensor,)),
                           OnnxGraphDenoiser(shallow.SerializeToString(), threads, names), tensor, model.cache_interval)
 
