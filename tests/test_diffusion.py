@@ -342,3 +342,26 @@ def test_bench_refuses_bad_diffusion_input_in_one_line(denoiser_dir, tmp_path, c
     code, _, err = run_cli(args + extra, capsys)
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_predict_prices_a_denoiser_per_step_with_its_recipe_and_refuses_bad_input(denoiser_dir, tmp_path, capsys):
+    import json
+
+    from .test_cli import assert_one_line_error, run_cli
+
+    out = tmp_path / "p.json"
+    code, text, err = run_cli(["predict", "--model", str(denoiser_dir), "--recipe", "deepcache2", "--batch", "4", "--steps", "4",
+                               "--json", str(out)], capsys)
+    assert code == 0, err
+    p = json.loads(out.read_text())
+    assert p["family"] == "diffusion" and p["steps"] == 4 and p["ms_per_sample"] == pytest.approx(4 * p["ms_per_step"])
+    assert p["shallow_ms_per_pass"] < p["full_ms_per_pass"]  # the shallow half of the graph costs less
+    assert "ms per step and sample" in text
+    code, text, err = run_cli(["predict", "--model", str(denoiser_dir), "--recipe", "cm-steps1"], capsys)
+    assert code == 0 and "1 step(s) per sample" in text
+    code, _, err = run_cli(["predict", "--model", str(denoiser_dir), "--steps", "0"], capsys)
+    assert_one_line_error(code, err, "--steps must be a whole number >= 1 (got 0)")
+    code, _, err = run_cli(["predict", "--model", str(denoiser_dir), "--recipe", "gptq-w4"], capsys)
+    assert_one_line_error(code, err, "does not apply to a diffusion model", "methods for diffusion models:")
+    code, _, err = run_cli(["predict", "--model", str(denoiser_dir), "--recipe", "onnx-w8a8"], capsys)
+    assert_one_line_error(code, err, "does not price int8 activations")

@@ -179,3 +179,21 @@ def test_compress_refuses_a_vision_model_in_one_line_naming_its_family(vit_dir, 
     code, _, err = run_cli(["compress", "--model", str(vit_dir), "--recipe", "rtn-w8", "--out", str(tmp_path / "ck")], capsys)
     assert_one_line_error(code, err, "leanfm compress writes causal-LM checkpoints", "is a vit model", "leanfm bench --model")
     assert not (tmp_path / "ck").exists()
+
+
+def test_predict_prices_a_vit_folder_per_image_and_tome_shrinks_it(vit_dir, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    code, text, err = run_cli(["predict", "--model", str(vit_dir), "--recipe", "rtn-w8", "--image-size", "28", "--batch", "2",
+                               "--json", str(out)], capsys)
+    assert code == 0, err
+    base = json.loads(out.read_text())
+    assert base["family"] == "vit" and base["tokens_per_block"] == [50, 50, 50] and base["not_priced"] == ["rtn"]
+    assert "ms per image" in text and "not priced: rtn" in text
+    (tmp_path / "t.yaml").write_text("name: t\nseed: 0\nsteps:\n  - {method: tome, r: 2, image_size: 28}\n")
+    code, _, err = run_cli(["predict", "--model", str(vit_dir), "--recipe", str(tmp_path / "t.yaml"), "--image-size", "28",
+                            "--batch", "2", "--json", str(out)], capsys)
+    assert code == 0, err
+    merged = json.loads(out.read_text())
+    assert merged["tokens_per_block"] == [50, 48, 46] and merged["ms_per_image"] < base["ms_per_image"]
+    code, _, err = run_cli(["predict", "--model", str(vit_dir), "--image-size", "30"], capsys)
+    assert_one_line_error(code, err, "not a multiple of the patch size 4")

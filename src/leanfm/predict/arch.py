@@ -130,9 +130,9 @@ def arch_from_config(cfg: dict, name: str = "model", source: str = "<dict>") -> 
 
     family = family_of_config(cfg)
     if family != "causal-lm":
-        raise LeanfmError(f"model config {source} is a {family} model (model_type {cfg.get('model_type')}): leanfm predict prices "
-                          "causal LMs; a ViT's latency per image is predicted beside the measurement by leanfm bench "
-                          "(predicted_ms_per_image)")
+        raise LeanfmError(f"model config {source} is a {family} model (model_type {cfg.get('model_type')}): this roofline prices "
+                          "causal LMs; pass the model's folder or alias to leanfm predict, which prices a ViT per image "
+                          "and a denoiser per step")
     experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
     if isinstance(experts, int) and experts > 1:
         raise LeanfmError(f"model config {source} is a mixture of experts ({experts} experts): the predictor models dense decoders only")

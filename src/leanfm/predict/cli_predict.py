@@ -23,6 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     p.add_argument("--gen", type=int, default=32, help="generated tokens (default 32)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="vision and image-text models: square input side in pixels (default 224)")
+    p.add_argument("--steps", type=int, default=4,
+                   help="diffusion models: denoising steps per sample unless the recipe sets its own (default 4)")
     p.add_argument("--acceptance-rate", type=float, default=None,
                    help="speculative decoding: probability a draft token is accepted (default 0.6, flagged as assumed)")
     p.add_argument("--threads", type=int, default=2, help="local: the thread count whose calibration is used (default 2)")
@@ -183,6 +187,20 @@ def run(args: argparse.Namespace) -> int:
     hw = load_hardware(args.hardware, threads=args.threads)
     if getattr(args, "tune", None):
         return _tune_whatif(args, hw)
+    from .families import model_family, predict_family, render_family
+
+    family, folder = model_family(args.model)
+    if family != "causal-lm":  # a ViT, image-text model or denoiser: priced per image / per step
+        for flag, v in (("--batch", args.batch), ("--image-size", args.image_size), ("--steps", args.steps)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise LeanfmError(f"{flag} must be a whole number >= 1 (got {v!r})")
+        p = predict_family(args.model, family, folder, args.recipe, hw, args.batch, args.image_size, args.steps)
+        if out is not None:
+            write_json_atomic(p, out)
+        print(render_family(p))
+        if out is not None:
+            print(f"wrote {out}")
+        return 0
     r = predict(args.model, args.recipe, hw, batch=args.batch, prompt=args.prompt, gen=args.gen,
                 acceptance_rate=args.acceptance_rate, dtype=args.dtype)
     if out is not None:  # written before printing: an error then never follows a printed prediction

@@ -1,0 +1,102 @@
+"""``leanfm predict`` for the families that are not causal LMs (issue 19): a ViT's or an image-text
+model's latency per image (``predict/vit.py``) and a diffusion denoiser's time per step and sample
+(``predict/unet.py``), on any hardware profile, before running anything.
+
+The recipe is checked against the family like ``leanfm bench`` does. A ViT recipe is priced from
+its ToMe steps (the other steps leave the FLOPs and the fp32 GEMMs of an image as they are, and
+are named as not priced); a denoiser recipe's steps are applied to the graph (they change the step
+count, the cache interval or the graph) and the result priced.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import LeanfmError
+
+
+def model_family(model: str) -> tuple[str, str | None]:
+    """``(family, folder)`` of ``--model``: an alias's declared family (its folder once built),
+    else a folder's ``config.json``; ``("causal-lm", None)`` for anything else (the LM path)."""
+    from ..models.family import family_of_config
+    from ..models.registry import ALIASES
+
+    if model in ALIASES:
+        return ALIASES[model].family, None
+    cfg = Path(model).expanduser() / "config.json"
+    if cfg.is_file():
+        try:
+            return family_of_config(json.loads(cfg.read_text())), str(cfg.parent)
+        except (OSError, ValueError):
+            return "causal-lm", None
+    return "causal-lm", None
+
+
+def _folder(model: str, folder: str | None) -> str:
+    if folder is not None:
+        return folder
+    from ..models.cache import build_cache
+    from ..models.registry import ALIASES
+
+    spec = ALIASES[model]
+    spec.require_installed()
+    return str(build_cache(spec))
+
+
+def _recipe_steps(recipe: str, family: str):
+    from ..config import check_family
+    from ..recipe import load_recipe
+
+    r = load_recipe(recipe)
+    for step in r.steps:
+        step.validate()
+        check_family(step, family)
+    return r
+
+
+def predict_family(model: str, family: str, folder: str | None, recipe: str, hw: dict, batch: int, image_size: int,
+                   steps: int) -> dict:
+    """The prediction dict of a ``vit``/``clip`` or ``diffusion`` model (see the module doc)."""
+    r = _recipe_steps(recipe, family)
+    path = _folder(model, folder)
+    if family in ("vit", "clip"):
+        from .vit import predict_vit
+
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        cfg = cfg.get("vision_config") or (json.loads((Path(path) / "vision_model" / "config.json").read_text())
+                                           if (Path(path) / "vision_model" / "config.json").is_file() else cfg)
+        tome = [s for s in r.steps if s.method == "tome"]
+        out = predict_vit(cfg, hw, batch, image_size, sum(s.r for s in tome))
+        out["not_priced"] = [s.method for s in r.steps if s.method != "tome"]
+        return {"family": family, "model": model, "recipe": r.name, **out}
+    if family == "diffusion":
+        from ..config import lookup
+        from ..models.denoiser import load_denoiser
+        from .unet import predict_denoiser
+
+        den = load_denoiser(path)
+        for step in r.steps:
+            lookup(step.method)[1](den, step, None)
+        out = predict_denoiser(den, hw, batch, steps)
+        return {"family": family, "model": model, "recipe": r.name, "steps": den.steps or steps, **out}
+    raise LeanfmError(f"leanfm predict does not price {family} models")
+
+
+def render_family(p: dict) -> str:
+    hw = p.get("hardware")
+    if p["family"] == "diffusion":
+        extra = f", DeepCache shallow pass {p['shallow_ms_per_pass']:.3g} ms" if p.get("shallow_ms_per_pass") else ""
+        return "\n".join([
+            f"{p['model']} · {p['recipe']} on {hw} (diffusion denoiser, batch {p['batch']}, {p['steps']} step(s) per sample)",
+            f"  {p['ms_per_step']:.3g} ms per step and sample, {p['ms_per_sample']:.3g} ms per sample ({p['bound']}-bound); "
+            f"full pass {p['full_ms_per_pass']:.3g} ms{extra}",
+            f"  {p['flops_per_step'] / 1e9:.2f} GFLOP and {p['bytes_per_step'] / 1e9:.2f} GB moved per step and sample "
+            f"({p['nodes']} ONNX nodes, {p['nodes_unshaped']} without inferred shapes: not counted)",
+        ])
+    lines = [f"{p['model']} · {p['recipe']} on {hw} ({p['family']}, batch {p['batch']}, tokens per block "
+             f"{p['tokens_per_block'][0]}→{p['tokens_per_block'][-1]})",
+             f"  {p['ms_per_image']:.3g} ms per image, {1e3 / p['ms_per_image']:,.1f} images/s; "
+             f"{p['flops_per_image'] / 1e9:.2f} GFLOP per image (the image tower)"]
+    if p.get("not_priced"):
+        lines.append(f"  not priced: {', '.join(p['not_priced'])} (same FLOPs; the ViT roofline prices ToMe only)")
+    return "\n".join(lines)
