@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 import leanfm
@@ -62,7 +63,37 @@ MATRIX: list[dict] = [  # one step per row; hidden 64, GQA 4/2, 2 layers: small 
     {"method": "mezo", "steps": 2, "batch": 1, "seqlen": 16},
     # vision transformers only (a tiny random DINOv2, 28x28 images of 4x4 patches)
     {"method": "tome", "r": 2, "image_size": 28},
+    {"method": "token-prune", "keep_rate": 0.5, "layers": [0, 1], "image_size": 28},
+    # diffusion denoisers only (a tiny random diffusers UNet exported to ONNX)
+    {"method": "sampling-steps", "steps": 2},
+    {"method": "deepcache", "interval": 2},
+    {"method": "onnx-int8", "activations": False},
+    {"method": "onnx-int8", "activations": True, "calib_seeds": 1},
 ]
+
+
+def _tiny_denoiser():
+    """A DenoiserModel around a tiny random diffusers UNet2DModel exported to ONNX (EDM-preconditioned)."""
+    import io
+
+    import onnx
+    from diffusers import UNet2DModel
+
+    from leanfm.models.denoiser import DenoiserConfig, DenoiserModel
+    from tests.test_diffusion import _EDMDenoiser
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4).eval()
+    buf = io.BytesIO()
+    torch.onnx.export(_EDMDenoiser(unet).eval(), (torch.randn(2, 1, 16, 16), torch.tensor([80.0, 1.0]), torch.tensor([1.0, 2.0])),
+                      buf, input_names=["noisy", "sigma", "difficulty"], output_names=["denoised"],
+                      dynamic_axes={"noisy": {0: "b"}, "sigma": {0: "b"}, "difficulty": {0: "b"}, "denoised": {0: "b"}},
+                      opset_version=17, dynamo=False)
+    model = DenoiserModel(onnx.load_from_string(buf.getvalue()), DenoiserConfig(size=16, cond_input="difficulty"))
+    model.leanfm_info = {"family": "diffusion", "steps": []}
+    return model
 
 
 def _id(row: dict) -> str:
@@ -115,6 +146,17 @@ def _loaded_with_tokenizer(model, tmp_path: Path):
 def test_method_matrix(row, tmp_path):
     cfg = config_from_dict(dict(row))
     torch.manual_seed(0)
+    if "diffusion" in cfg.families:  # a denoiser method: apply, then sample from the changed model
+        pytest.importorskip("diffusers")
+        from leanfm.methods.diffusion.run import denoiser, sample
+
+        model = leanfm.apply_(_tiny_denoiser(), cfg)
+        step = model.leanfm_info["steps"][-1]
+        assert isinstance(step["simulated"], bool) and step["kernel"]
+        x = sample(model, [0, 1], 2, denoiser(model, 1))
+        assert x.shape == (2, 1, 16, 16) and np.isfinite(x).all()
+        assert recipe_effects([cfg]).steps == [row["method"]]
+        return
     if "causal-lm" not in cfg.families:  # a vision method: the same checks on a tiny ViT's features
         from tests.test_vision import tiny_dinov2
 

@@ -435,7 +435,8 @@ def test_every_model_alias_resolves_without_weights():
 def test_a_vision_model_is_refused_by_the_lm_predictor_in_one_line():
     cfg = {"model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
            "intermediate_size": 1536, "vocab_size": 1}
-    with pytest.raises(LeanfmError, match="is a vit model .*leanfm predict prices causal LMs.*predicted_ms_per_image"):
+    with pytest.raises(LeanfmError, match="is a vit model .*this roofline prices causal LMs; pass the model's folder or alias "
+                                          "to leanfm predict, which prices a ViT per image"):
         load_arch(cfg)
 
 

@@ -125,3 +125,40 @@ def test_fashion_mnist_reads_idx_files_and_draws_a_fixed_balanced_split(tmp_path
     monkeypatch.setenv("LEANFM_CACHE", str(tmp_path / "cache"))
     with pytest.raises(LeanfmError, match="install it with: apt-get install dataset-fashion-mnist"):
         images.load_fashion_mnist("train")
+
+
+def test_evit_keeps_the_most_attended_patches_in_order_and_fuses_the_rest():
+    from leanfm.methods.vision.prune_tokens import select_tokens
+
+    x = torch.arange(6, dtype=torch.float32).view(1, 6, 1).repeat(1, 1, 2)  # token i has features (i, i)
+    attn = torch.tensor([[0.1, 0.4, 0.05, 0.3, 0.15]])  # patches 1..5
+    out = select_tokens(x, attn, keep_rate=0.4)  # keep ceil(0.4 * 5) = 2: patches 2 and 4, in order
+    assert out[0, :3, 0].tolist() == [0.0, 2.0, 4.0]
+    fused = (1 * 0.1 + 3 * 0.05 + 5 * 0.15) / 0.3  # the others, weighted by their attention
+    assert out.shape == (1, 4, 2) and float(out[0, 3, 0]) == pytest.approx(fused)
+    assert select_tokens(x, attn, keep_rate=0.4, fuse=False).shape == (1, 3, 2)
+    assert torch.equal(select_tokens(x, attn, keep_rate=1.0), x)
+
+
+def test_token_prune_runs_the_schedule_it_declares_and_keeping_everything_is_the_plain_model():
+    from leanfm.methods.vision.decl import TokenPruneConfig, prune_schedule
+    from leanfm.methods.vision.prune_tokens import apply_token_prune
+
+    x = torch.randn(2, 3, 28, 28)
+    model = tiny_dinov2()
+    with torch.no_grad():
+        ref = model(pixel_values=x).last_hidden_state
+        apply_token_prune(model, TokenPruneConfig(keep_rate=1.0, layers=(0, 1), image_size=28))
+        torch.testing.assert_close(model(pixel_values=x).last_hidden_state, ref, rtol=1e-5, atol=1e-5)
+        cfg = TokenPruneConfig(keep_rate=0.5, layers=(0, 1), image_size=28)
+        pruned = apply_token_prune(tiny_dinov2(), cfg)
+        out = pruned(pixel_values=x).last_hidden_state
+    # 49 patches -> 25 kept + 1 fused -> 13 kept + 1 fused: the class token and 14 more
+    assert prune_schedule(50, 3, 0.5, (0, 1)) == [50, 27, 15] == cfg.token_schedule(50, 3)
+    assert out.shape == (2, 15, 32)
+    with pytest.raises(LeanfmError, match=r"token-prune layers \[5\] do not exist: the model has 3 blocks"):
+        apply_token_prune(tiny_dinov2(), TokenPruneConfig(layers=(1, 5), image_size=28))
+    with pytest.raises(LeanfmError, match="keep_rate=0 must be in"):
+        TokenPruneConfig(keep_rate=0).validate()
+    with pytest.raises(LeanfmError, match="tome and token-prune cannot be combined"):
+        apply_tome(pruned, 2, image_size=28)

@@ -72,8 +72,8 @@ def check_vision(path: str, recipes: list[Recipe], protocol: Protocol, family: s
                 check_family(step, family)
             except LeanfmError as e:
                 raise LeanfmError(f"recipe {r.name}: {e}") from None
-            if step.method == "tome" and step.image_size != size:
-                raise LeanfmError(f"recipe {r.name}: tome is checked for {step.image_size}x{step.image_size} images but "
+            if hasattr(step, "token_schedule") and step.image_size != size:
+                raise LeanfmError(f"recipe {r.name}: {step.method} is checked for {step.image_size}x{step.image_size} images but "
                                   f"--image-size is {size}; set the step's image_size to {size}")
     return cfg
 
@@ -180,16 +180,23 @@ def _prediction(config: dict, recipe: Recipe, protocol: Protocol, batch: int) ->
     from .predict.hardware import load_hardware
     from .predict.vit import predict_vit
 
-    other = [s.method for s in recipe.steps if s.method != "tome"]
+    other = [s.method for s in recipe.steps if not hasattr(s, "token_schedule")]
     if other:
-        return {"error": f"the ViT predictor prices the plain model and ToMe only, not {other[0]}"}
-    r = sum(s.r for s in recipe.steps)
+        return {"error": f"the ViT predictor prices the plain model and token reduction (ToMe, EViT) only, not {other[0]}"}
     try:
         hw = load_hardware("local", threads=protocol.threads)
-        out = predict_vit(config, hw, batch, protocol.image_size, r)
+        out = predict_vit(config, hw, batch, protocol.image_size, schedule=_one_schedule(recipe.steps))
     except LeanfmError as e:
         return {"error": str(e)}
     return {**out, "calibrated": bool(hw.get("calibrated", False)), "threads": protocol.threads}
+
+
+def _one_schedule(steps):
+    """The token schedule of the recipe's one token-reducing step (None: the plain model)."""
+    reducers = [s for s in steps if hasattr(s, "token_schedule")]
+    if len(reducers) > 1:
+        raise LeanfmError(f"the ViT predictor prices one token-reducing step, not {len(reducers)}")
+    return reducers[0].token_schedule if reducers else None
 
 
 @torch.no_grad()

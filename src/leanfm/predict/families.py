@@ -65,9 +65,11 @@ def predict_family(model: str, family: str, folder: str | None, recipe: str, hw:
         cfg = json.loads((Path(path) / "config.json").read_text())
         cfg = cfg.get("vision_config") or (json.loads((Path(path) / "vision_model" / "config.json").read_text())
                                            if (Path(path) / "vision_model" / "config.json").is_file() else cfg)
-        tome = [s for s in r.steps if s.method == "tome"]
-        out = predict_vit(cfg, hw, batch, image_size, sum(s.r for s in tome))
-        out["not_priced"] = [s.method for s in r.steps if s.method != "tome"]
+        reducers = [s for s in r.steps if hasattr(s, "token_schedule")]  # ToMe, EViT: fewer tokens per block
+        if len(reducers) > 1:
+            raise LeanfmError(f"the ViT predictor prices one token-reducing step, not {len(reducers)}")
+        out = predict_vit(cfg, hw, batch, image_size, schedule=reducers[0].token_schedule if reducers else None)
+        out["not_priced"] = [s.method for s in r.steps if not hasattr(s, "token_schedule")]
         return {"family": family, "model": model, "recipe": r.name, **out}
     if family == "diffusion":
         from ..config import lookup
@@ -98,5 +100,5 @@ def render_family(p: dict) -> str:
              f"  {p['ms_per_image']:.3g} ms per image, {1e3 / p['ms_per_image']:,.1f} images/s; "
              f"{p['flops_per_image'] / 1e9:.2f} GFLOP per image (the image tower)"]
     if p.get("not_priced"):
-        lines.append(f"  not priced: {', '.join(p['not_priced'])} (same FLOPs; the ViT roofline prices ToMe only)")
+        lines.append(f"  not priced: {', '.join(p['not_priced'])} (same FLOPs; the ViT roofline prices token reduction only)")
     return "\n".join(lines)

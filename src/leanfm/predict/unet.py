@@ -4,7 +4,8 @@ denoising step and per sample.
 The graph is the model here (``terrain-cm`` has no other form), so the cost is read off it:
 ONNX shape inference with the inputs fixed to ``[batch, C, size, size]`` gives every tensor's
 shape, and each node is priced on its own roofline, ``max(FLOPs / peak, bytes / bandwidth)``,
-plus a fixed dispatch cost per node (the calibrated ``overhead_us_per_op``):
+plus a fixed dispatch cost per node (the calibrated ``overhead_us_per_op``); the bandwidth is the
+calibrated streaming read rate (``stream_read_gbps``) where there is one, else the profile's:
 
 - FLOPs (multiply-adds count 2): ``Conv`` ``2 · N · C_out · H_out · W_out · (C_in / groups) · k_h · k_w``,
   ``ConvTranspose`` the same over its input positions, ``MatMul``/``Gemm`` ``2 · M · N · K``;
@@ -95,7 +96,9 @@ def graph_ms(proto, hardware: dict, batch: int, size: int, channels: int) -> dic
     from .hardware import peak_flops
 
     peak = peak_flops(hardware, "fp32")
-    bw = float(hardware["memory_bandwidth_gbps"]) * 1e9
+    # a UNet step has no matrix-vector products: its bytes stream (activations, weights read once per
+    # batch), so the streaming read rate applies where the machine was calibrated, not the GEMV one
+    bw = float(hardware.get("stream_read_gbps") or hardware["memory_bandwidth_gbps"]) * 1e9
     per_op = float(hardware.get("overhead_us_per_op", 0.0)) * 1e-6
     costs = node_costs(proto, batch, size, channels)
     s = sum(max(c["flops"] / peak, c["bytes"] / bw) + per_op for c in costs)

@@ -30,23 +30,27 @@ def as_decoder(config: dict) -> dict:
             "attention_bias": bool(config.get("qkv_bias", True)), "mlp_bias": True, "max_position_embeddings": 1 << 20}
 
 
-def tokens_per_block(config: dict, image_size: int, r: int = 0) -> list[int]:
+def tokens_per_block(config: dict, image_size: int, r: int = 0, schedule=None) -> list[int]:
+    """The tokens each block runs on: ``schedule(tokens, blocks)`` (a token-reducing step's
+    ``token_schedule``), else ToMe's with ``r`` per block (0: every block on all tokens)."""
     patch = int(config.get("patch_size", 16))
     if image_size % patch:
         raise LeanfmError(f"image size {image_size} is not a multiple of the patch size {patch}")
     from ..methods.vision.decl import merge_schedule
 
-    return merge_schedule(1 + (image_size // patch) ** 2, int(config["num_hidden_layers"]), r)
+    tokens, blocks = 1 + (image_size // patch) ** 2, int(config["num_hidden_layers"])
+    return schedule(tokens, blocks) if schedule is not None else merge_schedule(tokens, blocks, r)
 
 
-def predict_vit(config: dict, hardware, batch: int, image_size: int, r: int = 0) -> dict:
+def predict_vit(config: dict, hardware, batch: int, image_size: int, r: int = 0, schedule=None) -> dict:
     """``ms_per_image`` (and ``flops_per_image``, ``tokens_per_block``) for ``batch`` images of
     ``image_size`` pixels through the ViT ``config`` on ``hardware`` (a name or a profile dict),
-    merging ``r`` tokens per block (ToMe; 0 = none)."""
+    merging ``r`` tokens per block (ToMe; 0 = none), or with the tokens per block a
+    token-reducing step's ``schedule(tokens, blocks)`` gives."""
     from .analyzer import predict
 
     dec = as_decoder(config)
-    tokens = tokens_per_block(config, image_size, r)
+    tokens = tokens_per_block(config, image_size, r, schedule)
     runs = {n: predict(dec, "baseline", hardware, batch=batch, prompt=n, gen=1) for n in sorted(set(tokens))}
     ms = sum(runs[n]["prefill_ms"] for n in tokens) / len(tokens)
     flops = sum(runs[n]["prefill_flops"] for n in tokens) / len(tokens)

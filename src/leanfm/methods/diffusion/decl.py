@@ -12,8 +12,17 @@ def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+class _DenoiserEffect:
+    """The LM predictor's effect of a diffusion step: not its to price (``leanfm predict`` on the
+    denoiser applies the step to the graph and prices that, ``predict/unet.py``)."""
+
+    def effect(self, eff) -> None:
+        eff.unmodelled.append(f"{self.method}: the LM roofline does not price diffusion denoisers (leanfm predict --model "
+                              "<denoiser> prices it per step)")
+
+
 @dataclass
-class SamplingStepsConfig(BaseConfig):
+class SamplingStepsConfig(_DenoiserEffect, BaseConfig):
     """Sample with this many multistep consistency steps instead of the protocol's (Song et al., 2023,
     Algorithm 1): each step is one pass of the denoiser.
 
@@ -34,7 +43,7 @@ class SamplingStepsConfig(BaseConfig):
 
 
 @dataclass
-class DeepCacheConfig(BaseConfig):
+class DeepCacheConfig(_DenoiserEffect, BaseConfig):
     """DeepCache (Ma et al., CVPR 2024): run the whole UNet every ``interval`` steps and, in between,
     only its shallow full-resolution path fed the deep feature cached from the last full step.
 
@@ -57,7 +66,7 @@ class DeepCacheConfig(BaseConfig):
 
 
 @dataclass
-class OnnxInt8Config(BaseConfig):
+class OnnxInt8Config(_DenoiserEffect, BaseConfig):
     """int8 weights in the denoiser's ONNX graph: per-output-channel symmetric int8 codes.
 
     activations: false = weight-only (int8 storage behind DequantizeLinear, fp32 compute);

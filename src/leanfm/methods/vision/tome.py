@@ -180,6 +180,8 @@ def apply_tome(model: nn.Module, r: int, image_size: int | None = None) -> nn.Mo
     check_schedule(model, r, image_size)
     layers = _vit_layers(model)
     state = _State(r)
+    if any(type(blk).__name__ == "TokenPruneLayer" for blk in layers):
+        raise LeanfmError("tome and token-prune cannot be combined on one model: apply one token-reducing step")
     for i, blk in enumerate(layers):
         layers[i] = ToMeLayer(blk.layer if isinstance(blk, ToMeLayer) else blk, state)
     vision_tower(model).register_forward_pre_hook(lambda mod, args, kwargs: setattr(state, "size", None), with_kwargs=True)
