@@ -58,8 +58,24 @@ def shell_commands() -> list[str]:
     return cmds
 
 
+def readme_env(cwd: Path) -> dict:
+    """The commands' environment: a cache of their own whose models and data are the user's
+    (linked, so no model is converted twice) but whose hardware calibration is not: README's
+    `leanfm predict --calibrate` must not replace the machine's measurement with one taken while
+    the tests load it."""
+    from leanfm.models.cache import cache_root
+
+    mine = cwd / "leanfm-cache"
+    if not mine.exists():
+        mine.mkdir()
+        for sub in ("models", "data"):
+            (cache_root() / sub).mkdir(parents=True, exist_ok=True)
+            (mine / sub).symlink_to(cache_root() / sub, target_is_directory=True)
+    return {**os.environ, "LEANFM_PROGRESS": "0", "LEANFM_CACHE": str(mine)}
+
+
 def run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LEANFM_PROGRESS": "0"}
+    env = readme_env(cwd)
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
     assert "Traceback" not in p.stderr, p.stderr
@@ -81,7 +97,7 @@ def test_readme_examples_run(tmp_path):
                 cmd += f" --max-eval-tokens 1024 {QUICK}"
             args = shlex.split(cmd)
             if args[-1] == "&":
-                env = {**os.environ, "LEANFM_PROGRESS": "0"}
+                env = readme_env(tmp_path)
                 background.append(subprocess.Popen([str(cli), *args[1:-1]], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                                    stderr=subprocess.STDOUT, text=True))
                 continue
