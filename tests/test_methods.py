@@ -80,17 +80,14 @@ def _tiny_denoiser():
     from diffusers import UNet2DModel
 
     from leanfm.models.denoiser import DenoiserConfig, DenoiserModel
-    from tests.test_diffusion import _EDMDenoiser
+    from tests.test_diffusion import _EDMDenoiser, export_denoiser
 
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8, 16),
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                        norm_num_groups=4).eval()
     buf = io.BytesIO()
-    torch.onnx.export(_EDMDenoiser(unet).eval(), (torch.randn(2, 1, 16, 16), torch.tensor([80.0, 1.0]), torch.tensor([1.0, 2.0])),
-                      buf, input_names=["noisy", "sigma", "difficulty"], output_names=["denoised"],
-                      dynamic_axes={"noisy": {0: "b"}, "sigma": {0: "b"}, "difficulty": {0: "b"}, "denoised": {0: "b"}},
-                      opset_version=17, dynamo=False)
+    export_denoiser(_EDMDenoiser(unet).eval(), buf)
     model = DenoiserModel(onnx.load_from_string(buf.getvalue()), DenoiserConfig(size=16, cond_input="difficulty"))
     model.leanfm_info = {"family": "diffusion", "steps": []}
     return model

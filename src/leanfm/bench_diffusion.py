@@ -24,13 +24,12 @@ from . import progress
 from .api import apply_, load
 from .config import check_family
 from .errors import LeanfmError
-from .measure.environment import environment
 from .measure.image_quality import psnr, ssim, value_w1
 from .measure.protocol import Protocol
 from .measure.run import _json_safe
 from .methods.diffusion.run import denoiser, sample, steps_of
-from .recipe import Recipe, recipe_file_stem
-from .results import add_relative_metrics, new_results, write
+from .recipe import Recipe
+from .results import add_relative_metrics, start_results, write
 
 BATCH = 8
 
@@ -54,14 +53,7 @@ def check_diffusion(recipes: list[Recipe], protocol: Protocol) -> None:
 
 def bench_diffusion(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path, profile: dict) -> dict:
     check_diffusion(recipes, protocol)
-    seed = recipes[0].seed
-    results = new_results(environment(protocol.threads, seed=seed), protocol.to_dict())
-    results["model"] = model_name
-    results["hardware_profile"] = profile
-    results["environment"]["runtime"] = "onnxruntime"
-    results["environment"]["speed_schedule"] = "interleaved"
-    for r in recipes:
-        r.save(out / "recipes" / f"{recipe_file_stem(r.name)}.yaml")
+    results = start_results(model_name, recipes, protocol, profile, out, "onnxruntime")
     runs, models = [], []
     for i, r in enumerate(recipes):
         model, _ = load(model_name)

@@ -32,15 +32,14 @@ from .api import apply_, load
 from .config import check_family
 from .data.images import fixed_split, load_fashion_mnist, to_pixels
 from .errors import LeanfmError
-from .measure.environment import environment
 from .measure.memory import model_size_on_disk_bytes, weight_bytes
 from .measure.protocol import Protocol
 from .measure.run import _json_safe, flags
 from .measure.vision import encode, fidelity, knn_accuracy, linear_probe_accuracy
 from .measure.zero_shot import CLASS_WORDS, DEFAULT_TEMPLATES, class_embeddings, image_embeddings, zero_shot_accuracy
 from .models.load import resolve
-from .recipe import Recipe, recipe_file_stem
-from .results import add_relative_metrics, new_results, write
+from .recipe import Recipe
+from .results import add_relative_metrics, start_results, write
 
 SPEED_BATCH_MIN = 8
 
@@ -117,13 +116,7 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
     torch.set_num_threads(protocol.threads)
     seed = recipes[0].seed
     ptr, ytr, pte, yte = _data(protocol, seed, train=family == "vit")
-    results = new_results(environment(protocol.threads, seed=seed), protocol.to_dict())
-    results["model"] = model_name
-    results["hardware_profile"] = profile
-    results["environment"]["runtime"] = "torch"
-    results["environment"]["speed_schedule"] = "interleaved"
-    for r in recipes:
-        r.save(out / "recipes" / f"{recipe_file_stem(r.name)}.yaml")
+    results = start_results(model_name, recipes, protocol, profile, out, "torch")
     first, tok = load(model_name)
     for r in recipes:  # every recipe fits the model before anything is measured
         for step in r.steps:

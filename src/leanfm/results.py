@@ -14,6 +14,24 @@ def new_results(environment: dict, protocol: dict) -> dict:
     return {"schema_version": SCHEMA_VERSION, "environment": environment, "protocol": protocol, "runs": []}
 
 
+def start_results(model_name: str, recipes, protocol, profile: dict, out: Path, runtime: str) -> dict:
+    """The results header of a family bench (``bench_vision``, ``bench_diffusion``): environment,
+    protocol, model, hardware profile, the runtime and the interleaved speed schedule; every
+    recipe saved as YAML under ``out/recipes``."""
+    from .measure.environment import environment
+    from .recipe import recipe_file_stem
+
+    seed = recipes[0].seed
+    results = new_results(environment(protocol.threads, seed=seed), protocol.to_dict())
+    results["model"] = model_name
+    results["hardware_profile"] = profile
+    results["environment"]["runtime"] = runtime
+    results["environment"]["speed_schedule"] = "interleaved"
+    for r in recipes:
+        r.save(Path(out) / "recipes" / f"{recipe_file_stem(r.name)}.yaml")
+    return results
+
+
 def add_relative_metrics(run: dict, baseline: dict | None) -> None:
     """ppl_increase, compression_ratio and speedup (decode tokens/s, images/s for a vision model,
     samples/s for a diffusion model) against the baseline of the same invocation."""
