@@ -353,3 +353,33 @@ def test_predict_prices_a_denoiser_per_step_with_its_recipe_and_refuses_bad_inpu
     assert_one_line_error(code, err, "does not apply to a diffusion model", "methods for diffusion models:")
     code, _, err = run_cli(["predict", "--model", str(denoiser_dir), "--recipe", "onnx-w8a8"], capsys)
     assert_one_line_error(code, err, "does not price int8 activations")
+
+
+def test_compress_writes_a_denoiser_folder_that_loads_back_with_its_graph_and_sampler(denoiser_dir, tmp_path, capsys):
+    import onnx
+
+    import leanfm
+    from leanfm.methods.diffusion.run import denoiser, sample
+
+    from .test_cli import assert_one_line_error, run_cli
+
+    out = tmp_path / "ck"
+    code, text, err = run_cli(["compress", "--model", str(denoiser_dir), "--recipe", "onnx-int8w+deepcache2", "--out", str(out)],
+                              capsys)
+    assert code == 0, err
+    assert "ONNX denoiser folder" in text and "DeepCache every 2 steps" in text
+    model, _ = leanfm.load(str(out))
+    assert model.leanfm_info["family"] == "diffusion" and model.cache_interval == 2 and model.steps is None
+    assert any(n.op_type == "DequantizeLinear" for n in model.proto.graph.node)  # the int8 codes are in the file
+    assert (out / "unet.onnx").stat().st_size < (denoiser_dir / "unet.onnx").stat().st_size
+    onnx.checker.check_model(str(out / "unet.onnx"))  # a plain ONNX file, for ONNX Runtime anywhere
+    # the reloaded folder samples exactly as the recipe applied in memory does
+    fresh, _ = leanfm.load(str(denoiser_dir))
+    leanfm.apply_(fresh, "onnx-int8w+deepcache2")
+    np.testing.assert_array_equal(sample(model, [0, 1], 4, denoiser(model, 1)), sample(fresh, [0, 1], 4, denoiser(fresh, 1)))
+    code, _, err = run_cli(["compress", "--model", str(denoiser_dir), "--recipe", "onnx-int8w", "--format", "gguf",
+                            "--out", str(tmp_path / "g")], capsys)
+    assert_one_line_error(code, err, "a diffusion denoiser is written as an ONNX folder; --format gguf is for causal LMs")
+    code, _, err = run_cli(["compress", "--model", str(denoiser_dir), "--recipe", "rtn-w8", "--out", str(tmp_path / "r")], capsys)
+    assert_one_line_error(code, err, "method 'rtn' does not apply to a diffusion model")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "r").exists()

@@ -177,7 +177,8 @@ def test_the_vit_predictor_prices_an_image_as_the_prefill_of_its_tokens():
 
 def test_compress_refuses_a_vision_model_in_one_line_naming_its_family(vit_dir, tmp_path, capsys):
     code, _, err = run_cli(["compress", "--model", str(vit_dir), "--recipe", "rtn-w8", "--out", str(tmp_path / "ck")], capsys)
-    assert_one_line_error(code, err, "leanfm compress writes causal-LM checkpoints", "is a vit model", "leanfm bench --model")
+    assert_one_line_error(code, err, "leanfm compress writes causal-LM checkpoints and denoiser folders", "is a vit model",
+                          "leanfm bench --model")
     assert not (tmp_path / "ck").exists()
 
 

@@ -284,9 +284,12 @@ def cmd_compress(a) -> int:
     from .recipe import load_recipe
 
     family = model_family(a.model)
+    if family == "diffusion":
+        return _compress_denoiser(a)
     if family != "causal-lm":
-        raise LeanfmError(f"leanfm compress writes causal-LM checkpoints; {a.model} is a {family} model: measure a recipe on it "
-                          f"with leanfm bench --model {a.model} --recipe NAME, or apply it in Python (leanfm.apply_) and save_pretrained")
+        raise LeanfmError(f"leanfm compress writes causal-LM checkpoints and denoiser folders; {a.model} is a {family} model: "
+                          f"measure a recipe on it with leanfm bench --model {a.model} --recipe NAME, or apply it in Python "
+                          "(leanfm.apply_) and save_pretrained")
     recipe = load_recipe(a.recipe)
     out = Path(a.out)
     check_checkpoint_target(out, a.overwrite)  # before any work: nothing is lost to a refused --out
@@ -334,6 +337,35 @@ def cmd_compress(a) -> int:
     print(f"saved {recipe.name} of {a.model} to {out} ({a.format}, {size / 1e6:.1f} MB of tensors)"
           + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else "")
           + f"; peak RSS {peak / 1e9:.2f} GB (planned {mem['planned'] / 1e9:.2f} GB, {'onloaded' if onload else 'in memory'})")
+    return 0
+
+
+def _compress_denoiser(a) -> int:
+    """``leanfm compress`` on a diffusion denoiser: the recipe applied to its ONNX graph and sampler,
+    written as a denoiser folder (the .onnx file ONNX Runtime runs, and its config with the step
+    count and DeepCache interval) that ``leanfm.load`` and ``leanfm bench`` read back."""
+    from .api import apply_, load
+    from .config import check_family
+    from .models.checkpoint import check_checkpoint_target, partial_folder
+    from .recipe import load_recipe
+
+    if a.format != "leanfm":
+        raise LeanfmError(f"a diffusion denoiser is written as an ONNX folder; --format {a.format} is for causal LMs "
+                          "(drop --format)")
+    recipe = load_recipe(a.recipe)
+    for step in recipe.steps:
+        check_family(step, "diffusion")
+    out = Path(a.out)
+    check_checkpoint_target(out, a.overwrite)
+    model, _ = load(a.model)
+    apply_(model, recipe)
+    with partial_folder(out, a.overwrite) as tmp:
+        model.save_pretrained(tmp)
+        (Path(tmp) / "recipe.yaml").write_text(recipe.to_yaml())
+    size = sum(f.stat().st_size for f in out.glob("*.onnx"))
+    steps = f"{model.steps} step(s) per sample" if model.steps else "the sampler's steps unchanged"
+    cache = f"DeepCache every {model.cache_interval} steps" if model.cache_interval else "no DeepCache"
+    print(f"saved {recipe.name} of {a.model} to {out} (ONNX denoiser folder, {size / 1e6:.1f} MB graph; {steps}; {cache})")
     return 0
 
 

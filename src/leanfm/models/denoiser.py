@@ -32,15 +32,16 @@ class DenoiserConfig:
 
     def __init__(self, onnx: str = "denoiser.onnx", sigma_min: float = 0.002, sigma_max: float = 80.0,
                  sigma_data: float = 0.5, channels: int = 1, size: int = 128, cond_input: str | None = None,
-                 conditions: list | None = None, **_):
+                 conditions: list | None = None, steps: int | None = None, cache_interval: int | None = None, **_):
         self.onnx, self.sigma_min, self.sigma_max, self.sigma_data = onnx, float(sigma_min), float(sigma_max), float(sigma_data)
         self.channels, self.size = int(channels), int(size)
         self.cond_input, self.conditions = cond_input, [float(c) for c in (conditions or [0.0])]
+        self.steps, self.cache_interval = steps, cache_interval  # the sampler settings a compressed folder keeps
 
     def to_dict(self) -> dict:
         return {"model_type": MODEL_TYPE, "onnx": self.onnx, "sigma_min": self.sigma_min, "sigma_max": self.sigma_max,
                 "sigma_data": self.sigma_data, "channels": self.channels, "size": self.size, "cond_input": self.cond_input,
-                "conditions": self.conditions}
+                "conditions": self.conditions, "steps": self.steps, "cache_interval": self.cache_interval}
 
     def save_pretrained(self, folder) -> None:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -72,8 +73,11 @@ class DenoiserModel(nn.Module):
                 "cond": self.config.cond_input}
 
     def save_pretrained(self, folder) -> None:
+        """The folder :func:`load_denoiser` reads back: the current graph and config, with the sampler
+        settings methods set (step count, DeepCache interval)."""
         import onnx
 
+        self.config.steps, self.config.cache_interval = self.steps, self.cache_interval
         self.config.save_pretrained(folder)
         onnx.save(self.proto, str(Path(folder) / self.config.onnx))
 
@@ -119,4 +123,6 @@ def load_denoiser(folder) -> DenoiserModel:
         raise LeanfmError(f"{f} is not a readable ONNX file ({' '.join(str(e).split())[:160]}); rebuild it") from None
     if len(proto.graph.input) < 2:
         raise LeanfmError(f"{f} has {len(proto.graph.input)} input(s); a denoiser takes noisy and sigma (and a condition)")
-    return DenoiserModel(proto, cfg).eval()
+    model = DenoiserModel(proto, cfg).eval()
+    model.steps, model.cache_interval = cfg.steps, cfg.cache_interval
+    return model
