@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from .measure.run import check_seqlen, eval_ids, flags, measure, speed_prompt, t
 from .measure.runtime_run import RuntimeTimer, check_runtime_protocol, measure_untimed
 from .measure.speed import DecodeTimer
 from .models.device import describe as describe_device, place
+from .models.family import family_of_name
 from .models.load import load
 from .outdir import OutputDir
 from .predict.versus import compare, prediction_for_run
@@ -207,22 +207,6 @@ def _finish(entry: _Timed, protocol: Protocol, profile: dict, config: dict, sche
     run["status"] = "ok"
 
 
-def model_family(model_name: str) -> str:
-    """The family of the model ``model_name`` names, from its config alone (an alias's declared
-    family, without building its cache)."""
-    from .models.registry import ALIASES
-
-    if model_name in ALIASES:
-        return ALIASES[model_name].family
-    from .models.family import family_of_config
-
-    cfg = Path(os.path.expanduser(model_name)) / "config.json"
-    try:
-        return family_of_config(json.loads(cfg.read_text())) if cfg.is_file() else "causal-lm"
-    except (OSError, ValueError):
-        return "causal-lm"  # the loader names the problem
-
-
 def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol, out: str | Path,
           calib: Calibration | None = None, profile_path: str | None = None, reuse_baseline: str | Path | None = None,
           interleave: bool = True, overwrite: bool = False, baseline_is_reference: bool = True,
@@ -239,7 +223,7 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
     float model)."""
     protocol.validate()
     recipes = order_recipes(recipe_names)
-    family = model_family(model_name)
+    family = family_of_name(model_name)
     if family in ("vit", "clip"):
         if runtime != "torch" or protocol.compile or (protocol.device, protocol.dtype) != ("cpu", "fp32"):
             raise LeanfmError(f"a {family} model is measured on the torch runtime on the CPU in fp32; drop --runtime, "

@@ -27,6 +27,7 @@ from .errors import LeanfmError
 from .measure.image_quality import psnr, ssim, value_w1
 from .measure.protocol import Protocol
 from .measure.run import _json_safe
+from .methods.diffusion.decl import sampler_steps
 from .methods.diffusion.run import denoiser, sample, steps_of
 from .recipe import Recipe
 from .results import add_relative_metrics, start_results, write
@@ -38,17 +39,12 @@ def check_diffusion(recipes: list[Recipe], protocol: Protocol) -> None:
     """One-line refusals before any work: a step of another family, DeepCache with fewer than 2
     sampling steps (nothing to reuse)."""
     for r in recipes:
-        steps = protocol.steps
-        for step in r.steps:
-            try:
+        try:
+            for step in r.steps:
                 check_family(step, "diffusion")
-            except LeanfmError as e:
-                raise LeanfmError(f"recipe {r.name}: {e}") from None
-            if step.method == "sampling-steps":
-                steps = step.steps
-        if any(s.method == "deepcache" for s in r.steps) and steps < 2:
-            raise LeanfmError(f"recipe {r.name}: deepcache reuses features across steps, but it samples with {steps} step; "
-                              "use --steps 2 or more (or a sampling-steps step of 2 or more)")
+            sampler_steps(r.steps, protocol.steps)
+        except LeanfmError as e:
+            raise LeanfmError(f"recipe {r.name}: {e}") from None
 
 
 def bench_diffusion(model_name: str, recipes: list[Recipe], protocol: Protocol, out: Path, profile: dict) -> dict:
@@ -98,15 +94,10 @@ def bench_diffusion(model_name: str, recipes: list[Recipe], protocol: Protocol, 
 def _prediction(model, protocol: Protocol, batch: int) -> dict:
     """The roofline's time per step and sample (``predict/unet.py``, ``local`` with this thread
     count's calibration), or ``{"error": ...}`` where it does not price the model."""
-    from .predict.hardware import load_hardware
+    from .predict.hardware import predict_on_local
     from .predict.unet import predict_denoiser
 
-    try:
-        hw = load_hardware("local", threads=protocol.threads)
-        out = predict_denoiser(model, hw, batch, protocol.steps)
-    except LeanfmError as e:
-        return {"error": str(e)}
-    return {**out, "calibrated": bool(hw.get("calibrated", False)), "threads": protocol.threads}
+    return predict_on_local(protocol.threads, lambda hw: predict_denoiser(model, hw, batch, protocol.steps))
 
 
 def _flags(model) -> dict:

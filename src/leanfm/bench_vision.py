@@ -20,7 +20,6 @@ speed is the image tower with its projection (``get_image_features``).
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -37,22 +36,12 @@ from .measure.protocol import Protocol
 from .measure.run import _json_safe, flags
 from .measure.vision import encode, fidelity, knn_accuracy, linear_probe_accuracy
 from .measure.zero_shot import CLASS_WORDS, DEFAULT_TEMPLATES, class_embeddings, image_embeddings, zero_shot_accuracy
+from .models.family import vision_config
 from .models.load import resolve
 from .recipe import Recipe
 from .results import add_relative_metrics, start_results, write
 
 SPEED_BATCH_MIN = 8
-
-
-def vision_config(path: str) -> dict:
-    """The image tower's config (dict) of the model folder ``path``: a ViT's own, a ``CLIPModel``'s
-    ``vision_config``, a leanfm dual encoder's ``vision_model/config.json``."""
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    if isinstance(cfg.get("vision_config"), dict):
-        return cfg["vision_config"]
-    if (Path(path) / "vision_model" / "config.json").is_file():
-        return json.loads((Path(path) / "vision_model" / "config.json").read_text())
-    return cfg
 
 
 def check_vision(path: str, recipes: list[Recipe], protocol: Protocol, family: str = "vit") -> dict:
@@ -170,26 +159,14 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
 def _prediction(config: dict, recipe: Recipe, protocol: Protocol, batch: int) -> dict:
     """The roofline's latency per image for the recipe (``predict/vit.py``, ``local`` with this
     thread count's calibration), or ``{"error": ...}`` for a step it does not price."""
-    from .predict.hardware import load_hardware
-    from .predict.vit import predict_vit
+    from .predict.hardware import predict_on_local
+    from .predict.vit import one_token_schedule, predict_vit
 
     other = [s.method for s in recipe.steps if not hasattr(s, "token_schedule")]
     if other:
         return {"error": f"the ViT predictor prices the plain model and token reduction (ToMe, EViT) only, not {other[0]}"}
-    try:
-        hw = load_hardware("local", threads=protocol.threads)
-        out = predict_vit(config, hw, batch, protocol.image_size, schedule=_one_schedule(recipe.steps))
-    except LeanfmError as e:
-        return {"error": str(e)}
-    return {**out, "calibrated": bool(hw.get("calibrated", False)), "threads": protocol.threads}
-
-
-def _one_schedule(steps):
-    """The token schedule of the recipe's one token-reducing step (None: the plain model)."""
-    reducers = [s for s in steps if hasattr(s, "token_schedule")]
-    if len(reducers) > 1:
-        raise LeanfmError(f"the ViT predictor prices one token-reducing step, not {len(reducers)}")
-    return reducers[0].token_schedule if reducers else None
+    return predict_on_local(protocol.threads, lambda hw: predict_vit(config, hw, batch, protocol.image_size,
+                                                                     schedule=one_token_schedule(recipe.steps)))
 
 
 @torch.no_grad()

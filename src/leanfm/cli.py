@@ -279,11 +279,12 @@ def cmd_eval(a) -> int:
 def cmd_compress(a) -> int:
     import torch
 
-    from .bench import announce_calibration, check_inputs, model_family
+    from .bench import announce_calibration, check_inputs
     from .models.checkpoint import check_checkpoint_target
+    from .models.family import family_of_name
     from .recipe import load_recipe
 
-    family = model_family(a.model)
+    family = family_of_name(a.model)
     if family == "diffusion":
         return _compress_denoiser(a)
     if family != "causal-lm":

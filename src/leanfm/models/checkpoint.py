@@ -258,11 +258,12 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, family
     from .denoiser import is_denoiser, load_denoiser
     from .dual_encoder import is_dual_encoder, load_dual_encoder
 
-    if Path(path).is_dir() and is_dual_encoder(_read_config(path)):
-        return load_dual_encoder(path, dtype)
-    if Path(path).is_dir() and is_denoiser(_read_config(path)):
-        return load_denoiser(path)
     if Path(path).is_dir():
+        cfg = _read_config(path)
+        if is_dual_encoder(cfg):
+            return load_dual_encoder(path, dtype)
+        if is_denoiser(cfg):
+            return load_denoiser(path)
         check_tensor_files(path)
     held: list[logging.LogRecord] = []
     try:

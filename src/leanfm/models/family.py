@@ -7,7 +7,9 @@ the methods that do apply.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch-free at run time: the predictor reads families from configs alone
@@ -54,6 +56,31 @@ def family_of(model: nn.Module) -> str:
 def family_of_config(config: dict) -> str:
     """The family a ``config.json`` (as a dict) describes."""
     return _MODEL_TYPES.get(str(config.get("model_type", "")), "causal-lm")
+
+
+def family_of_name(name: str) -> str:
+    """The family of the model a ``--model`` argument names, from its config alone: an alias's
+    declared family (without building its cache), else a folder's ``config.json``; anything else
+    counts as a causal LM (the loader names any problem)."""
+    from .registry import ALIASES
+
+    if name in ALIASES:
+        return ALIASES[name].family
+    cfg = Path(name).expanduser() / "config.json"
+    try:
+        return family_of_config(json.loads(cfg.read_text())) if cfg.is_file() else "causal-lm"
+    except (OSError, ValueError):
+        return "causal-lm"
+
+
+def vision_config(path: str | Path) -> dict:
+    """The image tower's config (dict) of the model folder ``path``: a ViT's own, a ``CLIPModel``'s
+    ``vision_config``, a leanfm dual encoder's ``vision_model/config.json``."""
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if isinstance(cfg.get("vision_config"), dict):
+        return cfg["vision_config"]
+    tower = Path(path) / "vision_model" / "config.json"
+    return json.loads(tower.read_text()) if tower.is_file() else cfg
 
 # Families whose perplexity must be measured with BOS at the start of every window: Gemma was
 # trained with BOS always present (GUIDE section 5: ppl 24 with BOS vs 61 without).

@@ -187,14 +187,15 @@ def run(args: argparse.Namespace) -> int:
     hw = load_hardware(args.hardware, threads=args.threads)
     if getattr(args, "tune", None):
         return _tune_whatif(args, hw)
-    from .families import model_family, predict_family, render_family
+    from ..models.family import family_of_name
+    from .families import predict_family, render_family
 
-    family, folder = model_family(args.model)
+    family = family_of_name(args.model)
     if family != "causal-lm":  # a ViT, image-text model or denoiser: priced per image / per step
         for flag, v in (("--batch", args.batch), ("--image-size", args.image_size), ("--steps", args.steps)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise LeanfmError(f"{flag} must be a whole number >= 1 (got {v!r})")
-        p = predict_family(args.model, family, folder, args.recipe, hw, args.batch, args.image_size, args.steps)
+        p = predict_family(args.model, family, args.recipe, hw, args.batch, args.image_size, args.steps)
         if out is not None:
             write_json_atomic(p, out)
         print(render_family(p))

@@ -3,41 +3,24 @@ model's latency per image (``predict/vit.py``) and a diffusion denoiser's time p
 (``predict/unet.py``), on any hardware profile, before running anything.
 
 The recipe is checked against the family like ``leanfm bench`` does. A ViT recipe is priced from
-its ToMe steps (the other steps leave the FLOPs and the fp32 GEMMs of an image as they are, and
-are named as not priced); a denoiser recipe's steps are applied to the graph (they change the step
+its token-reducing step (ToMe, EViT; the other steps leave the FLOPs and the fp32 GEMMs of an
+image as they are, and are named as not priced); a denoiser recipe's steps are applied to the graph (they change the step
 count, the cache interval or the graph) and the result priced.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import LeanfmError
 
 
-def model_family(model: str) -> tuple[str, str | None]:
-    """``(family, folder)`` of ``--model``: an alias's declared family (its folder once built),
-    else a folder's ``config.json``; ``("causal-lm", None)`` for anything else (the LM path)."""
-    from ..models.family import family_of_config
-    from ..models.registry import ALIASES
-
-    if model in ALIASES:
-        return ALIASES[model].family, None
-    cfg = Path(model).expanduser() / "config.json"
-    if cfg.is_file():
-        try:
-            return family_of_config(json.loads(cfg.read_text())), str(cfg.parent)
-        except (OSError, ValueError):
-            return "causal-lm", None
-    return "causal-lm", None
-
-
-def _folder(model: str, folder: str | None) -> str:
-    if folder is not None:
-        return folder
+def _folder(model: str) -> str:
+    """The model's folder: its own, or an alias's cache (built on first use)."""
     from ..models.cache import build_cache
     from ..models.registry import ALIASES
 
+    if model not in ALIASES:
+        return str(Path(model).expanduser())
     spec = ALIASES[model]
     spec.require_installed()
     return str(build_cache(spec))
@@ -54,21 +37,15 @@ def _recipe_steps(recipe: str, family: str):
     return r
 
 
-def predict_family(model: str, family: str, folder: str | None, recipe: str, hw: dict, batch: int, image_size: int,
-                   steps: int) -> dict:
+def predict_family(model: str, family: str, recipe: str, hw: dict, batch: int, image_size: int, steps: int) -> dict:
     """The prediction dict of a ``vit``/``clip`` or ``diffusion`` model (see the module doc)."""
     r = _recipe_steps(recipe, family)
-    path = _folder(model, folder)
+    path = _folder(model)
     if family in ("vit", "clip"):
-        from .vit import predict_vit
+        from ..models.family import vision_config
+        from .vit import one_token_schedule, predict_vit
 
-        cfg = json.loads((Path(path) / "config.json").read_text())
-        cfg = cfg.get("vision_config") or (json.loads((Path(path) / "vision_model" / "config.json").read_text())
-                                           if (Path(path) / "vision_model" / "config.json").is_file() else cfg)
-        reducers = [s for s in r.steps if hasattr(s, "token_schedule")]  # ToMe, EViT: fewer tokens per block
-        if len(reducers) > 1:
-            raise LeanfmError(f"the ViT predictor prices one token-reducing step, not {len(reducers)}")
-        out = predict_vit(cfg, hw, batch, image_size, schedule=reducers[0].token_schedule if reducers else None)
+        out = predict_vit(vision_config(path), hw, batch, image_size, schedule=one_token_schedule(r.steps))
         out["not_priced"] = [s.method for s in r.steps if not hasattr(s, "token_schedule")]
         return {"family": family, "model": model, "recipe": r.name, **out}
     if family == "diffusion":

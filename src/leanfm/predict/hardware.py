@@ -172,6 +172,17 @@ def load_hardware(name_or_path: str, calibrated: bool = True, threads: int = 2) 
     return prof
 
 
+def predict_on_local(threads: int, price) -> dict:
+    """``price(profile)`` on ``local`` with its calibration for ``threads``, plus ``calibrated`` and
+    ``threads``; ``{"error": ...}`` when it refuses (what ``leanfm bench`` stores beside a run)."""
+    try:
+        hw = load_hardware("local", threads=threads)
+        out = price(hw)
+    except LeanfmError as e:
+        return {"error": str(e)}
+    return {**out, "calibrated": bool(hw.get("calibrated", False)), "threads": threads}
+
+
 def peak_flops(profile: dict, dtype: str) -> float:
     """Dense peak rate of ``profile`` for ``dtype`` in FLOP/s (integer dtypes: OP/s)."""
     d = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())

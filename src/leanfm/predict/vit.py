@@ -42,6 +42,15 @@ def tokens_per_block(config: dict, image_size: int, r: int = 0, schedule=None) -
     return schedule(tokens, blocks) if schedule is not None else merge_schedule(tokens, blocks, r)
 
 
+def one_token_schedule(steps):
+    """The ``token_schedule`` of a recipe's one token-reducing step (ToMe, EViT; None: the plain
+    model). The roofline prices one such step: two would compose their schedules, which it does not model."""
+    reducers = [s for s in steps if hasattr(s, "token_schedule")]
+    if len(reducers) > 1:
+        raise LeanfmError(f"the ViT predictor prices one token-reducing step, not {len(reducers)}")
+    return reducers[0].token_schedule if reducers else None
+
+
 def predict_vit(config: dict, hardware, batch: int, image_size: int, r: int = 0, schedule=None) -> dict:
     """``ms_per_image`` (and ``flops_per_image``, ``tokens_per_block``) for ``batch`` images of
     ``image_size`` pixels through the ViT ``config`` on ``hardware`` (a name or a profile dict),

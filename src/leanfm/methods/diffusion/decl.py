@@ -12,6 +12,19 @@ def _whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def sampler_steps(steps, default: int) -> int:
+    """The denoising steps a recipe's ``steps`` sample with (``default``: the protocol's unless a
+    step sets its own), after every step that depends on it has checked it (one-line errors)."""
+    n = default
+    for s in steps:
+        if hasattr(s, "sampler_steps"):
+            n = s.sampler_steps(n)
+    for s in steps:
+        if hasattr(s, "check_sampler"):
+            s.check_sampler(n)
+    return n
+
+
 class _DenoiserEffect:
     """The LM predictor's effect of a diffusion step: not its to price (``leanfm predict`` on the
     denoiser applies the step to the graph and prices that, ``predict/unet.py``)."""
@@ -41,6 +54,9 @@ class SamplingStepsConfig(_DenoiserEffect, BaseConfig):
         if not _whole(self.steps) or self.steps < 1:
             raise LeanfmError(f"sampling-steps steps={self.steps!r} must be a whole number >= 1 (denoising steps per sample)")
 
+    def sampler_steps(self, steps: int) -> int:
+        return self.steps
+
 
 @dataclass
 class DeepCacheConfig(_DenoiserEffect, BaseConfig):
@@ -63,6 +79,11 @@ class DeepCacheConfig(_DenoiserEffect, BaseConfig):
         if not _whole(self.interval) or self.interval < 2:
             raise LeanfmError(f"deepcache interval={self.interval!r} must be a whole number >= 2 (denoising steps per full "
                               "pass; 1 would never reuse the cache)")
+
+    def check_sampler(self, steps: int) -> None:
+        if steps < 2:
+            raise LeanfmError(f"deepcache reuses features across steps, but it samples with {steps} step; use --steps 2 or "
+                              "more (or a sampling-steps step of 2 or more)")
 
 
 @dataclass

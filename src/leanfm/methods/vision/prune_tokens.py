@@ -53,15 +53,10 @@ class TokenPruneLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         p = self._parts
-        b, n, _ = hidden_states.shape
-        h = p.norm1(hidden_states)
-        q, k, v = (proj(h).view(b, n, -1, p.head_dim).transpose(1, 2) for proj in p.qkv)
-        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=p.scale)
-        x = hidden_states + p.drop(p.ls1(p.out(a.transpose(1, 2).reshape(b, n, -1))))
+        x, q, k = p.attend(hidden_states)
         # the class token's attention to the patches, averaged over heads (EViT eq. 3)
         cls_attn = ((q[:, :, :1] @ k[:, :, 1:].transpose(-1, -2)) * p.scale).softmax(dim=-1).mean(dim=1)[:, 0]
-        x = select_tokens(x, cls_attn, self.keep_rate, self.fuse)
-        return x + p.drop(p.ls2(p.mlp(p.norm2(x))))
+        return p.feed_forward(select_tokens(x, cls_attn, self.keep_rate, self.fuse))
 
 
 def check_prune(model: nn.Module, cfg) -> None:

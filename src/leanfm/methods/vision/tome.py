@@ -82,7 +82,7 @@ class _State:
 
 
 class _Parts:
-    """The pieces of a pre-norm ViT block ToMe needs, under one set of names: transformers'
+    """The pieces of a pre-norm ViT block that ToMe and EViT run, under one set of names: transformers'
     ``Dinov2Layer`` (with layer scales) or ``CLIPEncoderLayer`` (CLIP's vision blocks)."""
 
     def __init__(self, blk: nn.Module):
@@ -101,6 +101,19 @@ class _Parts:
             raise LeanfmError(f"ToMe does not know the block {type(blk).__name__}")
         self.qkv = (att.q_proj, att.k_proj, att.v_proj)
 
+    def attend(self, hidden_states: torch.Tensor, size: torch.Tensor | None = None):
+        """The block's attention half with its residual, ``(x, q, k)`` (``q, k [B, H, N, d]``);
+        ``size`` weights the keys (proportional attention), None for plain attention."""
+        b, n, _ = hidden_states.shape
+        h = self.norm1(hidden_states)
+        q, k, v = (proj(h).view(b, n, -1, self.head_dim).transpose(1, 2) for proj in self.qkv)
+        a = proportional_attention(q, k, v, size, self.scale)
+        return hidden_states + self.drop(self.ls1(self.out(a.transpose(1, 2).reshape(b, n, -1)))), q, k
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's MLP half with its residual."""
+        return x + self.drop(self.ls2(self.mlp(self.norm2(x))))
+
 
 class ToMeLayer(nn.Module):
     """A ViT block that merges ``state.r`` tokens after its attention (the same weights)."""
@@ -115,16 +128,12 @@ class ToMeLayer(nn.Module):
         b, n, _ = hidden_states.shape
         if self.state.size is not None and self.state.size.shape[:2] != (b, n):
             self.state.size = None  # a new input: every token stands for one patch
-        h = p.norm1(hidden_states)
-        shape = (b, n, -1, p.head_dim)
-        q, k, v = (proj(h).view(shape).transpose(1, 2) for proj in p.qkv)
-        a = proportional_attention(q, k, v, self.state.size, p.scale)  # no bias while all sizes are 1
-        x = hidden_states + p.drop(p.ls1(p.out(a.transpose(1, 2).reshape(b, n, -1))))
+        x, _, k = p.attend(hidden_states, self.state.size)  # no bias while all sizes are 1
         if self.state.r > 0:
             merge = bipartite_soft_matching(k.mean(dim=1), self.state.r)  # metric: keys averaged over heads
             size = self.state.size if self.state.size is not None else x.new_ones(b, n, 1)
             x, self.state.size = merge_by_size(merge, x, size)
-        return x + p.drop(p.ls2(p.mlp(p.norm2(x))))
+        return p.feed_forward(x)
 
 
 def vision_tower(model: nn.Module) -> nn.Module:
