@@ -69,6 +69,9 @@ MATRIX: list[dict] = [  # one step per row; hidden 64, GQA 4/2, 2 layers: small 
     {"method": "deepcache", "interval": 2},
     {"method": "onnx-int8", "activations": False},
     {"method": "onnx-int8", "activations": True, "calib_seeds": 1},
+    # diffusers pipelines only (a tiny random text-to-image pipeline)
+    {"method": "dpm-solver", "order": 2},
+    {"method": "tome-unet", "ratio": 0.5},
 ]
 
 
@@ -143,6 +146,20 @@ def _loaded_with_tokenizer(model, tmp_path: Path):
 def test_method_matrix(row, tmp_path):
     cfg = config_from_dict(dict(row))
     torch.manual_seed(0)
+    if cfg.families == ("diffusion-pipeline",):  # a pipeline method: apply, then sample from the changed pipeline
+        pytest.importorskip("diffusers")
+        from leanfm.models.pipeline import PipelineModel
+        from tests.test_diffusers_pipeline import tiny_sd_pipeline
+
+        model = PipelineModel(tiny_sd_pipeline(tmp_path))
+        model.leanfm_info = {"family": "diffusion-pipeline", "steps": []}
+        leanfm.apply_(model, cfg)
+        step = model.leanfm_info["steps"][-1]
+        assert isinstance(step["simulated"], bool) and step["kernel"]
+        x = model.generate([0, 1], 2)
+        assert x.shape == (2, 3, 16, 16) and np.isfinite(x).all()
+        assert recipe_effects([cfg]).steps == [row["method"]]
+        return
     if "diffusion" in cfg.families:  # a denoiser method: apply, then sample from the changed model
         pytest.importorskip("diffusers")
         from leanfm.methods.diffusion.run import denoiser, sample

@@ -240,6 +240,14 @@ def bench(model_name: str, recipe_names: list[str | Recipe], protocol: Protocol,
 
         with OutputDir(out, overwrite):
             return bench_diffusion(model_name, recipes, protocol, Path(out), load_profile(profile_path))
+    if family == "diffusion-pipeline":
+        if runtime != "torch" or protocol.compile or (protocol.device, protocol.dtype) != ("cpu", "fp32"):
+            raise LeanfmError("a diffusers pipeline is measured in torch on the CPU in fp32; drop --runtime, --compile, "
+                              "--device and --dtype")
+        from .bench_diffusion import bench_diffusion
+
+        with OutputDir(out, overwrite):
+            return bench_diffusion(model_name, recipes, protocol, Path(out), load_profile(profile_path), family)
     if family != "causal-lm":
         raise LeanfmError(f"leanfm bench does not measure {family} models yet; it measures causal-lm, vit, clip and "
                           "diffusion models")

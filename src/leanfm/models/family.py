@@ -32,10 +32,13 @@ FAMILIES = {f.name: f for f in [
     Family("clip", "image-text dual encoder", "zero-shot classification accuracy", "images/s, ms per image"),
     Family("diffusion", "diffusion denoiser", "PSNR and SSIM of the outputs against the uncompressed model's on the same "
            "seeds and conditions", "seconds per sample, ms per denoising step"),
+    Family("diffusion-pipeline", "diffusers pipeline", "PSNR and SSIM of the images against the uncompressed pipeline's on "
+           "the same seeds and prompts", "seconds per sample, ms per denoising step"),
 ]}
 # transformers model_type -> family, for the families that are not causal LMs
 _MODEL_TYPES = {"dinov2": "vit", "vit": "vit", "deit": "vit", "clip": "clip", "siglip": "clip",
-               "leanfm-dual-encoder": "clip", "leanfm-onnx-denoiser": "diffusion"}
+               "leanfm-dual-encoder": "clip", "leanfm-onnx-denoiser": "diffusion",
+               "diffusers-pipeline": "diffusion-pipeline"}
 
 
 def family_of(model: nn.Module) -> str:
@@ -48,7 +51,9 @@ def family_of(model: nn.Module) -> str:
     mt = str(getattr(cfg, "model_type", "") or "")
     if mt in _MODEL_TYPES:
         return _MODEL_TYPES[mt]
-    if "UNet" in type(model).__name__ or type(model).__name__.endswith("Pipeline"):
+    if type(model).__name__.endswith("Pipeline"):
+        return "diffusion-pipeline"
+    if "UNet" in type(model).__name__:
         return "diffusion"
     return "causal-lm"
 
@@ -66,6 +71,8 @@ def family_of_name(name: str) -> str:
 
     if name in ALIASES:
         return ALIASES[name].family
+    if (Path(name).expanduser() / "model_index.json").is_file():  # a diffusers pipeline folder
+        return "diffusion-pipeline"
     cfg = Path(name).expanduser() / "config.json"
     try:
         return family_of_config(json.loads(cfg.read_text())) if cfg.is_file() else "causal-lm"

@@ -56,6 +56,10 @@ def _family(path: str) -> str:
     from .family import family_of_config
 
     if os.path.isdir(path):
+        from .pipeline import is_pipeline_folder
+
+        if is_pipeline_folder(path):
+            return "diffusion-pipeline"
         return family_of_config(_check_config(Path(path)))
     from transformers import AutoConfig
 
@@ -71,6 +75,10 @@ def _from_dir(path: str, dtype: torch.dtype, tok=None):
     from .checkpoint import load_checkpoint
 
     family = _family(path)
+    if family == "diffusion-pipeline":
+        from .pipeline import load_pipeline
+
+        return load_pipeline(path), None
     if family in ("vit", "diffusion"):  # images in, features (or images) out: no tokenizer
         return load_checkpoint(path, dtype, family=family), None
     if family != "causal-lm":  # an image-text model: its text tokenizer when the folder has one
@@ -216,8 +224,9 @@ def resolve(name: str) -> tuple[str, str]:
         spec.require_installed()
         path, source = str(build_cache(spec)), "packaged"
     elif os.path.isdir(local):
-        if not (Path(local) / "config.json").is_file():
-            raise LeanfmError(f"directory '{name}' has no config.json; pass a Hugging Face model directory or an alias (see: leanfm models)")
+        if not any((Path(local) / f).is_file() for f in ("config.json", "model_index.json")):
+            raise LeanfmError(f"directory '{name}' has no config.json (nor a diffusers pipeline's model_index.json); pass a "
+                              "Hugging Face model directory or an alias (see: leanfm models)")
         path, source = local, "local"
     elif os.path.exists(local):
         raise LeanfmError(f"model path '{name}' is a file; pass the model's directory (the folder holding config.json)")

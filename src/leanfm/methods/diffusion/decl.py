@@ -1,5 +1,7 @@
 """Declarations of the diffusion techniques (torch-free): fewer sampling steps, DeepCache, int8
-weights in the ONNX graph. They apply to a ``diffusion`` model (``models/denoiser.py``)."""
+weights in the ONNX graph, a DPM-Solver scheduler, ToMe in the UNet's attention. They apply to an
+ONNX denoiser (family ``diffusion``, ``models/denoiser.py``) or a diffusers pipeline (family
+``diffusion-pipeline``, ``models/pipeline.py``), as each declares."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,15 +38,16 @@ class _DenoiserEffect:
 
 @dataclass
 class SamplingStepsConfig(_DenoiserEffect, BaseConfig):
-    """Sample with this many multistep consistency steps instead of the protocol's (Song et al., 2023,
-    Algorithm 1): each step is one pass of the denoiser.
+    """Sample with this many denoising steps instead of the protocol's: on an ONNX consistency
+    model, multistep consistency sampling (Song et al., 2023, Algorithm 1); on a diffusers
+    pipeline, its scheduler's ``num_inference_steps``. Each step is one pass of the denoiser.
 
     steps: denoising steps per sample, >= 1 (1: one-step generation, the consistency model's
     cheapest; more steps re-noise and denoise again, trading time for fidelity).
     """
 
     method = "sampling-steps"
-    families = ("diffusion",)
+    families = ("diffusion", "diffusion-pipeline")
     handler = "leanfm.methods.diffusion.apply:apply_steps"
     produces = "sampling-schedule"
 
@@ -64,12 +67,12 @@ class DeepCacheConfig(_DenoiserEffect, BaseConfig):
     only its shallow full-resolution path fed the deep feature cached from the last full step.
 
     interval: steps per full pass, >= 2 (2: every other step reuses the cache). Needs a sampler
-    of at least 2 steps to save anything; the cached feature is the input of the graph's last
-    upsampling (Resize) node.
+    of at least 2 steps to save anything. On an ONNX graph the cached feature is the input of its
+    last upsampling (Resize) node; on a diffusers UNet, the output of its second-to-last up block.
     """
 
     method = "deepcache"
-    families = ("diffusion",)
+    families = ("diffusion", "diffusion-pipeline")
     handler = "leanfm.methods.diffusion.apply:apply_deepcache"
     produces = "feature-cache"
 
@@ -110,3 +113,63 @@ class OnnxInt8Config(_DenoiserEffect, BaseConfig):
             raise LeanfmError(f"onnx-int8 activations={self.activations!r} must be true or false")
         if not _whole(self.calib_seeds) or self.calib_seeds < 1:
             raise LeanfmError(f"onnx-int8 calib_seeds={self.calib_seeds!r} must be a whole number >= 1")
+
+
+@dataclass
+class DpmSolverConfig(_DenoiserEffect, BaseConfig):
+    """Replace a diffusers pipeline's scheduler by DPM-Solver (Lu et al., NeurIPS 2022; DPM-Solver++,
+    Lu et al., 2022): a multistep high-order ODE solver that keeps quality at far fewer steps
+    (pair it with a ``sampling-steps`` step). The noise schedule is the pipeline's own.
+
+    order: solver order, 1 to 3 (2: DPM-Solver++(2M), the usual choice for guided sampling).
+    algorithm: "dpmsolver++" (data prediction) or "dpmsolver" (noise prediction).
+    """
+
+    method = "dpm-solver"
+    families = ("diffusion-pipeline",)
+    handler = "leanfm.methods.diffusion.apply:apply_dpm_solver"
+    produces = "sampling-schedule"
+
+    order: int = 2
+    algorithm: str = "dpmsolver++"
+
+    def validate(self) -> None:
+        if not _whole(self.order) or not 1 <= self.order <= 3:
+            raise LeanfmError(f"dpm-solver order={self.order!r} must be 1, 2 or 3")
+        if self.algorithm not in ("dpmsolver++", "dpmsolver"):
+            raise LeanfmError(f"dpm-solver algorithm={self.algorithm!r} must be dpmsolver++ or dpmsolver")
+
+
+@dataclass
+class TomeUnetConfig(_DenoiserEffect, BaseConfig):
+    """ToMe for Stable Diffusion (Bolya & Hoffman, CVPR-W 2023): in the self-attention of the UNet's
+    transformer blocks, merge a fraction of the image tokens into similar ones before attention
+    and copy the results back after (unmerge), so attention runs on fewer tokens; nothing trained.
+
+    ratio: fraction of a block's tokens merged away, 0 <= ratio < 1 (0.5: attention on half).
+    max_downsample: merge only in blocks whose resolution is the latent's divided by at most this
+    (1: the highest-resolution blocks, where attention costs most).
+    stride: each stride x stride cell of the token grid keeps one destination token.
+    seed: which token of each cell is the destination is drawn at random per call from this seed
+    (reset for every batch of samples, so runs repeat).
+    """
+
+    method = "tome-unet"
+    families = ("diffusion-pipeline",)
+    handler = "leanfm.methods.diffusion.apply:apply_tome_unet"
+    produces = "token-merging"
+
+    ratio: float = 0.5
+    max_downsample: int = 1
+    stride: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 <= self.ratio < 1:
+            raise LeanfmError(f"tome-unet ratio={self.ratio!r} must be a number with 0 <= ratio < 1 (fraction of tokens merged)")
+        if not _whole(self.max_downsample) or self.max_downsample not in (1, 2, 4, 8):
+            raise LeanfmError(f"tome-unet max_downsample={self.max_downsample!r} must be 1, 2, 4 or 8")
+        if not _whole(self.stride) or self.stride < 2:
+            raise LeanfmError(f"tome-unet stride={self.stride!r} must be a whole number >= 2")
+        if not _whole(self.seed):
+            raise LeanfmError(f"tome-unet seed={self.seed!r} must be a whole number")

@@ -158,7 +158,7 @@ class MagnitudeConfig(PruneConfig):
     """Magnitude pruning: drop the smallest |W| of each layer (no calibration data)."""
 
     method = "magnitude"
-    families = ("causal-lm", "vit", "clip")
+    families = ("causal-lm", "vit", "clip", "diffusion-pipeline")
     handler = "leanfm.methods.prune.sparsity:apply_magnitude"
 
 

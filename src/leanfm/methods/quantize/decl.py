@@ -133,7 +133,7 @@ class RTNConfig(BlockGridConfig):
     bit for bit; gptq and awq take the same field and choose their codes on those blocks.
     """
 
-    families = ("causal-lm", "vit", "clip")  # no calibration: any stack of nn.Linear, a ViT's included
+    families = ("causal-lm", "vit", "clip", "diffusion-pipeline")  # no calibration: any stack of nn.Linear (a ViT, a UNet)
 
     search_space = {"bits": Choice(3, 4, 8), "group_size": Choice(32, 64, None, divides="in_features"),
                     "symmetric": Choice(True, False)}
@@ -235,7 +235,7 @@ class HQQConfig(WeightQuantConfig):
 
     search_space = W34_SPACE
 
-    families = ("causal-lm", "vit", "clip")
+    families = ("causal-lm", "vit", "clip", "diffusion-pipeline")
     method = "hqq"
     onload = "per-layer"
     handler = "leanfm.methods.quantize.hqq:apply_hqq"

@@ -1,0 +1,130 @@
+"""A diffusers pipeline as a leanfm model (family ``diffusion-pipeline``): a folder with
+``model_index.json`` (what ``DiffusionPipeline.save_pretrained`` writes), sampled by the
+pipeline's own ``__call__`` with its own scheduler.
+
+:class:`PipelineModel` registers the pipeline's denoiser (``unet``) as its one child module, so
+the generic ``nn.Linear`` methods (rtn, hqq, magnitude) compress the denoiser's linears and leave
+the text encoder and VAE as they are; the diffusion methods change the scheduler (``dpm-solver``),
+the step count (``sampling-steps``) or how the UNet runs across steps (``deepcache``,
+``tome-unet``). ``steps`` is the step count a method set (None: the protocol's).
+
+Protocol conditions: sample ``j`` of a run has seed ``j`` (its initial latent drawn from its own
+``torch.Generator``) and, for a text-conditioned pipeline, the prompt ``PROMPTS[j % 8]``; the
+pipeline's defaults for everything else (guidance scale, image size).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import LeanfmError
+
+MODEL_TYPE = "diffusers-pipeline"
+PROMPTS = ("a red house by a lake", "a cat sleeping on a sofa", "a mountain road at sunset", "a bowl of fruit on a table",
+           "a city street in the rain", "a sailing boat on the sea", "a forest path in autumn", "a portrait of an old man")
+
+
+def is_pipeline_folder(path) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+class _Config:
+    model_type = MODEL_TYPE
+
+    def __init__(self, class_name: str):
+        self.class_name = class_name
+
+    def to_dict(self) -> dict:
+        return {"model_type": MODEL_TYPE, "pipeline": self.class_name}
+
+
+class PipelineModel(nn.Module):
+    """A diffusers pipeline and the step count its methods set (see the module doc)."""
+
+    def __init__(self, pipe):
+        super().__init__()
+        unet = getattr(pipe, "unet", None)
+        if not isinstance(unet, nn.Module):
+            raise LeanfmError(f"{type(pipe).__name__} has no UNet denoiser (pipe.unet); leanfm runs UNet diffusion pipelines "
+                              "(DDPMPipeline, DDIMPipeline, StableDiffusionPipeline and the like)")
+        self.pipe = pipe
+        self.unet = unet
+        self.config = _Config(type(pipe).__name__)
+        self.steps: int | None = None
+        self.resets: list = []  # per-sample states of methods (DeepCache's cache), cleared before every generate
+        pipe.set_progress_bar_config(disable=True)
+        self._params = set(inspect.signature(pipe.__call__).parameters)
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    def weight_bytes(self) -> int:
+        """Bytes of the denoiser's parameters and buffers as held (the part leanfm's methods change)."""
+        return _held_bytes([self.unet])
+
+    def file_bytes(self) -> int:
+        """Bytes of every component's weights (denoiser, text encoder, VAE) as held in memory."""
+        return _held_bytes([m for m in self.pipe.components.values() if isinstance(m, nn.Module)])
+
+    def condition_kwargs(self, seeds: list[int]) -> dict:
+        """The call's condition: a prompt per seed for a text-conditioned pipeline, else the batch size."""
+        if "prompt" in self._params:
+            return {"prompt": [PROMPTS[s % len(PROMPTS)] for s in seeds]}
+        if "batch_size" in self._params:
+            return {"batch_size": len(seeds)}
+        raise LeanfmError(f"{type(self.pipe).__name__}.__call__ takes neither prompt nor batch_size; leanfm cannot condition it")
+
+    @torch.inference_mode()
+    def generate(self, seeds: list[int], steps: int) -> np.ndarray:
+        """``[len(seeds), C, H, W]`` float images of the pipeline's own call with ``self.steps`` (else
+        ``steps``) inference steps; sample j's noise comes from ``seeds[j]`` alone."""
+        for reset in self.resets:
+            reset()
+        n = self.steps or steps
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        out = self.pipe(**self.condition_kwargs(seeds), generator=gens, num_inference_steps=n, output_type="np")
+        images = out.images if hasattr(out, "images") else out[0]
+        return np.ascontiguousarray(np.asarray(images, dtype=np.float32).transpose(0, 3, 1, 2))
+
+
+def _held_bytes(modules: list[nn.Module]) -> int:
+    """Storage bytes of the modules' parameters and buffers, shared storage counted once."""
+    seen, total = set(), 0
+    for m in modules:
+        for t in [*m.parameters(), *m.buffers()]:
+            key = (t.untyped_storage().data_ptr(), t.dtype)
+            if key not in seen:
+                seen.add(key)
+                total += t.untyped_storage().nbytes()
+    return total
+
+
+def load_pipeline(folder) -> PipelineModel:
+    """The pipeline saved in ``folder`` (``model_index.json``), in fp32 on the CPU; one-line errors
+    for a missing diffusers or an unreadable folder."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        raise LeanfmError("loading a diffusers pipeline needs diffusers: pip install 'leanfm[diffusion]'") from None
+    folder = Path(folder)
+    try:
+        json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise LeanfmError(f"{folder / 'model_index.json'} is not readable JSON ({' '.join(str(e).split())[:120]}); "
+                          "re-save the pipeline with save_pretrained") from None
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # leanfm shows its own progress; per-load bars are noise
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as e:
+        raise LeanfmError(f"could not load the diffusers pipeline in {folder}: {' '.join(str(e).split())[:200]}") from None
+    return PipelineModel(pipe).eval()
