@@ -17,7 +17,7 @@ def test_every_declared_dimension_draws_valid_configs():
     searchable = [m for m in methods() if config_class(m).search_space]
     assert len(searchable) >= 15
     for m in searchable:
-        space = SearchSpace.from_methods([m], require=[config_class(m).produces])
+        space = SearchSpace.from_methods([m], require=[config_class(m).produces], family=config_class(m).families[0])
         for seed in range(40):
             r = space.sample(RandomSampler(seed), SMOL)
             assert [s.method for s in r.steps] == [m]

@@ -11,8 +11,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--budget", default="", help="constraints over results-schema metrics, comma-separated, with units: "
                    "'weight_bytes<=80MB,ppl_increase<=15%%'; 0.3x = 0.3 times the baseline's value")
-    g.add_argument("--objective", default="decode_tokens_per_s:max,ppl_increase:min",
-                   help="metrics to optimize, metric:max|min, comma-separated (default decode_tokens_per_s:max,ppl_increase:min)")
+    g.add_argument("--objective", default=None,
+                   help="metrics to optimize, metric:max|min, comma-separated (default for a causal LM "
+                        "decode_tokens_per_s:max,ppl_increase:min; vit images_per_s:max,knn_accuracy:max; clip "
+                        "images_per_s:max,zero_shot_accuracy:max; diffusion models samples_per_s:max,ssim:max)")
     g.add_argument("--trials", type=int, default=24,
                    help="candidates to run, at least through the short quality pass (default 24); draws the predictor "
                         "rejects or finds invalid are recorded but not counted (at most 20 draws per trial)")
@@ -41,21 +43,34 @@ def build(a, protocol, calib_samples, calib_seqlen, calib_dataset="gensim-wiki")
     from .run import Search
     from .space import SearchSpace
 
+    from ..config import check_family, config_class
+    from ..models.family import family_of_name
+
+    family = family_of_name(a.model)
     require = [r for r in a.require.split(",") if r.strip()]
     if a.space:
         path = Path(a.space)
         if not path.is_file():
             raise LeanfmError(f"--space {a.space}: no such file; give a YAML search space (see docs/search.md)")
         space = SearchSpace.from_yaml(path.read_text(), str(path))
+        for m in space.dims:
+            check_family(config_class(m), family)
     else:
         names = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
-        space = SearchSpace.from_methods(names, require=require, seed=a.seed)
+        space = SearchSpace.from_methods(names, require=require, seed=a.seed, family=family)
     budget = parse_budget(a.budget) if a.budget.strip() else []
-    return Search(model=a.model, space=space, budget=budget, objectives=parse_objectives(a.objective), protocol=protocol,
+    objective = a.objective or DEFAULT_OBJECTIVES[family]
+    return Search(model=a.model, space=space, budget=budget, objectives=parse_objectives(objective), protocol=protocol,
                   out=Path(a.out), trials=a.trials, seed=a.seed, population=a.population, hardware=a.hardware,
                   store=Path(a.store) if a.store else None, screen_share=a.screen_share, executor=a.executor, workers=a.workers, address=a.address,
-                  budget_text=a.budget, objective_text=a.objective, calib_dataset=calib_dataset, calib_samples=calib_samples,
-                  calib_seqlen=calib_seqlen, warm_start=a.warm_start)
+                  budget_text=a.budget, objective_text=objective, calib_dataset=calib_dataset, calib_samples=calib_samples,
+                  calib_seqlen=calib_seqlen, warm_start=a.warm_start, family=family)
+
+
+# what a search optimizes when --objective is not given: speed in the family's unit and its quality
+DEFAULT_OBJECTIVES = {"causal-lm": "decode_tokens_per_s:max,ppl_increase:min", "vit": "images_per_s:max,knn_accuracy:max",
+                      "clip": "images_per_s:max,zero_shot_accuracy:max", "diffusion": "samples_per_s:max,ssim:max",
+                      "diffusion-pipeline": "samples_per_s:max,ssim:max"}
 
 
 def render(res: dict) -> str:
@@ -78,4 +93,4 @@ def render(res: dict) -> str:
 
 
 _SHOWN = {"bits", "group_size", "symmetric", "sparsity", "pattern", "fraction", "mlp_fraction", "param_ratio", "budget", "k",
-          "threshold", "alpha", "act_order"}
+          "threshold", "alpha", "act_order", "r", "keep_rate", "steps", "interval", "activations", "order", "ratio"}

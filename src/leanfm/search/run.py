@@ -21,6 +21,12 @@ One search, step by step:
 5. **Answer.** Trials whose full measurement meets every constraint are *feasible*; the Pareto
    set of the objectives over them is the result (``search.json``, and one recipe YAML per member
    under ``front/``, ready for ``leanfm compress``).
+
+Other model families (``vit``, ``clip``, ``diffusion``, ``diffusion-pipeline``): the space holds
+the methods that apply to the family; the LM predictor does not price them, so nothing is
+screened and there is no short pass (one stage, the full protocol); each trial is one ``bench``
+run of the baseline and the candidate side by side, since their quality (k-NN accuracy, PSNR of
+the samples...) and speed are measured against the baseline of the same run.
 """
 from __future__ import annotations
 
@@ -71,6 +77,11 @@ class Search:
     calib_samples: int | None = None
     calib_seqlen: int | None = None
     warm_start: str = "builtin"  # builtin: built-in recipes (and pairs) the space draws come first (.seeds); none
+    family: str = "causal-lm"  # the model's family (models/family.py); only causal LMs are screened and two-staged
+
+    @property
+    def lm(self) -> bool:
+        return self.family == "causal-lm"
 
     def validate(self) -> None:
         if not self.objectives:
@@ -126,7 +137,20 @@ def _model_path(model: str) -> str | None:
     return str(p) if p.exists() else None
 
 
-def _widths(model: str) -> dict[str, list[int]]:
+def _widths(model: str, family: str = "causal-lm") -> dict[str, list[int]]:
+    """Input widths of the model's linears that group sizes must divide (empty: not known from
+    the config alone; a group size that does not fit then fails that trial, with the reason)."""
+    if family in ("vit", "clip"):
+        from ..models.cache import build_cache
+        from ..models.family import vision_config
+        from ..models.registry import ALIASES
+
+        cfg = vision_config(build_cache(ALIASES[model]) if model in ALIASES else os.path.expanduser(model))
+        hidden = int(cfg["hidden_size"])
+        inter = int(cfg.get("intermediate_size") or hidden * float(cfg.get("mlp_ratio", 4)))  # DINOv2 gives a ratio
+        return {"in_features": sorted({hidden, inter})}
+    if family != "causal-lm":
+        return {}
     from ..predict.arch import load_arch
 
     a = load_arch(model)
@@ -162,9 +186,12 @@ class _Runner:
         hit = self.store.get(key)
         if hit is not None:
             return {**hit, "_cached": True, "_key": key}
-        base = self.baseline_dirs.get(stage)
-        res = bench(self.s.model, [recipe], proto, out, calib=self._calib(proto), reuse_baseline=base, overwrite=True,
-                    profile_path=None)
+        if not self.s.lm:  # quality and speed against the baseline of the same run, side by side
+            res = bench(self.s.model, [load_recipe("baseline"), recipe], proto, out, overwrite=True)
+        else:
+            base = self.baseline_dirs.get(stage)
+            res = bench(self.s.model, [recipe], proto, out, calib=self._calib(proto), reuse_baseline=base, overwrite=True,
+                        profile_path=None)
         run = res["runs"][-1]
         if run.get("status") == "error":
             raise LeanfmError(run.get("error", "measurement failed"))
@@ -181,7 +208,8 @@ class _Runner:
 
         proto = self.protocols[stage]
         progress.info(f"search: measuring the baseline under the stage-{stage} protocol")
-        res = bench(self.s.model, [load_recipe("baseline")], proto, out, calib=self._calib(proto), overwrite=True)
+        res = bench(self.s.model, [load_recipe("baseline")], proto, out, calib=self._calib(proto) if self.s.lm else None,
+                    overwrite=True)
         self.baseline_dirs[stage] = out
         return res["runs"][0]
 
@@ -193,7 +221,7 @@ def _check_reachable(s: Search, widths, base_pred: dict, samples: int = 300) -> 
     from ..space import RandomSampler
 
     predicted = [c for c in s.budget if c.metric in base_pred or c.metric in DERIVED]
-    if not predicted:
+    if not predicted or not s.lm:
         return
     best: dict[str, float] = {}
     for i in range(samples):
@@ -221,7 +249,6 @@ def run_search(s: Search) -> dict:
     from optuna.trial import TrialState
 
     from ..models.cache import cache_root
-    from ..predict.analyzer import predict
 
     s.validate()
     s.out.mkdir(parents=True, exist_ok=True)
@@ -232,8 +259,8 @@ def run_search(s: Search) -> dict:
     sid = make_search_id(mhash, {"space": space_desc, "require": list(s.space.require), "protocol": s.protocol.to_dict(),
                                  "population": s.population, "warm_start": s.warm_start},
                          [str(c) for c in s.budget], [str(o) for o in s.objectives], s.seed)
-    widths = _widths(s.model)
-    base_pred = predicted_metrics(predict(s.model, "baseline", s.hardware, s.protocol.batch, s.protocol.prompt, s.protocol.gen))
+    widths = _widths(s.model, s.family)
+    base_pred = _price(s, "baseline")
     _check_reachable(s, widths, base_pred)
 
     pool = None
@@ -243,7 +270,9 @@ def run_search(s: Search) -> dict:
         pool = RayPool(s.workers, s.protocol.threads, s.address)
     try:
         runner = _Runner(s, store, mhash, sid)
-        base_short, base_full = runner.baseline(1), runner.baseline(2)
+        if s.lm:  # other families have one stage: no short pass
+            runner.baseline(1)
+        base_full = runner.baseline(2)
         base_metrics = base_full["metrics"]
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -256,9 +285,7 @@ def run_search(s: Search) -> dict:
         if s.warm_start == "builtin":
             from .seeds import pick
 
-            seeds = pick(s.space, widths, lambda r: predicted_metrics(predict(s.model, r, s.hardware, s.protocol.batch, s.protocol.prompt,
-                                                                            s.protocol.gen), base_pred),
-                         s.budget, base_pred, limit=s.trials // 2)
+            seeds = pick(s.space, widths, lambda r: _price(s, r, base_pred), s.budget, base_pred, limit=s.trials // 2)
             for _, params in seeds:
                 study.enqueue_trial(params)
             if seeds:
@@ -299,11 +326,11 @@ def run_search(s: Search) -> dict:
                 for _, t in batch:
                     _measure(s, t, store, runner, sid, worker, base_pred, base_metrics)
                     measured.append(t)
-                    progress.info(f"search trial {slot[t.number]}/{s.trials}: {_line(t)}")
+                    progress.info(f"search trial {slot[t.number]}/{s.trials}: {_line(t, s.objectives)}")
             elif batch:
                 measured = pool.map([t for _, t in batch], (s, store.path, mhash, sid, base_pred, base_metrics, runner.baseline_dirs))
                 for t in measured:
-                    progress.info(f"search trial {slot[t.number]}/{s.trials}: {_line(t)}")
+                    progress.info(f"search trial {slot[t.number]}/{s.trials}: {_line(t, s.objectives)}")
             else:
                 measured = []
             trials.extend(measured)
@@ -331,12 +358,21 @@ def run_search(s: Search) -> dict:
 MAX_DRAWS_PER_TRIAL = 20  # invalid and rejected draws are nearly free, but a space that yields almost nothing else is a user error
 
 
+def _price(s: Search, recipe, base_pred: dict | None = None) -> dict:
+    """The predicted metrics of ``recipe`` (LeanfmError where the composition cannot run); empty
+    for a family the LM roofline does not price (nothing to screen by)."""
+    if not s.lm:
+        return {}
+    from ..predict.analyzer import predict
+
+    return predicted_metrics(predict(s.model, recipe, s.hardware, s.protocol.batch, s.protocol.prompt, s.protocol.gen),
+                             base_pred)
+
+
 def _draw(s: Search, ot, number: int, widths, base_pred: dict) -> Trial:
     """One candidate from the sampler, priced by the predictor; ``invalid`` when a config refuses
     the drawn values or the predictor finds the composition cannot run (a width a later step
     cannot pack), with the reason."""
-    from ..predict.analyzer import predict
-
     t = Trial(number, {})
     try:
         t.recipe = s.space.sample(ot, widths, name=f"t{number:03d}")
@@ -345,8 +381,7 @@ def _draw(s: Search, ot, number: int, widths, base_pred: dict) -> Trial:
     t.params = dict(ot.params)
     if t.recipe is not None:
         try:  # the baseline was priced, so an error here is the recipe's own
-            t.predicted = predicted_metrics(predict(s.model, t.recipe, s.hardware, s.protocol.batch, s.protocol.prompt,
-                                                    s.protocol.gen), base_pred)
+            t.predicted = _price(s, t.recipe, base_pred)
         except LeanfmError as e:
             t.status, t.reason = "invalid", f"predictor: {e}"
     return t
@@ -423,10 +458,14 @@ def _measure(s: Search, t: Trial, store: Store, runner: _Runner, sid: str, worke
         return
     try:
         out = s.out / "trials" / f"t{t.number:03d}"
-        r1 = runner.bench_one(t.recipe, 1, out / "stage1", t.number)
-        t.stage, t.metrics, t.cached = 1, r1["metrics"], r1["_cached"]
-        quality = [c for c in s.budget if METRICS[c.metric].group == "quality"]
-        missed = [c for c in quality if (c.violation(t.metrics, base_metrics) or 0) > s.stop_margin]
+        missed = []
+        if s.lm:  # the short quality pass (causal LMs: a share of the evaluation tokens)
+            r1 = runner.bench_one(t.recipe, 1, out / "stage1", t.number)
+            t.stage, t.metrics, t.cached = 1, r1["metrics"], r1["_cached"]
+            quality = [c for c in s.budget if METRICS[c.metric].group == "quality"]
+            missed = [c for c in quality if (c.violation(t.metrics, base_metrics) or 0) > s.stop_margin]
+        else:
+            t.cached = True  # and-ed with stage 2's below
         if missed:
             t.status, t.reason = "stopped", f"short quality pass: {missed[0].metric} {t.metrics.get(missed[0].metric):.4g} misses {missed[0]} by more than {s.stop_margin:.0%}"
             store.finish(sid, t.number, result=_result(t))  # its stage-1 run is already in the store
@@ -459,10 +498,11 @@ def _wait_finished(store: Store, sid: str, number: int, worker: str, poll_s: flo
         time.sleep(poll_s)
 
 
-def _line(t: Trial) -> str:
+def _line(t: Trial, objectives: list[Objective] = ()) -> str:
     head = f"{t.recipe.to_dict()['steps'] if t.recipe else t.params} -> {t.status}"
     if t.status == "measured":
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in t.metrics.items() if k in ("ppl_increase", "weight_bytes", "decode_tokens_per_s"))
+        keys = {"ppl_increase", "weight_bytes", "decode_tokens_per_s", *(o.metric for o in objectives)}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in t.metrics.items() if k in keys and isinstance(v, (int, float)))
         return f"{head} ({shown}{'; feasible' if t.feasible else '; misses the budget'}{'; cached' if t.cached else ''})"
     return f"{head}: {t.reason}" if t.reason else head
 

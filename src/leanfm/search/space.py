@@ -26,8 +26,10 @@ from ..recipe import Recipe, check_composition
 from ..space import Dim, ReplaySampler, Sampler, Unrepresentable, none_safe, applies, dim_from_data, inherit
 
 # what a step produces -> its place in a composed recipe (structure -> pruning -> low rank ->
-# quantization of the linears, then of the embedding table; policies beside the weights)
-ORDER = ("smaller-dense", "sparse-weights", "low-rank", "int-weights", "int-embeddings", "kv-policy", "decoding-policy")
+# quantization of the linears, then of the embedding table; policies beside the weights; for
+# image and diffusion models: an int8 graph, fewer tokens, then how the sampler runs)
+ORDER = ("smaller-dense", "sparse-weights", "low-rank", "int-weights", "int-embeddings", "int8-graph", "token-reduction",
+         "token-merging", "scheduler", "sampling-schedule", "feature-cache", "kv-policy", "decoding-policy")
 
 
 @dataclass
@@ -51,14 +53,21 @@ class SearchSpace:
             raise LeanfmError(f"require {missing}, but no method of the space produces it; add one to methods")
 
     @classmethod
-    def from_methods(cls, names: list[str] | None = None, require=(), seed: int = 0) -> "SearchSpace":
-        """All searchable methods, or just ``names`` (each must declare a search space)."""
-        searchable = {m: dict(config_class(m).search_space) for m in all_methods() if config_class(m).search_space}
+    def from_methods(cls, names: list[str] | None = None, require=(), seed: int = 0,
+                     family: str = "causal-lm") -> "SearchSpace":
+        """All searchable methods of the model ``family``, or just ``names`` (each must declare a
+        search space and apply to the family)."""
+        from ..config import check_family
+
+        searchable = {m: dict(config_class(m).search_space) for m in all_methods()
+                      if config_class(m).search_space and family in config_class(m).families}
         if names is None:
+            if not searchable:
+                raise LeanfmError(f"no method that applies to a {family} model declares a search space; nothing to search")
             return cls(searchable, tuple(require), seed)
         out = {}
         for n in names:
-            config_class(n)  # unknown method: the registry's one-line error with the known names
+            check_family(config_class(n), family)  # unknown method: the registry's one-line error with the known names
             if n not in searchable:
                 raise LeanfmError(f"method {n} declares no search space; searchable methods: {', '.join(sorted(searchable))}")
             out[n] = searchable[n]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from ...config import BaseConfig
 from ...errors import LeanfmError
+from ...space import Choice
 
 
 def _whole(v) -> bool:
@@ -50,6 +51,7 @@ class SamplingStepsConfig(_DenoiserEffect, BaseConfig):
     families = ("diffusion", "diffusion-pipeline")
     handler = "leanfm.methods.diffusion.apply:apply_steps"
     produces = "sampling-schedule"
+    search_space = {"steps": Choice(1, 2, 4, 8)}
 
     steps: int = 1
 
@@ -75,6 +77,7 @@ class DeepCacheConfig(_DenoiserEffect, BaseConfig):
     families = ("diffusion", "diffusion-pipeline")
     handler = "leanfm.methods.diffusion.apply:apply_deepcache"
     produces = "feature-cache"
+    search_space = {"interval": Choice(2, 3)}
 
     interval: int = 2
 
@@ -104,6 +107,7 @@ class OnnxInt8Config(_DenoiserEffect, BaseConfig):
     families = ("diffusion",)
     handler = "leanfm.methods.diffusion.apply:apply_int8"
     produces = "int8-graph"
+    search_space = {"activations": Choice(False, True)}
 
     activations: bool = False
     calib_seeds: int = 8
@@ -128,7 +132,8 @@ class DpmSolverConfig(_DenoiserEffect, BaseConfig):
     method = "dpm-solver"
     families = ("diffusion-pipeline",)
     handler = "leanfm.methods.diffusion.apply:apply_dpm_solver"
-    produces = "sampling-schedule"
+    produces = "scheduler"
+    search_space = {"order": Choice(1, 2, 3)}
 
     order: int = 2
     algorithm: str = "dpmsolver++"
@@ -158,6 +163,7 @@ class TomeUnetConfig(_DenoiserEffect, BaseConfig):
     families = ("diffusion-pipeline",)
     handler = "leanfm.methods.diffusion.apply:apply_tome_unet"
     produces = "token-merging"
+    search_space = {"ratio": Choice(0.3, 0.5, 0.7)}
 
     ratio: float = 0.5
     max_downsample: int = 1

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ...config import BaseConfig
 from ...errors import LeanfmError
+from ...space import Choice
 
 
 def merge_schedule(tokens: int, blocks: int, r: int) -> list[int]:
@@ -46,6 +47,7 @@ class ToMeConfig(BaseConfig):
     families = ("vit", "clip")
     handler = "leanfm.methods.vision.tome:apply_tome_step"
     produces = "token-reduction"
+    search_space = {"r": Choice(4, 8, 12, 16)}
 
     r: int = 8
     image_size: int = 224
@@ -85,6 +87,7 @@ class TokenPruneConfig(BaseConfig):
     families = ("vit", "clip")
     handler = "leanfm.methods.vision.prune_tokens:apply_token_prune_step"
     produces = "token-reduction"
+    search_space = {"keep_rate": Choice(0.5, 0.7, 0.9)}
 
     keep_rate: float = 0.7
     layers: tuple[int, ...] = (3, 6, 9)
