@@ -24,7 +24,7 @@ def test_every_method_declares_known_families_and_vit_has_its_own():
         assert fams and set(fams) <= set(FAMILIES), (m, fams)
     vit = methods_for("vit")
     assert {"tome", "rtn", "hqq", "magnitude"} <= set(vit)
-    assert "gptq" not in vit and "tome" not in methods_for("causal-lm")
+    assert {"gptq", "wanda", "sparsegpt"} <= set(vit) and "awq" not in vit and "tome" not in methods_for("causal-lm")
     assert config_class("tome").describe()["families"] == ["vit", "clip"]
     assert {"tome", "rtn", "hqq", "magnitude"} <= set(methods_for("clip"))
 
@@ -40,7 +40,7 @@ def test_a_method_of_another_family_is_refused_in_one_line_naming_the_family_and
     from .conftest import tiny_llama
 
     with pytest.raises(LeanfmError) as e:
-        leanfm.apply_(tiny_dinov2(), {"method": "gptq", "bits": 4})
+        leanfm.apply_(tiny_dinov2(), {"method": "awq", "bits": 4})
     msg = str(e.value)
     assert "\n" not in msg and "vit model" in msg and "methods for vit models:" in msg and "tome" in msg and "rtn" in msg
     with pytest.raises(LeanfmError, match="'tome' does not apply to a causal-lm model"):
@@ -138,7 +138,8 @@ def test_bench_measures_a_vision_model_into_the_results_schema(vit_dir, fashion_
 
 @pytest.mark.parametrize("extra,needles", [
     (["--image-size", "30"], ["--image-size 30 is not a multiple of the model's patch size 4", "use 28 or 32"]),
-    (["--recipe", "gptq-w4"], ["recipe gptq-w4: method 'gptq' does not apply to a vit model", "methods for vit models:", "tome"]),
+    (["--recipe", "awq-w4g64"], ["recipe awq-w4g64: method 'awq' does not apply to a vit model", "methods for vit models:",
+                                 "tome", "gptq"]),
     (["--recipe", "@tome30"], ["recipe tome30:", "ToMe r=30 merges more tokens than block 0 has left (50 of 50 tokens at 28x28)",
                                "use r <= "]),
     (["--recipe", "tome-r8"], ["tome is checked for 224x224 images but --image-size is 28"]),
@@ -175,11 +176,46 @@ def test_the_vit_predictor_prices_an_image_as_the_prefill_of_its_tokens():
         predict_vit(cfg, "local", 8, 230)
 
 
-def test_compress_refuses_a_vision_model_in_one_line_naming_its_family(vit_dir, tmp_path, capsys):
-    code, _, err = run_cli(["compress", "--model", str(vit_dir), "--recipe", "rtn-w8", "--out", str(tmp_path / "ck")], capsys)
-    assert_one_line_error(code, err, "leanfm compress writes causal-LM checkpoints and denoiser folders", "is a vit model",
-                          "leanfm bench --model")
-    assert not (tmp_path / "ck").exists()
+@pytest.mark.parametrize("recipe", ["rtn-w8", "@hqq-w4g16", "magnitude50", "@gptq-w4g16"])
+def test_compress_writes_a_vit_checkpoint_that_loads_back_with_its_weights(vit_dir, fashion_dir, tmp_path, capsys, recipe):
+    import leanfm
+    from leanfm.data.images import calibration_images
+    from leanfm.kernels.qlinear import QuantLinear
+
+    if recipe.startswith("@"):  # the tiny ViT is 32 wide: groups of 16
+        method = recipe[1:].split("-")[0]
+        path = tmp_path / f"{recipe[1:]}.yaml"
+        path.write_text(f"name: {recipe[1:]}\nseed: 0\nsteps:\n  - {{method: {method}, bits: 4, group_size: 16}}\n")
+        recipe = str(path)
+    code, out, err = run_cli(["compress", "--model", str(vit_dir), "--recipe", recipe, "--out", str(tmp_path / "ck"),
+                              "--threads", "1", "--data-dir", str(fashion_dir)], capsys)
+    assert code == 0, err
+    assert "saved " in out and (tmp_path / "ck" / "recipe.yaml").is_file()
+    ref, _ = leanfm.load(str(vit_dir))
+    calib = calibration_images(8, 28, 0, fashion_dir) if "gptq" in recipe else None  # what compress calibrated on
+    leanfm.apply_(ref, recipe, calib=calib)  # the same recipe in memory
+    back, tok = leanfm.load(str(tmp_path / "ck"))
+    assert tok is None and back.leanfm_info["family"] == "vit" and type(back).__name__ == type(ref).__name__
+    assert any(isinstance(m, QuantLinear) for m in back.modules()) == (recipe != "magnitude50")  # pruned: dense zeros
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(back(pixel_values=x).last_hidden_state, ref(pixel_values=x).last_hidden_state,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_compress_says_token_reduction_is_not_in_the_weights_and_refuses_other_families(vit_dir, tmp_path, capsys):
+    steps = tmp_path / "tome-rtn.yaml"
+    steps.write_text("name: tr\nseed: 0\nsteps:\n  - {method: rtn, bits: 8}\n  - {method: tome, r: 2, image_size: 28}\n")
+    code, out, err = run_cli(["compress", "--model", str(vit_dir), "--recipe", str(steps), "--out", str(tmp_path / "ck")],
+                             capsys)
+    assert code == 0, err
+    assert "not in the weights: tome" in out
+    code, _, err = run_cli(["compress", "--model", str(vit_dir), "--recipe", "rtn-w8", "--format", "gguf",
+                            "--out", str(tmp_path / "g")], capsys)
+    assert_one_line_error(code, err, "a ViT is written in leanfm's own format; --format gguf is for causal LMs")
+    code, _, err = run_cli(["compress", "--model", str(vit_dir), "--recipe", "awq-w4g64", "--out", str(tmp_path / "q")], capsys)
+    assert_one_line_error(code, err, "method 'awq' does not apply to a vit model")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "q").exists()
 
 
 def test_predict_prices_a_vit_folder_per_image_and_tome_shrinks_it(vit_dir, tmp_path, capsys):
@@ -198,3 +234,40 @@ def test_predict_prices_a_vit_folder_per_image_and_tome_shrinks_it(vit_dir, tmp_
     assert merged["tokens_per_block"] == [50, 48, 46] and merged["ms_per_image"] < base["ms_per_image"]
     code, _, err = run_cli(["predict", "--model", str(vit_dir), "--image-size", "30"], capsys)
     assert_one_line_error(code, err, "not a multiple of the patch size 4")
+
+
+def test_gptq_calibrated_on_images_beats_rtn_on_a_vit_and_the_calibrated_pruners_run():
+    """The LLM's calibrated methods on a ViT's linears: the layer stack is the encoder's blocks, the
+    calibration set is images; GPTQ's output error is below RTN's on the same grid."""
+    torch.manual_seed(0)
+    calib, x = torch.randn(16, 3, 28, 28), torch.randn(8, 3, 28, 28)
+    ref = tiny_dinov2()
+    with torch.no_grad():
+        want = ref(pixel_values=x).last_hidden_state
+    err = {}
+    for method in ("rtn", "gptq"):
+        m = tiny_dinov2()
+        leanfm.apply_(m, {"method": method, "bits": 3, "group_size": 16, "symmetric": False}, calib=calib)
+        with torch.no_grad():
+            err[method] = float((m(pixel_values=x).last_hidden_state - want).pow(2).mean())
+    assert err["gptq"] < 0.8 * err["rtn"], err
+    assert m.leanfm_info["steps"][-1]["calibration_images"] == 16
+    for method in ("wanda", "sparsegpt"):
+        m = tiny_dinov2()
+        leanfm.apply_(m, {"method": method, "sparsity": 0.5}, calib=calib)
+        w = m.encoder.layer[0].mlp.fc1.weight
+        assert 0.45 < float((w == 0).float().mean()) < 0.55
+    with pytest.raises(LeanfmError, match="gptq needs calibration data"):
+        leanfm.apply_(tiny_dinov2(), {"method": "gptq", "bits": 4})
+
+
+def test_bench_calibrates_gptq_on_train_images_and_records_it(vit_dir, fashion_dir, tmp_path, capsys):
+    gptq = tmp_path / "gptq4.yaml"
+    gptq.write_text("name: gptq4\nseed: 0\nsteps:\n  - {method: gptq, bits: 4, group_size: 16}\n")
+    code, _, err = run_cli(_bench_args(vit_dir, fashion_dir, tmp_path / "run", "--recipe", "baseline", "--recipe", str(gptq)),
+                           capsys)
+    assert code == 0, err
+    base, q = json.loads((tmp_path / "run" / "results.json").read_text())["runs"]
+    assert base["calibration"] is None
+    assert q["calibration"] == {"dataset": "fashion-mnist train", "images": 80, "seed": 1000, "image_size": 28}
+    assert q["metrics"]["weight_bytes"] < base["metrics"]["weight_bytes"] and q["metrics"]["feature_cosine"] > 0.9

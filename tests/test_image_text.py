@@ -156,3 +156,28 @@ def test_bench_refuses_a_method_of_another_family_on_an_image_text_model(dual_di
     code, _, err = run_cli(["bench", "--model", str(dual_dir), "--data-dir", str(fashion_dir), "--image-size", "28",
                             "--out", str(tmp_path / "run"), "--recipe", "gptq-w4"], capsys)
     assert_one_line_error(code, err, "method 'gptq' does not apply to a clip model", "methods for clip models:", "tome")
+
+
+@pytest.mark.parametrize("model_dir,recipe", [("dual_dir", "rtn-w8-text"), ("dual_dir", "hqq-w4g64-text"),
+                                              ("dual_dir", "rtn-w8"), ("clip_dir", "rtn-w8")])
+def test_compress_writes_an_image_text_model_that_loads_back_with_its_packed_towers(model_dir, recipe, request, tmp_path,
+                                                                                    capsys):
+    import leanfm
+    from leanfm.kernels.qlinear import QuantLinear
+
+    d = request.getfixturevalue(model_dir)
+    code, out, err = run_cli(["compress", "--model", str(d), "--recipe", recipe, "--out", str(tmp_path / "ck"),
+                              "--threads", "1"], capsys)
+    assert code == 0, err
+    ref, tok = leanfm.load(str(d))
+    leanfm.apply_(ref, recipe)
+    back, tok2 = leanfm.load(str(tmp_path / "ck"))
+    assert back.leanfm_info["family"] == "clip" and (tok is None) == (tok2 is None)
+    text_packed = any(isinstance(m, QuantLinear) for m in back.text_model.modules())
+    image_packed = any(isinstance(m, QuantLinear) for m in back.vision_model.modules())
+    assert text_packed and image_packed == (recipe == "rtn-w8")
+    x, ids = torch.randn(2, 3, 28, 28), torch.randint(3, 30, (2, 5))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(back.get_image_features(x), ref.get_image_features(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(back.get_text_features(ids, mask), ref.get_text_features(ids, mask), rtol=1e-4, atol=1e-4)

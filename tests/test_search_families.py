@@ -34,7 +34,7 @@ def test_the_space_of_a_family_holds_its_searchable_methods_only():
     for family, expected in [("diffusion", {"deepcache", "onnx-int8", "sampling-steps"}),
                              ("diffusion-pipeline", {"deepcache", "dpm-solver", "hqq", "magnitude", "rtn", "sampling-steps",
                                                      "tome-unet"}),
-                             ("vit", {"hqq", "magnitude", "rtn", "tome", "token-prune"})]:
+                             ("vit", {"gptq", "hqq", "magnitude", "rtn", "sparsegpt", "tome", "token-prune", "wanda"})]:
         assert set(SearchSpace.from_methods(family=family).dims) == expected, family
     assert "gptq" in SearchSpace.from_methods().dims and "tome" not in SearchSpace.from_methods().dims
 

@@ -10,6 +10,8 @@ ImageNet-normalised. Features: the class token of the final LayerNorm. Quality: 
 mean cosine of each test image's features to the first recipe's (the baseline). Speed: one
 batch of ``batch`` test images (at least 8) through each recipe's model, interleaved over the
 recipes round by round (one warm-up round, ``repeats`` recorded), images/s from the median.
+The calibrated methods (GPTQ, Wanda, SparseGPT) calibrate on ``CALIB_PER_CLASS`` images per class
+drawn from the train file with the recipe seed + 1000 (``data.images.calibration_images``).
 
 On an image-text dual encoder (family ``clip``: ``lit-fmnist``, a ``CLIPModel`` folder) the
 same run measures zero-shot accuracy instead (``measure/zero_shot.py``): the ``test_per_class``
@@ -29,7 +31,7 @@ import torch
 from . import progress
 from .api import apply_, load
 from .config import check_family
-from .data.images import fixed_split, load_fashion_mnist, to_pixels
+from .data.images import calibration_images, fixed_split, load_fashion_mnist, to_pixels
 from .errors import LeanfmError
 from .measure.memory import model_size_on_disk_bytes, weight_bytes
 from .measure.protocol import Protocol
@@ -42,6 +44,7 @@ from .recipe import Recipe
 from .results import add_relative_metrics, start_results, write
 
 SPEED_BATCH_MIN = 8
+CALIB_PER_CLASS = 8  # calibration images per class for GPTQ/Wanda/SparseGPT on a ViT: 80 images, ~20k tokens at 224
 
 
 def check_vision(path: str, recipes: list[Recipe], protocol: Protocol, family: str = "vit") -> dict:
@@ -113,13 +116,18 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
                 step.check_model(first)
             except LeanfmError as e:
                 raise LeanfmError(f"recipe {r.name}: {e}") from None
-    runs, models, ref = [], [], None
+    runs, models, ref, calib = [], [], None, None
     for i, r in enumerate(recipes):
         model = first if i == 0 else load(model_name)[0]
         t0 = time.perf_counter()
         torch.manual_seed(r.seed)
-        apply_(model, r)
-        run = {"id": i, "model": model_name, "recipe": r.to_dict(), "status": "ok", "calibration": None,
+        calibrated = any(getattr(s, "needs_calibration", False) for s in r.steps)
+        if calibrated and calib is None:  # GPTQ, Wanda, SparseGPT on a ViT: images from the train file
+            calib = calibration_images(CALIB_PER_CLASS, protocol.image_size, seed, protocol.data_dir)
+        apply_(model, r, calib=calib if calibrated else None)
+        run = {"id": i, "model": model_name, "recipe": r.to_dict(), "status": "ok",
+               "calibration": {"dataset": "fashion-mnist train", "images": int(calib.shape[0]), "seed": seed + 1000,
+                               "image_size": protocol.image_size} if calibrated else None,
                "apply_seconds": round(time.perf_counter() - t0, 3), "metrics": {}, "details": {"protocol": "vit"},
                "flags": flags(model), "family": family}
         m = run["metrics"]

@@ -287,10 +287,12 @@ def cmd_compress(a) -> int:
     family = family_of_name(a.model)
     if family == "diffusion":
         return _compress_denoiser(a)
+    if family in ("vit", "clip"):
+        return _compress_vision(a, family)
     if family != "causal-lm":
-        raise LeanfmError(f"leanfm compress writes causal-LM checkpoints and denoiser folders; {a.model} is a {family} model: "
-                          f"measure a recipe on it with leanfm bench --model {a.model} --recipe NAME, or apply it in Python "
-                          "(leanfm.apply_) and save_pretrained")
+        raise LeanfmError(f"leanfm compress writes causal-LM, ViT and image-text checkpoints and denoiser folders; {a.model} "
+                          f"is a {family} model: measure a recipe on it with leanfm bench --model {a.model} --recipe NAME, "
+                          "or apply it in Python (leanfm.apply_)")
     recipe = load_recipe(a.recipe)
     out = Path(a.out)
     check_checkpoint_target(out, a.overwrite)  # before any work: nothing is lost to a refused --out
@@ -338,6 +340,57 @@ def cmd_compress(a) -> int:
     print(f"saved {recipe.name} of {a.model} to {out} ({a.format}, {size / 1e6:.1f} MB of tensors)"
           + (" (simulated: weights are fake-quantized fp32, same size as the original)" if simulated else "")
           + f"; peak RSS {peak / 1e9:.2f} GB (planned {mem['planned'] / 1e9:.2f} GB, {'onloaded' if onload else 'in memory'})")
+    return 0
+
+
+def _compress_vision(a, family: str) -> int:
+    """``leanfm compress`` on a ViT or an image-text dual encoder: the recipe's weight steps written
+    as a checkpoint that ``leanfm.load`` (and ``leanfm bench``) read back: packed int layers in
+    leanfm's format, else a plain Hugging Face folder (a dual encoder: each tower so, in its own
+    folder). Token reduction (tome, token-prune) changes how the model runs, not its weights: it
+    is kept in recipe.yaml and said so, to be applied again after loading."""
+    import torch
+
+    from .api import apply_, load
+    from .config import check_family
+    from .models.checkpoint import check_checkpoint_target, partial_folder, save_checkpoint
+    from .recipe import load_recipe
+
+    if a.format != "leanfm":
+        raise LeanfmError(f"a {'ViT' if family == 'vit' else 'dual encoder'} is written in leanfm's own format; --format "
+                          f"{a.format} is for causal LMs (drop --format)")
+    recipe = load_recipe(a.recipe)
+    for step in recipe.steps:
+        check_family(step, family)
+    out = Path(a.out)
+    check_checkpoint_target(out, a.overwrite)
+    torch.set_num_threads(a.threads)
+    model, tok = load(a.model)
+    calib = None
+    if any(s.needs_calibration for s in recipe.steps):  # GPTQ, Wanda, SparseGPT: images, as leanfm bench draws them
+        from .bench_vision import CALIB_PER_CLASS
+        from .data.images import calibration_images
+
+        calib = calibration_images(CALIB_PER_CLASS, int(model.config.image_size), recipe.seed, getattr(a, "data_dir", None))
+    apply_(model, recipe, calib=calib)
+    from .models.dual_encoder import DualEncoder
+
+    if not isinstance(model, DualEncoder):  # a ViT, a transformers CLIPModel (with its tokenizer): one model folder
+        save_checkpoint(model, out, tok, "leanfm", source=f"recipe {recipe.name}", overwrite=a.overwrite,
+                        extra_files={"recipe.yaml": recipe.to_yaml()})
+    else:
+        from .models.dual_encoder import tokenizer_folder
+
+        with partial_folder(out, a.overwrite) as tmp:
+            model.save_pretrained(tmp)
+            if tok is not None:
+                tok.save_pretrained(str(tokenizer_folder(tmp)))
+            (Path(tmp) / "recipe.yaml").write_text(recipe.to_yaml())
+    runtime = [s.method for s in recipe.steps if s.produces == "token-reduction"]
+    size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    print(f"saved {recipe.name} of {a.model} to {out} (leanfm, {size / 1e6:.1f} MB of tensors)"
+          + (f"; not in the weights: {', '.join(runtime)} (token reduction runs at inference: apply it again after "
+             "leanfm.load, see recipe.yaml)" if runtime else ""))
     return 0
 
 

@@ -85,3 +85,13 @@ def to_pixels(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     x = x.expand(-1, 3, -1, -1)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+def calibration_images(per_class: int = 8, size: int = 224, seed: int = 0,
+                       data_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """Pixels ``[10 * per_class, 3, size, size]`` for the calibrated methods on a ViT (GPTQ, Wanda,
+    SparseGPT): a class-balanced draw from the Fashion-MNIST *train* file with its own seed
+    (``seed + 1000``), never the test images the quality protocol scores."""
+    images, labels = load_fashion_mnist("train", data_dir)
+    return to_pixels(images[fixed_split(labels, per_class, seed=seed + 1000)], size)
+

@@ -211,8 +211,34 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).exists()
 
 
-def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
-    """Rebuild the model from its config, install QuantLinear layers, load the tensors.
+def rebuild_linear(name: str, spec: dict, take, has, shape: tuple[int, ...], backend: str | None = None,
+                   embedding: bool = False) -> nn.Module:
+    """The packed layer ``name`` of a manifest entry ``spec``: its ``QuantLinear`` (on the backend
+    recorded when this machine runs it, else ``auto``; wrapped in ``ActQuant`` for SmoothQuant's
+    activations). ``take(tensor_name)`` reads a stored tensor (KeyError when absent), ``has`` says
+    whether one is stored, ``shape`` is the ``[out, in]`` the model expects (ValueError otherwise)."""
+    qw = QuantizedWeight(
+        packing.unpack_codes(take(f"{name}.qweight"), spec["bits"]),
+        take(f"{name}.scale"), take(f"{name}.zero").float(), spec["bits"], spec["group_size"],
+    )
+    if tuple(qw.codes.shape) != (spec["out_features"], spec["in_features"]) or tuple(shape) != tuple(qw.codes.shape):
+        raise ValueError(f"codes {tuple(qw.codes.shape)}, layer {tuple(shape)}")
+    bias = take(f"{name}.bias") if has(f"{name}.bias") else None
+    be = backend or spec.get("backend") or "auto"
+    layout = backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"])
+    if be not in backends.BACKENDS or backends.BACKENDS[be].unsupported(layout, is_symmetric(qw)):
+        be = "auto"
+    if embedding and be not in ROW_LOCAL:
+        be = "auto"
+    if embedding and be == "auto":
+        be = backends.auto(layout, is_symmetric(qw), row_local=True).name
+    layer = QuantLinear(qw, bias, be)
+    return ActQuant(layer, spec["act_bits"]) if spec.get("act_bits") else layer
+
+
+def load_quantized(path: str | Path, backend: str | None = None, bare: bool = False) -> nn.Module:
+    """Rebuild the model from its config (``bare``: without an LM head, as ``AutoModel`` builds a
+    ViT), install QuantLinear layers, load the tensors.
 
     The model is built with its parameters on the meta device and each tensor is read from the
     files into its own memory once (one file or a sharded folder), so loading needs about the
@@ -229,7 +255,7 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
         raise LeanfmError(f"checkpoint {path} has no model.safetensors; the checkpoint is incomplete: {REWRITE_HINT}")
     index = TensorIndex(path)  # every file's header checked before the (slower) model build
     config = AutoConfig.from_pretrained(str(path))
-    model = skeleton(config)
+    model = skeleton(config, bare)
     fix = f"the checkpoint is damaged: {REWRITE_HINT}"
     used: set[str] = set()
 
@@ -251,32 +277,12 @@ def load_quantized(path: str | Path, backend: str | None = None) -> nn.Module:
                 raise LeanfmError(f"{path / MANIFEST} names embedding '{name}', which is a {type(old).__name__}, not an embedding; {fix}")
             raise LeanfmError(f"{path / MANIFEST} names layer '{name}', which is a {type(old).__name__}, not a linear layer; {fix}")
         try:
-            qw = QuantizedWeight(
-                packing.unpack_codes(take(f"{name}.qweight"), spec["bits"]),
-                take(f"{name}.scale"), take(f"{name}.zero").float(), spec["bits"], spec["group_size"],
-            )
-            if tuple(qw.codes.shape) != (spec["out_features"], spec["in_features"]) or tuple(old.weight.shape) != tuple(qw.codes.shape):
-                raise ValueError(f"codes {tuple(qw.codes.shape)}, layer {tuple(old.weight.shape)}")
-            bias = take(f"{name}.bias") if f"{name}.bias" in index else None
-            be = backend or spec.get("backend") or "auto"
-            if be not in backends.BACKENDS or backends.BACKENDS[be].unsupported(
-                backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]), is_symmetric(qw)
-            ):
-                be = "auto"
-            if embedding and be not in ROW_LOCAL:
-                be = "auto"
-            if embedding and be == "auto":
-                be = backends.auto(backends.Layout(qw.bits, qw.group_size, spec["in_features"], spec["out_features"]),
-                                   is_symmetric(qw), row_local=True).name
-            layer = QuantLinear(qw, bias, be)
-            del qw
+            layer = rebuild_linear(name, spec, take, lambda n: n in index, tuple(old.weight.shape), backend, embedding)
         except KeyError as e:
             raise LeanfmError(f"quantized checkpoint {path} lacks tensor {e.args[0]}; the file is incomplete: {REWRITE_HINT}") from None
         except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
             raise LeanfmError(f"{path / 'model.safetensors'}: the tensors of layer '{name}' do not match its entry in {MANIFEST} "
                               f"(bits {spec['bits']}, group_size {spec['group_size']}: {' '.join(str(e).split())[:160]}); {fix}") from None
-        if spec.get("act_bits"):
-            layer = ActQuant(layer, spec["act_bits"])
         if embedding:
             scale = getattr(old, "embed_scale", None)
             set_module(model, name, QuantEmbedding(layer, None if scale is None else float(scale), old.padding_idx))
@@ -318,7 +324,10 @@ def _compact_input_embedding(model: nn.Module, config, man: dict, index, used: s
     49k vocabulary, which an int4 7B needs to stay within 6 GB in ``leanfm eval``. A tied table
     (the head's weight too) stays fp32: the head's GEMM runs in fp32. Read first, while little
     else is in memory."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # a model of two towers (CLIPModel) has no one input table
+        emb = None
     if type(emb) is not nn.Embedding or getattr(config, "tie_word_embeddings", False):
         return {}
     key = next((n + ".weight" for n, m in model.named_modules() if m is emb), None)

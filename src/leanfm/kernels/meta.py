@@ -30,12 +30,13 @@ def params_on_meta():
         nn.Module.register_parameter = register
 
 
-def skeleton(config) -> nn.Module:
-    """The causal LM of ``config`` with its parameters on the meta device, in eval mode."""
-    from transformers import AutoModelForCausalLM
+def skeleton(config, bare: bool = False) -> nn.Module:
+    """The causal LM of ``config`` (``bare``: the model without a head, e.g. a ViT encoder) with
+    its parameters on the meta device, in eval mode."""
+    from transformers import AutoModel, AutoModelForCausalLM
 
     with params_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = (AutoModel if bare else AutoModelForCausalLM).from_config(config, dtype=torch.float32)
     return model.eval()
 
 

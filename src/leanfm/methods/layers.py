@@ -8,6 +8,9 @@ length matches ``config.num_hidden_layers``), without per-family code.
 through the embeddings once; then, layer by layer, the algorithm observes the layer's inputs
 (through hooks), changes the layer, and the layer's outputs *after* the change become the next
 layer's inputs. Only one layer's inputs and outputs are held at a time.
+
+The calibration batch is token ids ``[n, seqlen]`` for a language model, or images
+``[n, 3, H, W]`` (``pixel_values``) for a vision transformer, whose encoder blocks are the stack.
 """
 from __future__ import annotations
 
@@ -41,12 +44,16 @@ def _first_out(out):
 
 
 class LayerwiseRunner:
-    """Feeds calibration ids ``[n, seqlen]`` through the decoder one layer at a time."""
+    """Feeds calibration ids ``[n, seqlen]`` (or images ``[n, 3, H, W]``) through the layer stack
+    one layer at a time."""
 
     def __init__(self, model: nn.Module, ids: torch.Tensor):
-        if ids.dim() != 2 or ids.shape[0] < 1:
-            raise LeanfmError("calibration must be a [n_samples, seqlen] tensor with at least one sample")
+        if ids.dim() not in (2, 4) or ids.shape[0] < 1:
+            raise LeanfmError("calibration must be token ids [n_samples, seqlen] or images [n_samples, 3, H, W] with at "
+                              "least one sample")
         self.model, self.ids = model, ids
+        self.images = ids.dim() == 4
+        self.layer_kw = {} if self.images else {"use_cache": False}
         self.layers = decoder_layers(model)
         self.stream = getattr(model, "leanfm_stream", None)
         self.kwargs = self._layer_kwargs()
@@ -78,7 +85,7 @@ class LayerwiseRunner:
         for layer in self.layers:
             layer.forward = passthrough
         try:
-            self.model(input_ids=self.ids[:1], use_cache=False)
+            self._forward(self.ids[:1])
         except _Stop:
             pass
         finally:
@@ -103,7 +110,7 @@ class LayerwiseRunner:
         try:
             for i in range(self.ids.shape[0]):
                 try:
-                    self.model(input_ids=self.ids[i : i + 1], use_cache=False)
+                    self._forward(self.ids[i : i + 1])
                 except _Stop:
                     pass
                 x = store.pop()
@@ -113,6 +120,9 @@ class LayerwiseRunner:
         finally:
             h.remove()
         return hidden
+
+    def _forward(self, sample: torch.Tensor):
+        return self.model(pixel_values=sample) if self.images else self.model(input_ids=sample, use_cache=False)
 
     def _new(self, shape: tuple[int, ...], dtype: torch.dtype):
         """Room for one layer's inputs or outputs of every sample: in memory, or in a file when an
@@ -131,7 +141,7 @@ class LayerwiseRunner:
         layer = self.layers[i]
         outs = self._new(tuple(self.hidden.shape), self.hidden.dtype)
         for s in range(self.hidden.shape[0]):
-            outs[s : s + 1] = _first_out(layer(self.hidden[s : s + 1], use_cache=False, **self.kwargs[i]))
+            outs[s : s + 1] = _first_out(layer(self.hidden[s : s + 1], **self.layer_kw, **self.kwargs[i]))
         return outs
 
     def run_layer_with_hooks(self, i: int, hooks: dict[nn.Module, Callable]) -> None:
@@ -188,7 +198,7 @@ class LayerwiseRunner:
             h = lin.register_forward_hook(lambda m, a, o: grab.update(x=a[0].detach()))  # returns None: output untouched
             try:
                 with torch.no_grad():
-                    self.layers[i](self.hidden[:1], use_cache=False, **self.kwargs[i])
+                    self.layers[i](self.hidden[:1], **self.layer_kw, **self.kwargs[i])
             finally:
                 h.remove()
             return grab["x"].reshape(-1, grab["x"].shape[-1])

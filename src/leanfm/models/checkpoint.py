@@ -249,7 +249,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, family
     ``family``: a causal LM loads with its LM head; the other families as the bare model
     (``AutoModel``: a ViT's or CLIP's encoders)."""
     if is_quantized_checkpoint(path):
-        return load_quantized(path)
+        return load_quantized(path, bare=family != "causal-lm")
     if is_lowrank_checkpoint(path):  # factorized linears: rebuild them before loading
         return load_lowrank(path)
     from safetensors import SafetensorError

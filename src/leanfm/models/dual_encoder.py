@@ -16,7 +16,8 @@ It has ``get_image_features`` / ``get_text_features`` like transformers' ``CLIPM
 zero-shot protocol (``measure/zero_shot.py``) runs on either. Saved as a folder: ``config.json``
 (``model_type: leanfm-dual-encoder``, the projection size, the prompts it was trained and is
 evaluated with), ``vision_model/`` and ``text_model/`` (plain Hugging Face folders any
-``AutoModel`` loads; the tokenizer is in ``text_model/``), and ``projections.safetensors``.
+``AutoModel`` loads, or leanfm's packed format for a tower ``leanfm compress`` quantized; the
+tokenizer is in ``text_model/``), and ``projections.safetensors``.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ..errors import LeanfmError
 
 MODEL_TYPE = "leanfm-dual-encoder"
 PROJECTIONS = "projections.safetensors"
+PACKED_PROJECTIONS = "projections.quant.json"  # manifest entries of projections a method packed
 
 
 class DualEncoderConfig:
@@ -96,12 +98,29 @@ class DualEncoder(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.vision_model.save_pretrained(str(folder / "vision_model"))
-        self.text_model.save_pretrained(str(folder / "text_model"))
-        save_file({"visual_projection.weight": self.visual_projection.weight.detach().contiguous(),
-                   "text_projection.weight": self.text_projection.weight.detach().contiguous(),
-                   "logit_scale": self.logit_scale.detach().reshape(1)}, str(folder / PROJECTIONS))
+        from ..kernels.checkpoint import module_tensors
+
+        _save_tower(self.vision_model, folder / "vision_model")
+        _save_tower(self.text_model, folder / "text_model")
+        # the projections as they are: fp32 weights, or a packed layer's codes and scales (with
+        # their manifest entries beside them) when a method quantized them too
+        heads = nn.ModuleDict({"visual_projection": self.visual_projection, "text_projection": self.text_projection})
+        tensors, packed = module_tensors(heads)
+        save_file({**tensors, "logit_scale": self.logit_scale.detach().reshape(1)}, str(folder / PROJECTIONS))
+        if packed:
+            (folder / PACKED_PROJECTIONS).write_text(json.dumps(packed, indent=1))
         self.config.save_pretrained(folder)
+
+
+def _save_tower(tower: nn.Module, dest: Path) -> None:
+    """A tower as a plain Hugging Face folder, or in leanfm's packed format when a method left
+    packed int layers in it (``load_dual_encoder`` reads either)."""
+    from ..kernels.checkpoint import quantized_layers, save_quantized
+
+    if quantized_layers(tower):
+        save_quantized(tower, dest)
+    else:
+        tower.save_pretrained(str(dest))
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -122,19 +141,37 @@ def is_dual_encoder(config: dict) -> bool:
 def load_dual_encoder(folder: str | Path, dtype: torch.dtype = torch.float32) -> DualEncoder:
     """The :class:`DualEncoder` saved in ``folder``; a one-line error names a missing part."""
     from safetensors.torch import load_file
-    from transformers import AutoModel
 
     folder = Path(folder)
     for part in ("vision_model", "text_model", PROJECTIONS):
         if not (folder / part).exists():
             raise LeanfmError(f"dual encoder {folder} has no {part}; rebuild it (delete the folder and load it again)")
+    from .checkpoint import load_checkpoint
+
     cfg = DualEncoderConfig(**json.loads((folder / "config.json").read_text()))
-    vision = AutoModel.from_pretrained(str(folder / "vision_model"), dtype=dtype)
-    text = AutoModel.from_pretrained(str(folder / "text_model"), dtype=dtype)
+    vision = load_checkpoint(folder / "vision_model", dtype, family="vit")  # plain or packed (compressed) towers
+    text = load_checkpoint(folder / "text_model", dtype, family="clip")
     model = DualEncoder(vision, text, cfg)
     sd = load_file(str(folder / PROJECTIONS))
-    with torch.no_grad():
-        model.visual_projection.weight.copy_(sd["visual_projection.weight"])
-        model.text_projection.weight.copy_(sd["text_projection.weight"])
-        model.logit_scale.copy_(sd["logit_scale"][0])
-    return model.to(dtype).eval()
+    packed = json.loads((folder / PACKED_PROJECTIONS).read_text()) if (folder / PACKED_PROJECTIONS).is_file() else {}
+    try:
+        with torch.no_grad():
+            for name in ("visual_projection", "text_projection"):
+                if name in packed:
+                    from ..kernels.checkpoint import rebuild_linear
+
+                    setattr(model, name, rebuild_linear(name, packed[name], sd.__getitem__, sd.__contains__,
+                                                        tuple(getattr(model, name).weight.shape)))
+                else:
+                    getattr(model, name).weight.copy_(sd[f"{name}.weight"])
+            model.logit_scale.copy_(sd["logit_scale"][0])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise LeanfmError(f"{folder / PROJECTIONS} does not hold this model's projections ({' '.join(str(e).split())[:120]}); "
+                          "rebuild it (delete the folder and load it again)") from None
+    # the towers are loaded in ``dtype`` already; converting the whole model would also cast a
+    # packed tower's kernel buffers (bf16 scales of the int8 kernel) to ``dtype``
+    for part in (model.visual_projection, model.text_projection):
+        if isinstance(part, nn.Linear):
+            part.to(dtype)
+    model.logit_scale.data = model.logit_scale.data.to(dtype)
+    return model.eval()

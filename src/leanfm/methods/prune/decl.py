@@ -167,6 +167,7 @@ class WandaConfig(PruneConfig):
     """Wanda (Sun et al., 2023): drop the smallest |W_ij|·||X_j|| of each output row."""
 
     method = "wanda"
+    families = ("causal-lm", "vit")  # a ViT calibrates on images
     handler = "leanfm.methods.prune.sparsity:apply_wanda"
     needs_calibration = True
     onload = "layerwise"
@@ -183,6 +184,7 @@ class SparseGPTConfig(PruneConfig):
     """
 
     method = "sparsegpt"
+    families = ("causal-lm", "vit")  # a ViT calibrates on images
     handler = "leanfm.methods.prune.sparsity:apply_sparsegpt"
     needs_calibration = True
     onload = "layerwise"

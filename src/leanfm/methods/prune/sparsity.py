@@ -18,7 +18,7 @@ from torch import nn
 
 from ...errors import LeanfmError
 from ..layers import LayerwiseRunner, decoder_layers, targets_in
-from ..quantize.gptq import check_calibration
+from ..quantize.gptq import calibration_info, check_calibration
 from ..quantize.gptq_math import HessianAccumulator
 from ..quantize.grid import fake_quantize
 from .decl import ALLOCATIONS, BACKENDS, MagnitudeConfig, PruneConfig, SparseGPTConfig, WandaConfig  # noqa: F401 (re-exported)
@@ -191,7 +191,7 @@ def _prune_layerwise(model: nn.Module, cfg, calib: torch.Tensor, make_stats, pru
     rest = _layerwise(model, calib, targets, make_stats, prune, f"{cfg.method} (layer by layer)", tally)
     extra.update(_magnitude_fallback(cfg, targets, rest, plan))
     tally({n: targets[n] for n in rest})
-    return {**tally.info(extra), "calibration_tokens": int(calib.numel())}
+    return {**tally.info(extra), **calibration_info(calib)}
 
 
 def apply_wanda(model: nn.Module, cfg: WandaConfig, calib: torch.Tensor) -> dict:

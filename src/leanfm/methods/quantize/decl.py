@@ -162,6 +162,7 @@ class GPTQConfig(BlockGridConfig):
                     "symmetric": Choice(True, False), "act_order": Choice(False, True)}
 
     method = "gptq"
+    families = ("causal-lm", "vit")  # a ViT calibrates on images (its encoder blocks are the layer stack)
     onload = "layerwise"
     handler = "leanfm.methods.quantize.gptq:apply_gptq"
     needs_calibration = True

@@ -18,13 +18,25 @@ from .grid import grid_quantize
 
 
 def check_calibration(calib: torch.Tensor, method: str, min_tokens: int = 256) -> None:
+    """Token ids ``[n_samples, seqlen]`` of at least ``min_tokens`` tokens, or (a ViT) float images
+    ``[n_samples, 3, H, W]``; else a one-line error."""
+    if isinstance(calib, torch.Tensor) and calib.dim() == 4 and calib.is_floating_point() and calib.shape[0] >= 1:
+        return
     if calib is None or not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.numel() == 0:
-        raise LeanfmError(f"{method} needs calibration token ids [n_samples, seqlen]; got an empty or missing set")
+        raise LeanfmError(f"{method} needs calibration token ids [n_samples, seqlen] (a ViT: images [n, 3, H, W]); got an "
+                          "empty or missing set")
     if calib.numel() < min_tokens:
         raise LeanfmError(
             f"{method} calibration set has only {calib.numel()} tokens; it needs at least {min_tokens} "
             "(raise --calib-samples or --calib-seqlen)"
         )
+
+
+def calibration_info(calib: torch.Tensor) -> dict:
+    """What a run records of its calibration set: tokens, or images for a ViT."""
+    if calib.dim() == 4:
+        return {"calibration_images": int(calib.shape[0])}
+    return {"calibration_tokens": int(calib.numel())}
 
 
 def gptq_layerwise(model: nn.Module, targets: dict, calib: torch.Tensor, grid_of, damp: float, block_size: int,
@@ -75,4 +87,4 @@ def apply_gptq(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor) -> dict:
     packed = LayerPacker(model, cfg.backend)
     rest = gptq_layerwise(model, cfg.targets(model), calib, lambda n: grid, cfg.damp, cfg.block_size, cfg.act_order,
                           on_layer=packed)
-    return {**install(model, rest, cfg.backend), "layers": packed.count + len(rest), "calibration_tokens": int(calib.numel())}
+    return {**install(model, rest, cfg.backend), "layers": packed.count + len(rest), **calibration_info(calib)}
