@@ -235,7 +235,16 @@ def test_bench_measures_a_pipeline_per_sample_against_the_baseline_images(sd_dir
         assert m["ms_per_step"] == pytest.approx(m["ms_per_sample"] / run["details"]["sampling_steps"])
         assert not run["flags"]["simulated"] and run["flags"]["kernel"]
     assert w8["metrics"]["weight_bytes"] < base["metrics"]["weight_bytes"]
-    assert "not priced" in base["details"]["prediction"]["error"]
+    # the roofline from a trace of the pipeline's operators prices every run as its recipe left it
+    for run in res["runs"]:
+        m = run["metrics"]
+        assert m["predicted_ms_per_step"] > 0, run["details"]["prediction"]
+        assert m["ms_per_step_prediction_error_pct"] == pytest.approx((m["predicted_ms_per_step"] / m["ms_per_step"] - 1) * 100)
+    p = {r["recipe"]["name"]: r["details"]["prediction"] for r in res["runs"]}
+    assert p["deepcache2"]["ms_per_sample"] < p["baseline"]["ms_per_sample"]
+    assert p["deepcache2"]["shallow_ms_per_pass"] < p["deepcache2"]["unet_ms_per_pass"]
+    assert p["dpm-solver10"]["ms_per_sample"] > 2 * p["baseline"]["ms_per_sample"]  # 10 steps against 4
+    assert p["baseline"]["guidance_batch"] == 2  # classifier-free guidance: two latents per sample
     assert "PSNR dB" in out and "DDIMScheduler" in out
 
 
@@ -262,10 +271,36 @@ def test_bench_refuses_bad_pipeline_input_in_one_line(sd_dir, tmp_path, capsys, 
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-def test_predict_and_compress_refuse_a_pipeline_in_one_line(sd_dir, tmp_path, capsys):
+def test_predict_prices_a_pipeline_from_its_traced_operators(sd_dir, ddpm_dir, tmp_path, capsys):
+    from .test_cli import run_cli
+
+    out = tmp_path / "p.json"
+    code, text, err = run_cli(["predict", "--model", str(sd_dir), "--recipe", "deepcache2", "--steps", "4", "--batch", "2",
+                               "--json", str(out)], capsys)
+    assert code == 0, err
+    p = json.loads(out.read_text())
+    assert p["family"] == "diffusion-pipeline" and p["steps"] == 4 and p["guidance_batch"] == 2
+    assert p["ms_per_sample"] == pytest.approx(4 * p["ms_per_step"]) and 0 < p["shallow_ms_per_pass"] < p["unet_ms_per_pass"]
+    assert "diffusers pipeline" in text and "DeepCache shallow pass" in text
+    code, text, err = run_cli(["predict", "--model", str(ddpm_dir), "--steps", "3"], capsys)
+    assert code == 0, err
+    assert "UNet on 1 latent(s) per sample" in text  # unconditional: no guidance batch
+
+
+def test_the_trace_counts_a_linear_and_a_convolution_as_torch_counts_them():
+    from leanfm.predict.torch_trace import trace_costs
+
+    lin, conv = torch.nn.Linear(64, 32), torch.nn.Conv2d(4, 8, 3, padding=1)
+    (lc,), (cc,) = trace_costs(lambda: lin(torch.zeros(8, 64))), trace_costs(lambda: conv(torch.zeros(2, 4, 16, 16)))
+    assert sum(c["flops"] for c in lc) == 2 * 8 * 64 * 32
+    assert sum(c["bytes"] for c in lc) >= 4 * (64 * 32 + 8 * 64 + 8 * 32)  # weight, input, output at least once
+    assert sum(c["flops"] for c in cc if "convolution" in c["op"]) == 2 * 2 * 8 * 16 * 16 * 4 * 9
+    assert all(not c["op"].endswith(("view", "t", "permute")) for c in lc + cc)  # views are free
+    assert lin.weight.device.type == "cpu" and torch.isfinite(lin.weight).all()  # the real weights are untouched
+
+
+def test_compress_refuses_a_pipeline_in_one_line(sd_dir, tmp_path, capsys):
     from .test_cli import assert_one_line_error, run_cli
 
-    code, _, err = run_cli(["predict", "--model", str(sd_dir)], capsys)
-    assert_one_line_error(code, err, "does not price diffusion-pipeline models")
     code, _, err = run_cli(["compress", "--model", str(sd_dir), "--recipe", "rtn-w8", "--out", str(tmp_path / "c")], capsys)
     assert_one_line_error(code, err, "is a diffusion-pipeline model")

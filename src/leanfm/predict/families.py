@@ -1,6 +1,7 @@
 """``leanfm predict`` for the families that are not causal LMs (issue 19): a ViT's or an image-text
-model's latency per image (``predict/vit.py``) and a diffusion denoiser's time per step and sample
-(``predict/unet.py``), on any hardware profile, before running anything.
+model's latency per image (``predict/vit.py``), a diffusion denoiser's time per step and sample
+(``predict/unet.py``) and a diffusers pipeline's (``predict/pipeline.py``: its modules' operators
+traced on fake tensors), on any hardware profile, before running anything.
 
 The recipe is checked against the family like ``leanfm bench`` does. A ViT recipe is priced from
 its token-reducing step (ToMe, EViT; the other steps leave the FLOPs and the fp32 GEMMs of an
@@ -58,11 +59,31 @@ def predict_family(model: str, family: str, recipe: str, hw: dict, batch: int, i
             lookup(step.method)[1](den, step, None)
         out = predict_denoiser(den, hw, batch, steps)
         return {"family": family, "model": model, "recipe": r.name, "steps": den.steps or steps, **out}
+    if family == "diffusion-pipeline":
+        from ..api import apply_
+        from ..models.pipeline import load_pipeline
+        from .pipeline import predict_pipeline
+
+        pipe = load_pipeline(path)
+        pipe.leanfm_info = {"family": family, "steps": []}
+        apply_(pipe, r)  # the recipe's steps change the modules the trace reads (weights are not read)
+        out = predict_pipeline(pipe, hw, batch, steps)
+        return {"family": family, "model": model, "recipe": r.name, "steps": pipe.steps or steps, **out}
     raise LeanfmError(f"leanfm predict does not price {family} models")
 
 
 def render_family(p: dict) -> str:
     hw = p.get("hardware")
+    if p["family"] == "diffusion-pipeline":
+        extra = f", DeepCache shallow pass {p['shallow_ms_per_pass']:.4g} ms" if p.get("shallow_ms_per_pass") else ""
+        return "\n".join([
+            f"{p['model']} · {p['recipe']} on {hw} (diffusers pipeline, batch {p['batch']}, {p['steps']} step(s) per sample, "
+            f"UNet on {p['guidance_batch']} latent(s) per sample)",
+            f"  {p['ms_per_sample']:.4g} ms per sample, {p['ms_per_step']:.4g} ms per step ({p['bound']}-bound); UNet pass "
+            f"{p['unet_ms_per_pass']:.4g} ms{extra}; text encoder and VAE {p['text_and_vae_ms_per_sample']:.4g} ms",
+            f"  {p['flops_per_step'] / 1e9:.2f} GFLOP and {p['bytes_per_step'] / 1e9:.2f} GB moved per UNet pass and sample "
+            f"({p['operators_per_pass']} operators traced on fake tensors)",
+        ])
     if p["family"] == "diffusion":
         extra = f", DeepCache shallow pass {p['shallow_ms_per_pass']:.3g} ms" if p.get("shallow_ms_per_pass") else ""
         return "\n".join([

@@ -91,8 +91,9 @@ def node_costs(proto, batch: int, size: int, channels: int) -> list[dict]:
     return costs
 
 
-def graph_ms(proto, hardware: dict, batch: int, size: int, channels: int) -> dict:
-    """One pass of the graph at ``batch`` samples on ``hardware`` (a profile dict): ms, FLOPs, bytes."""
+def price_ops(costs: list[dict], hardware: dict) -> dict:
+    """Operators ``[{"flops", "bytes"}]`` each on its own roofline plus the dispatch cost, on
+    ``hardware`` (a profile dict): ms, FLOPs, bytes, operators, the bound that dominates."""
     from .hardware import peak_flops
 
     peak = peak_flops(hardware, "fp32")
@@ -100,12 +101,16 @@ def graph_ms(proto, hardware: dict, batch: int, size: int, channels: int) -> dic
     # batch), so the streaming read rate applies where the machine was calibrated, not the GEMV one
     bw = float(hardware.get("stream_read_gbps") or hardware["memory_bandwidth_gbps"]) * 1e9
     per_op = float(hardware.get("overhead_us_per_op", 0.0)) * 1e-6
-    costs = node_costs(proto, batch, size, channels)
     s = sum(max(c["flops"] / peak, c["bytes"] / bw) + per_op for c in costs)
     compute = sum(c["flops"] / peak for c in costs)
     return {"ms": 1e3 * s, "flops": sum(c["flops"] for c in costs), "bytes": sum(c["bytes"] for c in costs),
-            "nodes": len(costs), "nodes_unshaped": sum(not c["known"] for c in costs),
-            "bound": "compute" if compute > 0.5 * s else "memory"}
+            "nodes": len(costs), "bound": "compute" if compute > 0.5 * s else "memory"}
+
+
+def graph_ms(proto, hardware: dict, batch: int, size: int, channels: int) -> dict:
+    """One pass of the graph at ``batch`` samples on ``hardware`` (a profile dict): ms, FLOPs, bytes."""
+    costs = node_costs(proto, batch, size, channels)
+    return {**price_ops(costs, hardware), "nodes_unshaped": sum(not c["known"] for c in costs)}
 
 
 def predict_denoiser(model, hardware: dict, batch: int, steps: int) -> dict:
