@@ -299,8 +299,45 @@ def test_the_trace_counts_a_linear_and_a_convolution_as_torch_counts_them():
     assert lin.weight.device.type == "cpu" and torch.isfinite(lin.weight).all()  # the real weights are untouched
 
 
-def test_compress_refuses_a_pipeline_in_one_line(sd_dir, tmp_path, capsys):
+def test_compress_writes_a_pipeline_folder_that_loads_back_and_samples_as_the_recipe_did(sd_dir, tmp_path, capsys):
+    import leanfm
+    from leanfm.kernels.qlinear import QuantLinear
+
+    from .test_cli import run_cli
+
+    recipe = "dpm-solver10+deepcache2+rtn-w8"
+    code, out, err = run_cli(["compress", "--model", str(sd_dir), "--recipe", recipe, "--out", str(tmp_path / "c"),
+                              "--threads", "1"], capsys)
+    assert code == 0, err
+    assert "applied again at load: sampling-steps, deepcache" in out
+    assert (tmp_path / "c" / "unet" / "leanfm-quant.json").is_file() and (tmp_path / "c" / "recipe.yaml").is_file()
+    ref, _ = leanfm.load(str(sd_dir))
+    leanfm.apply_(ref, recipe)
+    back, _ = leanfm.load(str(tmp_path / "c"))
+    assert type(back.scheduler).__name__ == "DPMSolverMultistepScheduler" and back.steps == 10
+    assert hasattr(back.unet, "leanfm_deepcache") and any(isinstance(m, QuantLinear) for m in back.unet.modules())
+    assert [s["method"] for s in back.leanfm_info["steps"]] == ["load-quantized", "sampling-steps", "deepcache"]
+    assert all(s["from_checkpoint"] for s in back.leanfm_info["steps"][1:])  # recorded as applied again at load
+    assert back.weight_bytes() == ref.weight_bytes()
+    np.testing.assert_allclose(back.generate([0, 1], 4), ref.generate([0, 1], 4), atol=1e-5)
+
+
+def test_a_compressed_pipeline_without_packed_layers_loads_in_plain_diffusers(sd_dir, tmp_path, capsys):
+    import leanfm
+    from diffusers import DiffusionPipeline
+
     from .test_cli import assert_one_line_error, run_cli
 
-    code, _, err = run_cli(["compress", "--model", str(sd_dir), "--recipe", "rtn-w8", "--out", str(tmp_path / "c")], capsys)
-    assert_one_line_error(code, err, "is a diffusion-pipeline model")
+    code, out, err = run_cli(["compress", "--model", str(sd_dir), "--recipe", "tome-unet50", "--out", str(tmp_path / "c")],
+                             capsys)
+    assert code == 0, err
+    plain = DiffusionPipeline.from_pretrained(str(tmp_path / "c"))  # diffusers alone: the weights as they were
+    assert type(plain.unet).__name__ == "UNet2DConditionModel"
+    back, _ = leanfm.load(str(tmp_path / "c"))
+    assert back.unet.leanfm_tome.ratio == 0.5  # and leanfm applies the recipe's ToMe again
+    code, _, err = run_cli(["compress", "--model", str(sd_dir), "--recipe", "onnx-int8w", "--out", str(tmp_path / "x")], capsys)
+    assert_one_line_error(code, err, "method 'onnx-int8' does not apply to a diffusion-pipeline model")
+    code, _, err = run_cli(["compress", "--model", str(sd_dir), "--recipe", "rtn-w8", "--format", "gguf",
+                            "--out", str(tmp_path / "g")], capsys)
+    assert_one_line_error(code, err, "a diffusers pipeline is written as a pipeline folder; --format gguf is for causal LMs")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "g").exists()

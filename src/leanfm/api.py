@@ -8,8 +8,23 @@ from .config import BaseConfig, check_family, config_from_dict, lookup
 from .data.calib import Calibration, calibration  # noqa: F401
 from .errors import LeanfmError
 from .measure.run import measure  # noqa: F401
-from .models.load import load  # noqa: F401
+from .models.load import load as _load
 from .recipe import Recipe, load_recipe
+
+
+def load(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer=None) -> tuple[nn.Module, object]:
+    """Load a model and its tokenizer in eval mode (``models.load.load``: an alias, a local folder
+    or a hub id). A diffusers pipeline that ``leanfm compress`` wrote gets its sampling-time steps
+    (step count, DeepCache, ToMe) applied again, recorded in ``leanfm_info["steps"]``."""
+    model, tok = _load(name_or_path, dtype, tokenizer)
+    if model.leanfm_info.get("family") == "diffusion-pipeline":
+        from .models.pipeline import runtime_steps
+
+        for step in runtime_steps(model.leanfm_info["path"]):
+            apply_(model, step)
+            model.leanfm_info["steps"][-1]["from_checkpoint"] = True
+    return model, tok
+
 
 
 def _calib_tensor(model: nn.Module, calib):

@@ -289,10 +289,11 @@ def cmd_compress(a) -> int:
         return _compress_denoiser(a)
     if family in ("vit", "clip"):
         return _compress_vision(a, family)
+    if family == "diffusion-pipeline":
+        return _compress_pipeline(a)
     if family != "causal-lm":
-        raise LeanfmError(f"leanfm compress writes causal-LM, ViT and image-text checkpoints and denoiser folders; {a.model} "
-                          f"is a {family} model: measure a recipe on it with leanfm bench --model {a.model} --recipe NAME, "
-                          "or apply it in Python (leanfm.apply_)")
+        raise LeanfmError(f"leanfm compress does not write {family} models yet; measure a recipe on {a.model} with leanfm "
+                          "bench --model MODEL --recipe NAME, or apply it in Python (leanfm.apply_)")
     recipe = load_recipe(a.recipe)
     out = Path(a.out)
     check_checkpoint_target(out, a.overwrite)  # before any work: nothing is lost to a refused --out
@@ -391,6 +392,39 @@ def _compress_vision(a, family: str) -> int:
     print(f"saved {recipe.name} of {a.model} to {out} (leanfm, {size / 1e6:.1f} MB of tensors)"
           + (f"; not in the weights: {', '.join(runtime)} (token reduction runs at inference: apply it again after "
              "leanfm.load, see recipe.yaml)" if runtime else ""))
+    return 0
+
+
+def _compress_pipeline(a) -> int:
+    """``leanfm compress`` on a diffusers pipeline: its folder as diffusers lays it out, with the
+    scheduler the recipe chose (``scheduler/``), a UNet with packed int layers in leanfm's format
+    (``unet/``), and the sampling-time steps (step count, DeepCache, ToMe) kept for ``leanfm.load``
+    to apply again; a pipeline without packed layers loads in plain diffusers too."""
+    import torch
+
+    from .api import apply_, load
+    from .config import check_family
+    from .models.checkpoint import check_checkpoint_target, partial_folder
+    from .recipe import load_recipe
+
+    if a.format != "leanfm":
+        raise LeanfmError(f"a diffusers pipeline is written as a pipeline folder; --format {a.format} is for causal LMs "
+                          "(drop --format)")
+    recipe = load_recipe(a.recipe)
+    for step in recipe.steps:
+        check_family(step, "diffusion-pipeline")
+    out = Path(a.out)
+    check_checkpoint_target(out, a.overwrite)
+    torch.set_num_threads(a.threads)
+    model, _ = load(a.model)
+    apply_(model, recipe)
+    at_sampling = [s.to_dict() for s in recipe.steps if s.produces in ("sampling-schedule", "feature-cache", "token-merging")]
+    with partial_folder(out, a.overwrite) as tmp:
+        model.save_pretrained(tmp, runtime_steps=at_sampling)
+        (Path(tmp) / "recipe.yaml").write_text(recipe.to_yaml())
+    size = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
+    kept = f"; applied again at load: {', '.join(s['method'] for s in at_sampling)}" if at_sampling else ""
+    print(f"saved {recipe.name} of {a.model} to {out} (diffusers pipeline folder, {size / 1e6:.1f} MB of tensors){kept}")
     return 0
 
 

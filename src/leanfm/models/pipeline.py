@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import LeanfmError
 
 MODEL_TYPE = "diffusers-pipeline"
+RUNTIME_STEPS = "leanfm-runtime-steps.json"  # recipe steps that act when sampling, applied again at load
 PROMPTS = ("a red house by a lake", "a cat sleeping on a sofa", "a mountain road at sunset", "a bowl of fruit on a table",
            "a city street in the rain", "a sailing boat on the sea", "a forest path in autumn", "a portrait of an old man")
 
@@ -80,6 +81,33 @@ class PipelineModel(nn.Module):
             return {"batch_size": len(seeds)}
         raise LeanfmError(f"{type(self.pipe).__name__}.__call__ takes neither prompt nor batch_size; leanfm cannot condition it")
 
+    def save_pretrained(self, folder, runtime_steps: list[dict] | None = None) -> None:
+        """The pipeline as ``DiffusionPipeline.save_pretrained`` lays it out (``model_index.json``,
+        one folder per component, the scheduler a method chose in ``scheduler/``), except a UNet
+        with packed int layers, written in leanfm's packed format in ``unet/`` (``load_pipeline``
+        rebuilds it). ``runtime_steps``: steps that act when sampling (step count, DeepCache,
+        ToMe), kept in ``RUNTIME_STEPS`` for ``leanfm.load`` to apply again."""
+        from safetensors.torch import save_file
+
+        from ..kernels.checkpoint import module_tensors, quantized_layers, write_manifest
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.pipe.save_config(str(folder))  # model_index.json: every component's library and class
+        for name, comp in self.pipe.components.items():
+            if comp is None:
+                continue
+            if comp is self.unet and quantized_layers(comp):
+                (folder / name).mkdir(parents=True, exist_ok=True)
+                tensors, layers = module_tensors(comp)
+                save_file(tensors, str(folder / name / "model.safetensors"), metadata={"format": "pt"})
+                write_manifest(folder / name, layers)
+                comp.save_config(str(folder / name))
+            else:
+                comp.save_pretrained(str(folder / name))
+        if runtime_steps:
+            (folder / RUNTIME_STEPS).write_text(json.dumps(runtime_steps, indent=1))
+
     @torch.inference_mode()
     def generate(self, seeds: list[int], steps: int) -> np.ndarray:
         """``[len(seeds), C, H, W]`` float images of the pipeline's own call with ``self.steps`` (else
@@ -124,7 +152,60 @@ def load_pipeline(folder) -> PipelineModel:
     hf_logging.disable_progress_bar()  # leanfm shows its own progress; per-load bars are noise
     diffusers_logging.disable_progress_bar()
     try:
-        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32)
-    except (OSError, ValueError, TypeError, AttributeError, ImportError) as e:
+        packed = _packed_unet(folder)
+        pipe = DiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32, **({"unet": packed} if packed else {}))
+    except (OSError, ValueError, TypeError, AttributeError, ImportError, KeyError, RuntimeError) as e:
         raise LeanfmError(f"could not load the diffusers pipeline in {folder}: {' '.join(str(e).split())[:200]}") from None
     return PipelineModel(pipe).eval()
+
+
+def runtime_steps(folder) -> list[dict]:
+    """The sampling-time steps a compressed pipeline folder keeps (none for a plain one)."""
+    f = Path(folder) / RUNTIME_STEPS
+    if not f.is_file():
+        return []
+    try:
+        steps = json.loads(f.read_text())
+    except ValueError as e:
+        raise LeanfmError(f"{f} is not valid JSON ({e}); re-run leanfm compress") from None
+    if not isinstance(steps, list) or not all(isinstance(s, dict) and "method" in s for s in steps):
+        raise LeanfmError(f"{f} must hold a list of recipe steps ({{method: ...}}); re-run leanfm compress")
+    return steps
+
+
+def _packed_unet(folder: Path):
+    """The UNet of ``folder/unet`` when leanfm wrote it packed: built from its config with its
+    parameters on the meta device, the packed layers rebuilt from their codes, the rest loaded."""
+    from ..kernels.checkpoint import MANIFEST, read_quant_manifest, rebuild_linear
+    from ..kernels.meta import params_on_meta
+
+    d = folder / "unet"
+    if not (d / MANIFEST).is_file():
+        return None
+    import diffusers
+    from safetensors.torch import load_file
+
+    index = json.loads((folder / "model_index.json").read_text())
+    cls = getattr(diffusers, index["unet"][1])
+    with params_on_meta():
+        unet = cls.from_config(cls.load_config(str(d)))
+    man = read_quant_manifest(d)
+    tensors = load_file(str(d / "model.safetensors"))
+    used: set[str] = set()
+
+    def take(name: str):
+        used.add(name)
+        return tensors[name]
+
+    for name, spec in man["layers"].items():
+        old = unet.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        setattr(unet.get_submodule(parent) if parent else unet, child,
+                rebuild_linear(name, spec, take, tensors.__contains__, tuple(old.weight.shape)))
+    missing, unexpected = unet.load_state_dict({k: v for k, v in tensors.items() if k not in used}, strict=False, assign=True)
+    qnames = tuple(n + "." for n in man["layers"])
+    missing = [k for k in missing if not k.startswith(qnames)]
+    if missing or unexpected:
+        raise LeanfmError(f"{d} does not match its config: missing {missing[:3]}, unexpected {list(unexpected)[:3]}; "
+                          "re-run leanfm compress")
+    return unet.eval()
