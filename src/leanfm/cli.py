@@ -344,6 +344,24 @@ def cmd_compress(a) -> int:
     return 0
 
 
+def _start_family_compress(a, family: str, written_as: str):
+    """What ``leanfm compress`` on a model that is not a causal LM checks before any work: no
+    ``--format`` (``written_as`` says how the family is written), every recipe step of the
+    family, a writable ``--out``. Returns ``(recipe, out)``."""
+    from .config import check_family
+    from .models.checkpoint import check_checkpoint_target
+    from .recipe import load_recipe
+
+    if a.format != "leanfm":
+        raise LeanfmError(f"{written_as}; --format {a.format} is for causal LMs (drop --format)")
+    recipe = load_recipe(a.recipe)
+    for step in recipe.steps:
+        check_family(step, family)
+    out = Path(a.out)
+    check_checkpoint_target(out, a.overwrite)
+    return recipe, out
+
+
 def _compress_vision(a, family: str) -> int:
     """``leanfm compress`` on a ViT or an image-text dual encoder: the recipe's weight steps written
     as a checkpoint that ``leanfm.load`` (and ``leanfm bench``) read back: packed int layers in
@@ -353,18 +371,10 @@ def _compress_vision(a, family: str) -> int:
     import torch
 
     from .api import apply_, load
-    from .config import check_family
-    from .models.checkpoint import check_checkpoint_target, partial_folder, save_checkpoint
-    from .recipe import load_recipe
+    from .models.checkpoint import partial_folder, save_checkpoint
 
-    if a.format != "leanfm":
-        raise LeanfmError(f"a {'ViT' if family == 'vit' else 'dual encoder'} is written in leanfm's own format; --format "
-                          f"{a.format} is for causal LMs (drop --format)")
-    recipe = load_recipe(a.recipe)
-    for step in recipe.steps:
-        check_family(step, family)
-    out = Path(a.out)
-    check_checkpoint_target(out, a.overwrite)
+    recipe, out = _start_family_compress(a, family, f"a {'ViT' if family == 'vit' else 'dual encoder'} is written in "
+                                                    "leanfm's own format")
     torch.set_num_threads(a.threads)
     model, tok = load(a.model)
     calib = None
@@ -403,18 +413,9 @@ def _compress_pipeline(a) -> int:
     import torch
 
     from .api import apply_, load
-    from .config import check_family
-    from .models.checkpoint import check_checkpoint_target, partial_folder
-    from .recipe import load_recipe
+    from .models.checkpoint import partial_folder
 
-    if a.format != "leanfm":
-        raise LeanfmError(f"a diffusers pipeline is written as a pipeline folder; --format {a.format} is for causal LMs "
-                          "(drop --format)")
-    recipe = load_recipe(a.recipe)
-    for step in recipe.steps:
-        check_family(step, "diffusion-pipeline")
-    out = Path(a.out)
-    check_checkpoint_target(out, a.overwrite)
+    recipe, out = _start_family_compress(a, "diffusion-pipeline", "a diffusers pipeline is written as a pipeline folder")
     torch.set_num_threads(a.threads)
     model, _ = load(a.model)
     apply_(model, recipe)
@@ -433,18 +434,9 @@ def _compress_denoiser(a) -> int:
     written as a denoiser folder (the .onnx file ONNX Runtime runs, and its config with the step
     count and DeepCache interval) that ``leanfm.load`` and ``leanfm bench`` read back."""
     from .api import apply_, load
-    from .config import check_family
-    from .models.checkpoint import check_checkpoint_target, partial_folder
-    from .recipe import load_recipe
+    from .models.checkpoint import partial_folder
 
-    if a.format != "leanfm":
-        raise LeanfmError(f"a diffusion denoiser is written as an ONNX folder; --format {a.format} is for causal LMs "
-                          "(drop --format)")
-    recipe = load_recipe(a.recipe)
-    for step in recipe.steps:
-        check_family(step, "diffusion")
-    out = Path(a.out)
-    check_checkpoint_target(out, a.overwrite)
+    recipe, out = _start_family_compress(a, "diffusion", "a diffusion denoiser is written as an ONNX folder")
     model, _ = load(a.model)
     apply_(model, recipe)
     with partial_folder(out, a.overwrite) as tmp:
