@@ -289,8 +289,8 @@ def run_search(s: Search) -> dict:
             for _, params in seeds:
                 study.enqueue_trial(params)
             if seeds:
-                progress.info(f"search: warm start with {len(seeds)} built-in recipes the predictor lets through: "
-                              f"{', '.join(n for n, _ in seeds)}")
+                why = "the predictor lets through" if s.lm else "of this family (not screened: no predictor in search)"
+                progress.info(f"search: warm start with {len(seeds)} built-in recipes {why}: {', '.join(n for n, _ in seeds)}")
         worker = f"{socket.gethostname()}:{os.getpid()}"
         trials: list[Trial] = []
         drawn = counted = 0
