@@ -60,13 +60,13 @@ def predict_family(model: str, family: str, recipe: str, hw: dict, batch: int, i
         out = predict_denoiser(den, hw, batch, steps)
         return {"family": family, "model": model, "recipe": r.name, "steps": den.steps or steps, **out}
     if family == "diffusion-pipeline":
-        from ..api import apply_
+        from ..config import lookup
         from ..models.pipeline import load_pipeline
         from .pipeline import predict_pipeline
 
         pipe = load_pipeline(path)
-        pipe.leanfm_info = {"family": family, "steps": []}
-        apply_(pipe, r)  # the recipe's steps change the modules the trace reads (weights are not read)
+        for step in r.steps:  # through their own handlers: they change the modules the trace reads
+            lookup(step.method)[1](pipe, step, None)
         out = predict_pipeline(pipe, hw, batch, steps)
         return {"family": family, "model": model, "recipe": r.name, "steps": pipe.steps or steps, **out}
     raise LeanfmError(f"leanfm predict does not price {family} models")
