@@ -178,6 +178,7 @@ def _packed_unet(folder: Path):
     parameters on the meta device, the packed layers rebuilt from their codes, the rest loaded."""
     from ..kernels.checkpoint import MANIFEST, read_quant_manifest, rebuild_linear
     from ..kernels.meta import params_on_meta
+    from ..kernels.modules import set_module
 
     d = folder / "unet"
     if not (d / MANIFEST).is_file():
@@ -198,10 +199,8 @@ def _packed_unet(folder: Path):
         return tensors[name]
 
     for name, spec in man["layers"].items():
-        old = unet.get_submodule(name)
-        parent, _, child = name.rpartition(".")
-        setattr(unet.get_submodule(parent) if parent else unet, child,
-                rebuild_linear(name, spec, take, tensors.__contains__, tuple(old.weight.shape)))
+        shape = tuple(unet.get_submodule(name).weight.shape)
+        set_module(unet, name, rebuild_linear(name, spec, take, tensors.__contains__, shape))
     missing, unexpected = unet.load_state_dict({k: v for k, v in tensors.items() if k not in used}, strict=False, assign=True)
     qnames = tuple(n + "." for n in man["layers"])
     missing = [k for k in missing if not k.startswith(qnames)]

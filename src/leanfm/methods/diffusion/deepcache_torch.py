@@ -49,8 +49,10 @@ class TorchDeepCache:
         if hasattr(unet, "leanfm_deepcache"):
             raise LeanfmError("deepcache is already applied to this UNet; use one deepcache step")
         self.unet, self.interval = unet, interval
-        self.cached, self.last = ups[-2], ups[-1]
-        self.skipped = [*downs[1:], *([unet.mid_block] if getattr(unet, "mid_block", None) is not None else []), *ups[:-2]]
+        self.cached = ups[-2]
+        # what each skipped deep module returns on a cached step: its input (a down block: with its skip tensors)
+        mid = [unet.mid_block] if getattr(unet, "mid_block", None) is not None else []
+        self.stubs = {**{m: _down_stub(m) for m in downs[1:]}, **{m: _passthrough for m in [*mid, *ups[:-2]]}}
         self.full_calls = self.shallow_calls = 0
         self._orig = unet.forward
         self.cached.register_forward_hook(self._keep)
@@ -77,8 +79,7 @@ class TorchDeepCache:
             self.full_calls += 1
             return out
         cache = self._cache
-        stubs = {m: (_down_stub(m) if m in self._downs() else _passthrough) for m in self.skipped}
-        stubs[self.cached] = lambda *a, **k: cache
+        stubs = {**self.stubs, self.cached: lambda *a, **k: cache}
         for m, f in stubs.items():
             m.forward = f
         try:
@@ -88,6 +89,3 @@ class TorchDeepCache:
                 del m.forward
         self.shallow_calls += 1
         return out
-
-    def _downs(self) -> list[nn.Module]:
-        return list(self.unet.down_blocks[1:])
