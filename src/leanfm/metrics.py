@@ -55,6 +55,7 @@ METRICS: dict[str, Metric] = {
     "weight_bytes": Metric("memory", "bytes", "min"),
     "compression_ratio": Metric("memory", "×", "max"),
     "model_size_on_disk_bytes": Metric("memory", "bytes", "min"),
+    "pipeline_weight_bytes": Metric("memory", "bytes", "min"),
     "peak_rss_bytes": Metric("memory", "bytes", "min"),
     "kv_cache_bytes": Metric("memory", "bytes", "min"),
     # energy and cost
