@@ -143,6 +143,17 @@ def _or(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
+def _nearest(name: str, names) -> list[str]:
+    """The closest known names to ``name``: the best match and any nearly as close.
+
+    A far weaker match (``pipeline_weight_bytes`` beside ``weight_bytes`` for
+    ``weight_byte``) would only make the user choose between a right and a wrong name.
+    """
+    scored = sorted(((difflib.SequenceMatcher(None, name, n).ratio(), n) for n in names), reverse=True)
+    scored = [(r, n) for r, n in scored if r >= 0.6][:3]
+    return [n for r, n in scored if r >= scored[0][0] - 0.1] if scored else []
+
+
 def _pieces(text: str):
     """(start, end) of each comma-separated piece, as offsets into ``text``."""
     start = 0
@@ -163,7 +174,7 @@ def _metric(flag: str, text: str, i: int, end: int, example: str) -> tuple[str, 
         _fail(flag, text, i, f"expected a metric name (as in '{example}')")
     name = m.group()
     if name not in METRICS:
-        close = difflib.get_close_matches(name.lower(), METRICS, n=3, cutoff=0.6)
+        close = _nearest(name.lower(), METRICS)
         hint = f"did you mean {_or(close)}?" if close else "the names are listed in docs/results-schema.md, '## Metrics'"
         _fail(flag, text, i, f"unknown metric '{name}'; {hint}")
     if name in TEXT_METRICS:
