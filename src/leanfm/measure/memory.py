@@ -6,17 +6,12 @@ import resource
 import torch
 from torch import nn
 
+from ..kernels.modules import held_bytes
+
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of all parameters and buffers as stored now (shared/tied storage counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        key = (t.untyped_storage().data_ptr(), t.dtype)
-        if key in seen:
-            continue
-        seen.add(key)
-        total += t.untyped_storage().nbytes()
-    return total
+    return held_bytes(model)
 
 
 def quantized_linear_bytes(model: nn.Module) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import LeanfmError
+from ..kernels.modules import held_bytes
 
 MODEL_TYPE = "diffusers-pipeline"
 RUNTIME_STEPS = "leanfm-runtime-steps.json"  # recipe steps that act when sampling, applied again at load
@@ -67,11 +68,11 @@ class PipelineModel(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of the denoiser's parameters and buffers as held (the part leanfm's methods change)."""
-        return _held_bytes([self.unet])
+        return held_bytes(self.unet)
 
     def file_bytes(self) -> int:
         """Bytes of every component's weights (denoiser, text encoder, VAE) as held in memory."""
-        return _held_bytes([m for m in self.pipe.components.values() if isinstance(m, nn.Module)])
+        return held_bytes(*(m for m in self.pipe.components.values() if isinstance(m, nn.Module)))
 
     def condition_kwargs(self, seeds: list[int]) -> dict:
         """The call's condition: a prompt per seed for a text-conditioned pipeline, else the batch size."""
@@ -119,18 +120,6 @@ class PipelineModel(nn.Module):
         out = self.pipe(**self.condition_kwargs(seeds), generator=gens, num_inference_steps=n, output_type="np")
         images = out.images if hasattr(out, "images") else out[0]
         return np.ascontiguousarray(np.asarray(images, dtype=np.float32).transpose(0, 3, 1, 2))
-
-
-def _held_bytes(modules: list[nn.Module]) -> int:
-    """Storage bytes of the modules' parameters and buffers, shared storage counted once."""
-    seen, total = set(), 0
-    for m in modules:
-        for t in [*m.parameters(), *m.buffers()]:
-            key = (t.untyped_storage().data_ptr(), t.dtype)
-            if key not in seen:
-                seen.add(key)
-                total += t.untyped_storage().nbytes()
-    return total
 
 
 def load_pipeline(folder) -> PipelineModel:
