@@ -12,8 +12,9 @@ setting is a fresh pipeline with one leanfm recipe applied (``leanfm.apply_``), 
 pipeline's own call as ``leanfm bench`` does (``PipelineModel.generate``). Timing: one sample
 per call (seed 0), settings interleaved (A B C, A B C ...), one warm-up round and ``--repeats``
 recorded ones; seconds per sample median (min-max) and the ratio to the first setting in the
-same round. Fidelity numbers on random weights say nothing about image quality, so none are
-printed. Writes ``<out>/diffusers_speed.json``.
+same round; beside it, the seconds per sample ``leanfm predict`` gives for the same pipeline
+(``predict_pipeline`` on ``local``, with this machine's calibration if there is one) and its
+error. Fidelity numbers on random weights say nothing about image quality, so none are printed. Writes ``<out>/diffusers_speed.json``.
 """
 from __future__ import annotations
 
@@ -78,6 +79,11 @@ def main() -> None:
             leanfm.apply_(m, n)
             models[n] = m
     params = sum(p.numel() for p in models[names[0]].unet.parameters())
+    from leanfm.predict.hardware import load_hardware
+    from leanfm.predict.pipeline import predict_pipeline
+
+    hw = load_hardware("local", threads=a.threads)  # calibrated if `leanfm predict --calibrate` ran
+    predicted = {n: predict_pipeline(m, hw, batch=1, steps=a.steps)["ms_per_sample"] / 1e3 for n, m in models.items()}
     secs = {n: [] for n in names}
     ratios = {n: [] for n in names}
     for rnd in range(a.repeats + 1):
@@ -94,14 +100,18 @@ def main() -> None:
         print(f"round {rnd}: " + ", ".join(f"{n} {t_round[n]:.2f} s" for n in names), flush=True)
     rows = {n: {"s_per_sample": statistics.median(secs[n]), "min": min(secs[n]), "max": max(secs[n]),
                 "speedup": statistics.median(ratios[n]), "speedup_min": min(ratios[n]), "speedup_max": max(ratios[n]),
-                "kernel": models[n].leanfm_info["steps"][-1]["kernel"] if models[n].leanfm_info["steps"] else "fp32"}
+                "kernel": models[n].leanfm_info["steps"][-1]["kernel"] if models[n].leanfm_info["steps"] else "fp32",
+                "predicted_s_per_sample": predicted[n]}
             for n in names}
     print(f"\nSD 1.5 architecture, random weights ({params / 1e6:.0f}M UNet parameters), {a.size}x{a.size}, {a.steps} DDIM "
           f"steps, guidance 7.5, 1 sample per call, {a.threads} threads, {a.repeats} rounds")
-    print(f"{'setting':<14} {'s/sample':>10} {'(min-max)':>16} {'speedup':>8} {'(min-max)':>14}")
+    cal = hw.get("calibration", {}).get("date", "not calibrated: nominal rates")
+    print(f"predicted: leanfm's pipeline roofline on 'local' ({cal})")
+    print(f"{'setting':<14} {'s/sample':>10} {'(min-max)':>16} {'speedup':>8} {'(min-max)':>14} {'predicted':>10} {'error':>7}")
     for n, r in rows.items():
+        err = r["predicted_s_per_sample"] / r["s_per_sample"] - 1
         print(f"{n:<14} {r['s_per_sample']:>10.2f} {r['min']:>7.2f}-{r['max']:<8.2f} {r['speedup']:>7.2f}x "
-              f"{r['speedup_min']:>6.2f}-{r['speedup_max']:<6.2f}")
+              f"{r['speedup_min']:>6.2f}-{r['speedup_max']:<6.2f} {r['predicted_s_per_sample']:>9.2f}s {err:>+7.1%}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diffusers_speed.json").write_text(json.dumps({"args": vars(a), "unet_params": params, "rows": rows,

@@ -296,7 +296,23 @@ def test_the_trace_counts_a_linear_and_a_convolution_as_torch_counts_them():
     assert sum(c["bytes"] for c in lc) >= 4 * (64 * 32 + 8 * 64 + 8 * 32)  # weight, input, output at least once
     assert sum(c["flops"] for c in cc if "convolution" in c["op"]) == 2 * 2 * 8 * 16 * 16 * 4 * 9
     assert all(not c["op"].endswith(("view", "t", "permute")) for c in lc + cc)  # views are free
+    assert not [c["op"] for c in lc + cc if c["op"].startswith("prim.")]  # metadata queries (prim.device) are free
+    # as GEMMs: the linear multiplies its 8 rows, the convolution one row per output position
+    assert [c["rows"] for c in lc if c["rows"]] == [8]
+    assert [c["rows"] for c in cc if "convolution" in c["op"]] == [2 * 16 * 16]
     assert lin.weight.device.type == "cpu" and torch.isfinite(lin.weight).all()  # the real weights are untouched
+
+
+def test_matmuls_of_few_rows_are_priced_at_the_calibrated_gemm_rate_for_their_rows():
+    from leanfm.predict.unet import price_ops
+
+    hw = {"peak_tflops": {"fp32": 0.1}, "memory_bandwidth_gbps": 1e6, "overhead_us_per_op": 0.0}
+    op = {"flops": 1e9, "bytes": 0.0}
+    assert price_ops([{**op, "rows": 16}], hw)["ms"] == pytest.approx(10.0)  # no curve: the peak (1e9 / 1e11 s)
+    hw["gemm_fp32_curve"] = [[2, 1e10], [128, 5e10], [2048, 2e11]]
+    assert price_ops([{**op, "rows": 16}], hw)["ms"] == pytest.approx(1e3 * 1e9 / 3e10)  # halfway in log(rows)
+    assert price_ops([{**op, "rows": 4096}], hw)["ms"] == pytest.approx(10.0)  # capped at the peak
+    assert price_ops([{**op, "rows": None}], hw)["ms"] == pytest.approx(10.0)  # elementwise: the peak
 
 
 def test_compress_writes_a_pipeline_folder_that_loads_back_and_samples_as_the_recipe_did(sd_dir, tmp_path, capsys):

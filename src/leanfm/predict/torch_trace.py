@@ -12,7 +12,9 @@ records each aten operator after autograd's decompositions (``linear`` arrives a
   attention) where it has one; scaled-dot-product attention on the CPU ``4 · B · H · L · S · E``;
   anything else ~1 per output value.
 - bytes: every tensor input and output once, at its dtype (no reuse across operators).
-- views (``view``, ``permute``, ``expand``...) and factories (``zeros``, ``arange``: no tensor
+- rows: for a matmul or convolution, the ``M`` of the GEMM it is (output rows; a convolution's
+  output positions), which ``price_ops`` reads the calibrated GEMM-rate curve at.
+- views (``view``, ``permute``, ``expand``...), metadata queries (``prim.device``) and factories (``zeros``, ``arange``: no tensor
   input, such as the call's own inputs being made) cost nothing and are not counted as operators.
 
 Whatever the methods left in the modules is traced as it runs: a packed layer's kernel op, the
@@ -38,6 +40,19 @@ def _tensors(obj):
             yield from _tensors(o)
 
 
+def _gemm_rows(name: str, outs) -> int | None:
+    """The rows ``M`` a matmul or convolution multiplies at once as a GEMM: a matrix product's
+    output rows (per batch entry for ``bmm``), a convolution's output positions ``N · H · W``."""
+    if not outs:
+        return None
+    shape = outs[0].shape
+    if name.endswith(("mm", "addmm", "bmm", "baddbmm")) and len(shape) >= 2:
+        return int(shape[-2])
+    if "convolution" in name and len(shape) >= 3:
+        return int(math.prod(shape) // shape[1])
+    return None
+
+
 def _attention_flops(args) -> float:
     q, k = args[0], args[1]
     b_h_l = math.prod(q.shape[:-1])
@@ -45,7 +60,7 @@ def _attention_flops(args) -> float:
 
 
 def trace_costs(*calls) -> list[list[dict]]:
-    """Per call, ``[{"op", "flops", "bytes"}]`` of every operator it dispatches; the calls run one
+    """Per call, ``[{"op", "flops", "bytes", "rows"}]`` of every operator it dispatches; the calls run one
     after the other in one fake-tensor session (a later call may read state an earlier one left,
     e.g. DeepCache's cached feature), each building its inputs inside (``torch.zeros``...).
     One-line error when an operator has no shape rule (a custom kernel)."""
@@ -60,20 +75,22 @@ def trace_costs(*calls) -> list[list[dict]]:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             out = func(*args, **kwargs)
-            if getattr(func, "is_view", False) or func.overloadpacket in _FREE:
+            if getattr(func, "is_view", False) or func.namespace == "prim" or func.overloadpacket in _FREE:
                 return out
             name = str(func.overloadpacket)
             ins, outs = list(_tensors(args)) + list(_tensors(kwargs)), list(_tensors(out))
             if not ins:  # a factory (zeros, arange...): the call's inputs being made, not the model's work
                 return out
             nbytes = sum(t.numel() * t.element_size() for t in ins + outs)
+            rows = None
             if func.overloadpacket in flop_registry:
                 flops = float(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
+                rows = _gemm_rows(name, outs)
             elif "scaled_dot_product" in name and len(args) >= 2:
                 flops = _attention_flops(args)
             else:
                 flops = float(sum(t.numel() for t in outs))
-            costs.append({"op": name, "flops": flops, "bytes": float(nbytes)})
+            costs.append({"op": name, "flops": flops, "bytes": float(nbytes), "rows": rows})
             return out
 
     per_call = []

@@ -4,7 +4,8 @@ denoising step and per sample.
 The graph is the model here (``terrain-cm`` has no other form), so the cost is read off it:
 ONNX shape inference with the inputs fixed to ``[batch, C, size, size]`` gives every tensor's
 shape, and each node is priced on its own roofline, ``max(FLOPs / peak, bytes / bandwidth)``,
-plus a fixed dispatch cost per node (the calibrated ``overhead_us_per_op``); the bandwidth is the
+plus a fixed dispatch cost per node (the calibrated ``overhead_us_per_op``); a matmul or convolution
+runs at the calibrated GEMM rate for its rows (``gemm_fp32_curve``) where there is one; the bandwidth is the
 calibrated streaming read rate (``stream_read_gbps``) where there is one, else the profile's:
 
 - FLOPs (multiply-adds count 2): ``Conv`` ``2 · N · C_out · H_out · W_out · (C_in / groups) · k_h · k_w``,
@@ -68,7 +69,8 @@ def _attr(node, name: str, default):
 
 
 def node_costs(proto, batch: int, size: int, channels: int) -> list[dict]:
-    """``[{"op", "flops", "bytes"}]`` for every node of ``proto`` at ``batch`` samples."""
+    """``[{"op", "flops", "bytes", "rows"}]`` for every node of ``proto`` at ``batch`` samples
+    (``rows``: the ``M`` of a matmul or convolution taken as a GEMM, else None)."""
     shapes = _shapes(proto, batch, size, channels)
     costs = []
     for n in proto.graph.node:
@@ -76,33 +78,48 @@ def node_costs(proto, batch: int, size: int, channels: int) -> list[dict]:
         outs = [shapes.get(o) for o in n.output if o]
         nbytes = sum(_size(t[0]) * t[1] for t in ins + outs if t is not None)
         out_n = sum(_size(t[0]) for t in outs if t is not None)
-        flops = float(out_n)  # elementwise / normalisation: ~1 per output value
+        flops, rows = float(out_n), None  # elementwise / normalisation: ~1 per output value
         if n.op_type == "Conv" and len(ins) > 1 and ins[1] is not None and outs and outs[0] is not None:
             # weight [C_out, C_in/g, kh, kw]: each output value is C_in/g * kh * kw multiply-adds
             flops = 2.0 * _size(outs[0][0]) * _size(ins[1][0][1:])
+            rows = _size(outs[0][0]) // max(outs[0][0][1], 1)  # as a GEMM: one row per output position
         elif n.op_type == "ConvTranspose" and len(ins) > 1 and ins[1] is not None and ins[0] is not None:
             # weight [C_in, C_out/g, kh, kw]: each input value is spread over C_out/g * kh * kw outputs
             flops = 2.0 * _size(ins[0][0]) * _size(ins[1][0][1:])
+            rows = _size(ins[0][0]) // max(ins[0][0][1], 1)
         elif n.op_type in ("MatMul", "Gemm") and len(ins) >= 2 and ins[0] is not None and outs and outs[0] is not None:
             a = ins[0][0]
             k = a[-1] if not (n.op_type == "Gemm" and _attr(n, "transA", 0)) else a[0]
             flops = 2.0 * _size(outs[0][0]) * k
-        costs.append({"op": n.op_type, "flops": flops, "bytes": float(nbytes), "known": all(s is not None for s in ins + outs)})
+            rows = outs[0][0][-2] if len(outs[0][0]) >= 2 else 1
+        costs.append({"op": n.op_type, "flops": flops, "bytes": float(nbytes), "rows": rows,
+                      "known": all(s is not None for s in ins + outs)})
     return costs
 
 
 def price_ops(costs: list[dict], hardware: dict) -> dict:
-    """Operators ``[{"flops", "bytes"}]`` each on its own roofline plus the dispatch cost, on
-    ``hardware`` (a profile dict): ms, FLOPs, bytes, operators, the bound that dominates."""
+    """Operators ``[{"flops", "bytes", "rows"}]`` each on its own roofline plus the dispatch cost,
+    on ``hardware`` (a profile dict): ms, FLOPs, bytes, operators, the bound that dominates.
+
+    A matmul or convolution with ``rows`` runs at the calibrated fp32 GEMM rate for that many
+    rows (``gemm_fp32_curve``, capped at the peak) where the profile has one: a UNet's deep
+    blocks multiply few rows (a 4×4 feature map is 16 per sample) and reach far less than the
+    peak of a large GEMM. Without a curve, or for other operators, the peak."""
+    from .curves import rate_for_rows
     from .hardware import peak_flops
 
     peak = peak_flops(hardware, "fp32")
+    curve = rate_for_rows(hardware["gemm_fp32_curve"]) if hardware.get("gemm_fp32_curve") else None
+
+    def rate(c: dict) -> float:
+        return min(peak, curve(c["rows"])) if curve is not None and c.get("rows") else peak
+
     # a UNet step has no matrix-vector products: its bytes stream (activations, weights read once per
     # batch), so the streaming read rate applies where the machine was calibrated, not the GEMV one
     bw = float(hardware.get("stream_read_gbps") or hardware["memory_bandwidth_gbps"]) * 1e9
     per_op = float(hardware.get("overhead_us_per_op", 0.0)) * 1e-6
-    s = sum(max(c["flops"] / peak, c["bytes"] / bw) + per_op for c in costs)
-    compute = sum(c["flops"] / peak for c in costs)
+    s = sum(max(c["flops"] / rate(c), c["bytes"] / bw) + per_op for c in costs)
+    compute = sum(c["flops"] / rate(c) for c in costs)
     return {"ms": 1e3 * s, "flops": sum(c["flops"] for c in costs), "bytes": sum(c["bytes"] for c in costs),
             "nodes": len(costs), "bound": "compute" if compute > 0.5 * s else "memory"}
 
