@@ -279,6 +279,7 @@ def test_bench_measures_a_denoiser_per_sample_and_against_the_baseline_samples(d
     leanfm.results.validate(res)
     base, one, cached, w8 = res["runs"]
     assert res["environment"]["runtime"] == "onnxruntime"
+    assert res["protocol"]["dataset"] == "noise seeds 0-7" and "noise seeds 0-7" in out  # not the LM default, wikitext2
     assert [r["details"]["sampling_steps"] for r in res["runs"]] == [4, 1, 4, 4]
     assert "psnr_db" not in base["metrics"]  # infinite against itself
     assert "Infinity" not in (tmp_path / "run" / "results.json").read_text()

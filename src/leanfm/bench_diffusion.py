@@ -55,7 +55,8 @@ def bench_diffusion(model_name: str, recipes: list[Recipe], protocol: Protocol, 
                     family: str = "diffusion") -> dict:
     check_diffusion(recipes, protocol, family)
     torch_run = family == "diffusion-pipeline"
-    results = start_results(model_name, recipes, protocol, profile, out, "torch" if torch_run else "onnxruntime")
+    results = start_results(model_name, recipes, protocol, profile, out, "torch" if torch_run else "onnxruntime",
+                            dataset=f"noise seeds 0-{protocol.samples - 1}")
     if torch_run:
         import torch
 

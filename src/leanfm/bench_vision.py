@@ -108,7 +108,7 @@ def bench_vision(model_name: str, recipes: list[Recipe], protocol: Protocol, out
     torch.set_num_threads(protocol.threads)
     seed = recipes[0].seed
     ptr, ytr, pte, yte = _data(protocol, seed, train=family == "vit")
-    results = start_results(model_name, recipes, protocol, profile, out, "torch")
+    results = start_results(model_name, recipes, protocol, profile, out, "torch", dataset="fashion-mnist")
     first, tok = load(model_name)
     for r in recipes:  # every recipe fits the model before anything is measured
         for step in r.steps:

@@ -14,15 +14,16 @@ def new_results(environment: dict, protocol: dict) -> dict:
     return {"schema_version": SCHEMA_VERSION, "environment": environment, "protocol": protocol, "runs": []}
 
 
-def start_results(model_name: str, recipes, protocol, profile: dict, out: Path, runtime: str) -> dict:
+def start_results(model_name: str, recipes, protocol, profile: dict, out: Path, runtime: str, dataset: str) -> dict:
     """The results header of a family bench (``bench_vision``, ``bench_diffusion``): environment,
-    protocol, model, hardware profile, the runtime and the interleaved speed schedule; every
-    recipe saved as YAML under ``out/recipes``."""
+    protocol (its ``dataset`` what this family measures on, not the LM default), model, hardware
+    profile, the runtime and the interleaved speed schedule; every recipe saved as YAML under
+    ``out/recipes``."""
     from .measure.environment import environment
     from .recipe import recipe_file_stem
 
     seed = recipes[0].seed
-    results = new_results(environment(protocol.threads, seed=seed), protocol.to_dict())
+    results = new_results(environment(protocol.threads, seed=seed), {**protocol.to_dict(), "dataset": dataset})
     results["model"] = model_name
     results["hardware_profile"] = profile
     results["environment"]["runtime"] = runtime
