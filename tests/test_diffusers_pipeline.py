@@ -313,6 +313,18 @@ def test_matmuls_of_few_rows_are_priced_at_the_calibrated_gemm_rate_for_their_ro
     assert price_ops([{**op, "rows": 16}], hw)["ms"] == pytest.approx(1e3 * 1e9 / 3e10)  # halfway in log(rows)
     assert price_ops([{**op, "rows": 4096}], hw)["ms"] == pytest.approx(10.0)  # capped at the peak
     assert price_ops([{**op, "rows": None}], hw)["ms"] == pytest.approx(10.0)  # elementwise: the peak
+    conv = {**op, "rows": 4096, "conv_weight_bytes": 3e8}
+    assert price_ops([conv], hw)["ms"] == pytest.approx(10.0)  # no calibrated relayout rate: arithmetic only
+    hw["conv_weight_gbps"] = 1.5  # an eager convolution first re-lays its weights out: 3e8 B / 1.5e9 B/s = 200 ms
+    assert price_ops([conv], hw)["ms"] == pytest.approx(210.0)
+
+
+def test_the_trace_gives_an_eager_convolution_its_weight_bytes():
+    from leanfm.predict.torch_trace import trace_costs
+
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    (cc,) = trace_costs(lambda: conv(torch.zeros(2, 8, 4, 4)))
+    assert [c["conv_weight_bytes"] for c in cc if "conv_weight_bytes" in c] == [4 * 16 * 8 * 9]
 
 
 def test_compress_writes_a_pipeline_folder_that_loads_back_and_samples_as_the_recipe_did(sd_dir, tmp_path, capsys):

@@ -247,7 +247,7 @@ def _fake_measure(threads, sizes):
                         "stream_read_gbps": 12.0, "overhead_us_per_op": 5.0, "overhead_us_per_layer": 400.0,
                         "overhead_us_per_model_step": 300.0,
                         "gemv_grid": {"in_features": [512], "mib": [4], "gbps": [[14.0]]}, "gemm_fp32_curve": [[128, 1.2e11]],
-                        "gemm_dram_slowdown": [[1, 1.0], [4, 2.0]]},
+                        "gemm_dram_slowdown": [[1, 1.0], [4, 2.0]], "conv_weight_gbps": 1.5},
             "method": {"peak_tflops.fp32": "fake"}}
 
 
@@ -260,6 +260,7 @@ def test_calibration_overlays_local_and_invalidates_on_key_change(tmp_cache, mon
     assert prof["calibrated"] is True and prof["memory_bandwidth_gbps"] == 15.0
     assert prof["peak_tflops"]["fp32"] == 0.1 and prof["peak_gflops_fp32"] == pytest.approx(100)
     assert prof["overhead_us_per_layer"] == 400.0 and "(calibrated)" in profile_summary(prof)
+    assert prof["conv_weight_gbps"] == 1.5 and "1.50 GB/s of weights" in summary
     assert peak_flops(prof, "fp32") == pytest.approx(1e11)
     assert load_hardware("local", calibrated=False)["memory_bandwidth_gbps"] == 27
     assert load_hardware("local", threads=1)["calibrated"] is False  # other thread count: no cache

@@ -12,7 +12,12 @@
   per layer = (t3 - t1) / 2, per model step = t1 - per layer;
 - ``gemm_dram_slowdown``: how much longer a matmul of a few rows takes than the one-row GEMV over
   the same weights read from DRAM (a batched decode step): the GEMM path does not stream its
-  weights as well as the GEMV path (1.7-2.9x at 2-16 rows measured on AVX2 EPYC with MKL).
+  weights as well as the GEMV path (1.7-2.9x at 2-16 rows measured on AVX2 EPYC with MKL);
+- ``conv_weight_gbps``: the rate at which an eager fp32 convolution gets through its weights when
+  its arithmetic is negligible (a 3x3 convolution of many channels on a 1x1 map): oneDNN brings
+  the weights into its blocked layout on every eager call, a fixed cost per weight byte that a
+  UNet's deep blocks (large kernels on small maps) pay in full (~1.5 GB/s measured on AVX2 EPYC,
+  20x slower than streaming the same bytes).
 
 The result lives in ``cache_root()/hardware/local-t{threads}.json`` and is reused until the
 torch version, CPU model, thread count or benchmark sizes change (or ``force=True``).
@@ -32,7 +37,7 @@ from pathlib import Path
 from ..models.cache import cache_root
 from ..sysinfo import cpu_model
 
-SCHEMA = 3  # 2: gemv_grid and gemm_fp32_curve; 3: gemm_dram_slowdown
+SCHEMA = 4  # 2: gemv_grid and gemm_fp32_curve; 3: gemm_dram_slowdown; 4: conv_weight_gbps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +61,13 @@ class Sizes:
     gemm_curve_kn: int = 1024
     dram_rows: tuple[int, ...] = (2, 4, 8, 16, 64)        # rows of the batched matmuls from DRAM
     dram_shapes: tuple[tuple[int, int], ...] = ((512, 2048), (1024, 1024), (2048, 512))  # (in, out), 4 MiB each
+    conv_channels: int = 1280                             # C_in = C_out of the 3x3 convolution on a 1x1 map
 
 
 TINY = Sizes(gemm_fp32=(64, 256, 256), gemm_bf16=(16, 64, 64), gemm_int8=(32, 64, 64), gemv_mb=4, gemv_in=512,
              repeats=3, op_calls=50, decode_prompt=16, decode_steps=4, decode_rounds=2,
              gemv_grid_in=(64, 128), gemv_grid_mb=(0.25, 1), gemv_pool_mb=4, gemm_curve_rows=(2, 16), gemm_curve_kn=128,
-             dram_rows=(4,), dram_shapes=((128, 256),))
+             dram_rows=(4,), dram_shapes=((128, 256),), conv_channels=64)
 
 
 def cache_path(threads: int) -> Path:
@@ -95,7 +101,7 @@ def overlay_cached(profile: dict, threads: int = 2) -> dict:
     profile["peak_tflops"] = {**profile["peak_tflops"], **r["peak_tflops"]}
     profile["peak_gflops_fp32"] = r["peak_tflops"]["fp32"] * 1e3  # key read by roofline.measured_step
     for k in ("memory_bandwidth_gbps", "stream_read_gbps", "overhead_us_per_op", "overhead_us_per_layer",
-              "overhead_us_per_model_step", "gemv_grid", "gemm_fp32_curve", "gemm_dram_slowdown"):
+              "overhead_us_per_model_step", "gemv_grid", "gemm_fp32_curve", "gemm_dram_slowdown", "conv_weight_gbps"):
         profile[k] = r[k]
     profile["calibrated"] = True
     profile["calibration"] = {"path": str(cache_path(threads)), "date": data["date"], "threads": threads,
@@ -218,6 +224,17 @@ def _gemm_dram_slowdown(sizes: Sizes) -> list[list[float]]:
     return [[1.0, 1.0]] + [[float(r), statistics.median(f[r] for f in per_shape)] for r in sizes.dram_rows]
 
 
+def _conv_weight_gbps(sizes: Sizes) -> float:
+    """Weight bytes / median time of an fp32 ``conv2d`` 3x3, ``conv_channels`` in and out, on a
+    ``[2, C, 1, 1]`` input: each weight is used twice (one output position per sample, only the
+    kernel's centre tap meets the map), so the call's time is its handling of the weights."""
+    import torch
+
+    c = sizes.conv_channels
+    x, w = torch.randn(2, c, 1, 1), torch.randn(c, c, 3, 3)
+    return w.nbytes / _median_s(lambda: torch.nn.functional.conv2d(x, w, padding=1), sizes.repeats) / 1e9
+
+
 def _op_overhead_us(calls: int, repeats: int) -> float:
     import torch
     import torch.nn.functional as F
@@ -294,6 +311,7 @@ def _measure(threads: int, sizes: Sizes) -> dict:
         "gemv_grid": _gemv_grid(sizes),
         "gemm_fp32_curve": _gemm_curve(sizes),
         "gemm_dram_slowdown": _gemm_dram_slowdown(sizes),
+        "conv_weight_gbps": _conv_weight_gbps(sizes),
     }
     method = {
         "peak_tflops.fp32": f"torch.mm [{mf}x{kf}]@[{kf}x{nf}] fp32, 2*M*K*N / median of {sizes.repeats}",
@@ -315,6 +333,8 @@ def _measure(threads: int, sizes: Sizes) -> dict:
         "gemm_dram_slowdown": (f"[rows, factor]: time of fp32 F.linear x[rows, in] @ W.T over that of x[1, in], for rows in "
                                f"{list(sizes.dram_rows)}, cycling distinct W ({sizes.gemv_pool_mb} MiB in all) so weights come "
                                f"from DRAM; median over (in, out) in {[list(x) for x in sizes.dram_shapes]}"),
+        "conv_weight_gbps": (f"weight bytes / median time of fp32 conv2d 3x3, {sizes.conv_channels} -> {sizes.conv_channels} "
+                             "channels, padding 1, on a [2, C, 1, 1] input (negligible arithmetic)"),
     }
     curves = [v for _, v in results["gemm_fp32_curve"]] + [v for row in results["gemv_grid"]["gbps"] for v in row] + \
         [v for _, v in results["gemm_dram_slowdown"]]
@@ -383,6 +403,7 @@ def calibrate_cli(threads: int = 2, force: bool = False) -> str:
         f"  fp32 GEMV read bandwidth {r['memory_bandwidth_gbps']:.1f} GB/s (stream read {r['stream_read_gbps']:.1f} GB/s)",
         f"  overhead: {r['overhead_us_per_op']:.1f} us/op, {r['overhead_us_per_layer']:.0f} us/decoder layer, "
         f"{r['overhead_us_per_model_step']:.0f} us/model step",
+        f"  eager fp32 convolution: {r['conv_weight_gbps']:.2f} GB/s of weights per call",
         "  GEMV from DRAM, GB/s by row length (at " + "/".join(f"{m:g}" for m in r["gemv_grid"]["mib"]) + " MiB): "
         + "; ".join(f"in {n}: " + "/".join(f"{v:.1f}" for v in row) for n, row in zip(r["gemv_grid"]["in_features"], r["gemv_grid"]["gbps"])),
         "  fp32 GEMM by rows (M: GFLOP/s): " + ", ".join(f"{m:g}: {f / 1e9:.0f}" for m, f in r["gemm_fp32_curve"]),

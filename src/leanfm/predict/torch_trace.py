@@ -13,7 +13,9 @@ records each aten operator after autograd's decompositions (``linear`` arrives a
   anything else ~1 per output value.
 - bytes: every tensor input and output once, at its dtype (no reuse across operators).
 - rows: for a matmul or convolution, the ``M`` of the GEMM it is (output rows; a convolution's
-  output positions), which ``price_ops`` reads the calibrated GEMM-rate curve at.
+  output positions), which ``price_ops`` reads the calibrated GEMM-rate curve at; a convolution
+  also carries its weight bytes (``conv_weight_bytes``): eager torch hands them to oneDNN's
+  layout on every call, priced at the calibrated ``conv_weight_gbps``.
 - views (``view``, ``permute``, ``expand``...), metadata queries (``prim.device``) and factories (``zeros``, ``arange``: no tensor
   input, such as the call's own inputs being made) cost nothing and are not counted as operators.
 
@@ -60,7 +62,7 @@ def _attention_flops(args) -> float:
 
 
 def trace_costs(*calls) -> list[list[dict]]:
-    """Per call, ``[{"op", "flops", "bytes", "rows"}]`` of every operator it dispatches; the calls run one
+    """Per call, ``[{"op", "flops", "bytes", "rows"[, "conv_weight_bytes"]}]`` of every operator it dispatches; the calls run one
     after the other in one fake-tensor session (a later call may read state an earlier one left,
     e.g. DeepCache's cached feature), each building its inputs inside (``torch.zeros``...).
     One-line error when an operator has no shape rule (a custom kernel)."""
@@ -90,7 +92,10 @@ def trace_costs(*calls) -> list[list[dict]]:
                 flops = _attention_flops(args)
             else:
                 flops = float(sum(t.numel() for t in outs))
-            costs.append({"op": name, "flops": flops, "bytes": float(nbytes), "rows": rows})
+            cost = {"op": name, "flops": flops, "bytes": float(nbytes), "rows": rows}
+            if "convolution" in name and len(args) > 1 and isinstance(args[1], torch.Tensor):
+                cost["conv_weight_bytes"] = float(args[1].numel() * args[1].element_size())
+            costs.append(cost)
             return out
 
     per_call = []

@@ -104,21 +104,29 @@ def price_ops(costs: list[dict], hardware: dict) -> dict:
     A matmul or convolution with ``rows`` runs at the calibrated fp32 GEMM rate for that many
     rows (``gemm_fp32_curve``, capped at the peak) where the profile has one: a UNet's deep
     blocks multiply few rows (a 4×4 feature map is 16 per sample) and reach far less than the
-    peak of a large GEMM. Without a curve, or for other operators, the peak."""
+    peak of a large GEMM. Without a curve, or for other operators, the peak. An operator with
+    ``conv_weight_bytes`` (an eager torch convolution) adds those bytes at the calibrated
+    ``conv_weight_gbps``: oneDNN re-lays the weights out on every eager call, before the
+    arithmetic. ONNX Runtime does that once when the session loads, so graph nodes carry none."""
     from .curves import rate_for_rows
     from .hardware import peak_flops
 
     peak = peak_flops(hardware, "fp32")
     curve = rate_for_rows(hardware["gemm_fp32_curve"]) if hardware.get("gemm_fp32_curve") else None
 
+    conv_bw = float(hardware.get("conv_weight_gbps") or 0.0) * 1e9
+
     def rate(c: dict) -> float:
         return min(peak, curve(c["rows"])) if curve is not None and c.get("rows") else peak
+
+    def relayout(c: dict) -> float:
+        return c.get("conv_weight_bytes", 0.0) / conv_bw if conv_bw else 0.0
 
     # a UNet step has no matrix-vector products: its bytes stream (activations, weights read once per
     # batch), so the streaming read rate applies where the machine was calibrated, not the GEMV one
     bw = float(hardware.get("stream_read_gbps") or hardware["memory_bandwidth_gbps"]) * 1e9
     per_op = float(hardware.get("overhead_us_per_op", 0.0)) * 1e-6
-    s = sum(max(c["flops"] / rate(c), c["bytes"] / bw) + per_op for c in costs)
+    s = sum(max(c["flops"] / rate(c), c["bytes"] / bw) + relayout(c) + per_op for c in costs)
     compute = sum(c["flops"] / rate(c) for c in costs)
     return {"ms": 1e3 * s, "flops": sum(c["flops"] for c in costs), "bytes": sum(c["bytes"] for c in costs),
             "nodes": len(costs), "bound": "compute" if compute > 0.5 * s else "memory"}
