@@ -194,13 +194,18 @@ def write_manifest(out: str | Path, layers: dict[str, dict]) -> None:
 
 
 def save_quantized(model: nn.Module, out: str | Path, tokenizer=None) -> Path:
+    """``model`` with its packed layers as ``out/model.safetensors``, the manifest and its config
+    (a transformers config's ``config.json``, or a diffusers model's own ``save_config``)."""
     from safetensors.torch import save_file
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors, layers = module_tensors(model)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    model.config.save_pretrained(str(out))
+    if hasattr(model.config, "save_pretrained"):
+        model.config.save_pretrained(str(out))
+    else:  # a diffusers model: its config is a FrozenDict the model writes itself
+        model.save_config(str(out))
     write_manifest(out, layers)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
@@ -266,31 +271,7 @@ def load_quantized(path: str | Path, backend: str | None = None, bare: bool = Fa
         return index.read(name)
 
     compact = _compact_input_embedding(model, config, man, index, used)
-    for name, spec in man["layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise LeanfmError(f"{path / MANIFEST} names layer '{name}', which the model in {path / 'config.json'} does not have; {fix}") from None
-        embedding = spec.get("kind") == "embedding"
-        if not isinstance(old, nn.Embedding if embedding else nn.Linear):
-            if embedding:
-                raise LeanfmError(f"{path / MANIFEST} names embedding '{name}', which is a {type(old).__name__}, not an embedding; {fix}")
-            raise LeanfmError(f"{path / MANIFEST} names layer '{name}', which is a {type(old).__name__}, not a linear layer; {fix}")
-        try:
-            layer = rebuild_linear(name, spec, take, lambda n: n in index, tuple(old.weight.shape), backend, embedding)
-        except KeyError as e:
-            raise LeanfmError(f"quantized checkpoint {path} lacks tensor {e.args[0]}; the file is incomplete: {REWRITE_HINT}") from None
-        except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
-            raise LeanfmError(f"{path / 'model.safetensors'}: the tensors of layer '{name}' do not match its entry in {MANIFEST} "
-                              f"(bits {spec['bits']}, group_size {spec['group_size']}: {' '.join(str(e).split())[:160]}); {fix}") from None
-        if embedding:
-            scale = getattr(old, "embed_scale", None)
-            set_module(model, name, QuantEmbedding(layer, None if scale is None else float(scale), old.padding_idx))
-            if spec.get("tied_head"):
-                set_module(model, spec["tied_head"], layer)
-        else:
-            set_module(model, name, layer)
-        trim_heap()  # the unpacked codes were transients between kept buffers: give their pages back
+    install_packed_layers(model, path, man, take, lambda n: n in index, backend)
     tensors = {n: index.read(n, torch.float32 if index.dtype(n).is_floating_point else None) for n in index.names() if n not in used}
     tensors.update(compact)
     try:
@@ -312,6 +293,39 @@ def load_quantized(path: str | Path, backend: str | None = None, bare: bool = Fa
 
     fuse_shared_inputs(model.eval())
     return model
+
+
+def install_packed_layers(model: nn.Module, path: Path, man: dict, take, has, backend: str | None = None) -> None:
+    """Put each layer the manifest ``man`` of the checkpoint folder ``path`` names into ``model``
+    (built with its parameters on the meta device): its ``QuantLinear`` (``rebuild_linear``), or a
+    ``QuantEmbedding`` for an embedding entry. ``take``/``has`` read the stored tensors as in
+    ``rebuild_linear``. One-line errors name the layer and the file when they do not match."""
+    fix = f"the checkpoint is damaged: {REWRITE_HINT}"
+    for name, spec in man["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise LeanfmError(f"{path / MANIFEST} names layer '{name}', which the model in {path / 'config.json'} does not have; {fix}") from None
+        embedding = spec.get("kind") == "embedding"
+        if not isinstance(old, nn.Embedding if embedding else nn.Linear):
+            if embedding:
+                raise LeanfmError(f"{path / MANIFEST} names embedding '{name}', which is a {type(old).__name__}, not an embedding; {fix}")
+            raise LeanfmError(f"{path / MANIFEST} names layer '{name}', which is a {type(old).__name__}, not a linear layer; {fix}")
+        try:
+            layer = rebuild_linear(name, spec, take, has, tuple(old.weight.shape), backend, embedding)
+        except KeyError as e:
+            raise LeanfmError(f"quantized checkpoint {path} lacks tensor {e.args[0]}; the file is incomplete: {REWRITE_HINT}") from None
+        except (RuntimeError, ValueError, IndexError, ZeroDivisionError) as e:
+            raise LeanfmError(f"{path / 'model.safetensors'}: the tensors of layer '{name}' do not match its entry in {MANIFEST} "
+                              f"(bits {spec['bits']}, group_size {spec['group_size']}: {' '.join(str(e).split())[:160]}); {fix}") from None
+        if embedding:
+            scale = getattr(old, "embed_scale", None)
+            set_module(model, name, QuantEmbedding(layer, None if scale is None else float(scale), old.padding_idx))
+            if spec.get("tied_head"):
+                set_module(model, spec["tied_head"], layer)
+        else:
+            set_module(model, name, layer)
+        trim_heap()  # the unpacked codes were transients between kept buffers: give their pages back
 
 
 def _compact_input_embedding(model: nn.Module, config, man: dict, index, used: set[str]) -> dict[str, torch.Tensor]:

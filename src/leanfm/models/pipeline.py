@@ -88,9 +88,7 @@ class PipelineModel(nn.Module):
         with packed int layers, written in leanfm's packed format in ``unet/`` (``load_pipeline``
         rebuilds it). ``runtime_steps``: steps that act when sampling (step count, DeepCache,
         ToMe), kept in ``RUNTIME_STEPS`` for ``leanfm.load`` to apply again."""
-        from safetensors.torch import save_file
-
-        from ..kernels.checkpoint import module_tensors, quantized_layers, write_manifest
+        from ..kernels.checkpoint import quantized_layers, save_quantized
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -99,11 +97,7 @@ class PipelineModel(nn.Module):
             if comp is None:
                 continue
             if comp is self.unet and quantized_layers(comp):
-                (folder / name).mkdir(parents=True, exist_ok=True)
-                tensors, layers = module_tensors(comp)
-                save_file(tensors, str(folder / name / "model.safetensors"), metadata={"format": "pt"})
-                write_manifest(folder / name, layers)
-                comp.save_config(str(folder / name))
+                save_quantized(comp, folder / name)
             else:
                 comp.save_pretrained(str(folder / name))
         if runtime_steps:
@@ -165,9 +159,8 @@ def runtime_steps(folder) -> list[dict]:
 def _packed_unet(folder: Path):
     """The UNet of ``folder/unet`` when leanfm wrote it packed: built from its config with its
     parameters on the meta device, the packed layers rebuilt from their codes, the rest loaded."""
-    from ..kernels.checkpoint import MANIFEST, read_quant_manifest, rebuild_linear
+    from ..kernels.checkpoint import MANIFEST, install_packed_layers, read_quant_manifest
     from ..kernels.meta import params_on_meta
-    from ..kernels.modules import set_module
 
     d = folder / "unet"
     if not (d / MANIFEST).is_file():
@@ -187,9 +180,7 @@ def _packed_unet(folder: Path):
         used.add(name)
         return tensors[name]
 
-    for name, spec in man["layers"].items():
-        shape = tuple(unet.get_submodule(name).weight.shape)
-        set_module(unet, name, rebuild_linear(name, spec, take, tensors.__contains__, shape))
+    install_packed_layers(unet, d, man, take, tensors.__contains__)
     missing, unexpected = unet.load_state_dict({k: v for k, v in tensors.items() if k not in used}, strict=False, assign=True)
     qnames = tuple(n + "." for n in man["layers"])
     missing = [k for k in missing if not k.startswith(qnames)]
