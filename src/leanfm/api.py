@@ -26,7 +26,6 @@ def load(name_or_path: str, dtype: torch.dtype = torch.float32, tokenizer=None) 
     return model, tok
 
 
-
 def _calib_tensor(model: nn.Module, calib):
     if calib is None or isinstance(calib, torch.Tensor):
         return calib

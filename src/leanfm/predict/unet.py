@@ -126,10 +126,10 @@ def price_ops(costs: list[dict], hardware: dict) -> dict:
     # batch), so the streaming read rate applies where the machine was calibrated, not the GEMV one
     bw = float(hardware.get("stream_read_gbps") or hardware["memory_bandwidth_gbps"]) * 1e9
     per_op = float(hardware.get("overhead_us_per_op", 0.0)) * 1e-6
-    s = sum(max(c["flops"] / rate(c), c["bytes"] / bw) + relayout(c) + per_op for c in costs)
-    compute = sum(c["flops"] / rate(c) for c in costs)
+    compute = [c["flops"] / rate(c) for c in costs]
+    s = sum(max(f, c["bytes"] / bw) + relayout(c) + per_op for f, c in zip(compute, costs))
     return {"ms": 1e3 * s, "flops": sum(c["flops"] for c in costs), "bytes": sum(c["bytes"] for c in costs),
-            "nodes": len(costs), "bound": "compute" if compute > 0.5 * s else "memory"}
+            "nodes": len(costs), "bound": "compute" if sum(compute) > 0.5 * s else "memory"}
 
 
 def graph_ms(proto, hardware: dict, batch: int, size: int, channels: int) -> dict:
